@@ -1,0 +1,8 @@
+//! semseg: a SageMaker-compatible semantic-segmentation trainer and server in one binary.
+//!
+//! The folders follow the two journeys through the program:
+//! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
+//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator.
+
+pub mod data;
+pub mod sagemaker;
