@@ -1,1 +1,81 @@
-fn main() {}
+//! The `semseg` command line: one binary for SageMaker's `train` and `serve` and for local use.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use semseg::data::synth::{self, SynthOptions};
+use semseg::sagemaker::failure::{describe, write_failure};
+use semseg::sagemaker::MlRoot;
+use semseg::train;
+
+#[derive(Debug, Parser)]
+#[command(name = "semseg", version, about = "Train and serve semantic-segmentation networks (FCN, PSPNet, DeepLabV3) \
+    following Amazon SageMaker's container contract.")]
+struct Cli {
+    /// Root of the SageMaker directory layout (input/, model/, output/, checkpoints/). Point it at any directory to
+    /// run the container contract outside a container.
+    #[arg(long, global = true, env = "SEMSEG_ML_ROOT", default_value = semseg::sagemaker::paths::DEFAULT_ML_ROOT)]
+    ml_root: PathBuf,
+
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Check a training job's inputs without training: config files, hyperparameters, channels, and every
+    /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
+    /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
+    Check,
+    /// Generate a seeded synthetic dataset in the SageMaker channel layout (train, validation, train_annotation,
+    /// validation_annotation, label_map). `--out <ml-root>/input/data` makes a ready training job.
+    Synth(SynthOptions),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let ml = MlRoot::new(&cli.ml_root);
+    match cli.command {
+        Command::Check => run_job(&ml, "check", || train::inputs::TrainingInputs::prepare(&ml).map(|_| ())),
+        Command::Synth(options) => match synth::generate(&options) {
+            Ok(summary) => {
+                tracing::info!(?summary, out = %options.out.display(), "synthetic dataset written");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                tracing::error!("synth failed: {error}");
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+/// Run one step of a training job: on error, log it and write SageMaker's failure file, then exit non-zero.
+fn run_job(ml: &MlRoot, step: &str, job: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    match job() {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            let reason = describe(&error);
+            tracing::error!("{step} failed: {reason}");
+            if let Err(io) = write_failure(&ml.failure_file(), &reason) {
+                tracing::error!("cannot write the failure file {}: {io}", ml.failure_file().display());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Logs go to stdout (CloudWatch captures it), `RUST_LOG` filters (default `info`).
+fn init_logging() {
+    use std::io::IsTerminal;
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stdout)
+        .with_ansi(std::io::stdout().is_terminal())
+        .with_target(false)
+        .init();
+}
