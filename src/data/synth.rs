@@ -1432,6 +1432,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let o = SynthOptions {
             num_classes: 7,
+            // No ignore band: the label edge itself must match the painted edge (a 1 px shift fails this test).
+            border: 0,
             train_count: 12,
             validation_count: 6,
             ..opts(tmp.path())
@@ -1464,7 +1466,7 @@ mod tests {
         for class in 1..7 {
             let share = good[class] as f64 / total[class] as f64;
             assert!(
-                share > 0.97,
+                share > 0.99,
                 "class {class}: only {share:.3} of its pixels have its hue"
             );
         }
@@ -1671,7 +1673,9 @@ mod tests {
         .unwrap();
     }
 
+    /// Not a check, a measurement: `cargo test --release --lib data::synth -- --ignored --nocapture`.
     #[test]
+    #[ignore]
     fn default_dataset_timing() {
         let tmp = tempfile::tempdir().unwrap();
         let start = std::time::Instant::now();
