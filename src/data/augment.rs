@@ -223,6 +223,8 @@ fn norm_coeffs() -> ([f32; 3], [f32; 3]) {
 struct Coeffs {
     /// First source index of each output coordinate's taps.
     start: Vec<usize>,
+    /// Number of taps of each output coordinate (`start + count <= in_size`).
+    count: Vec<usize>,
     /// `taps` weights per output coordinate (zero-padded), normalised to sum 1.
     weights: Vec<f32>,
     taps: usize,
@@ -232,19 +234,22 @@ impl Coeffs {
     /// Bilinear (triangle) coefficients for output coordinates `out_lo..out_hi` of an `in_size` → `out_size`
     /// resize, like Pillow's `precompute_coeffs`. With `flip`, the source is read mirrored.
     fn bilinear(in_size: u32, out_size: u32, out_lo: u32, out_hi: u32, flip: bool) -> Self {
+        let in_len = in_size as usize;
         let scale = f64::from(in_size) / f64::from(out_size);
         let filterscale = scale.max(1.0);
         let support = filterscale; // triangle filter support 1.0
         let taps = (support.ceil() as usize) * 2 + 1;
         let n = (out_hi - out_lo) as usize;
         let mut start = Vec::with_capacity(n);
+        let mut counts = Vec::with_capacity(n);
         let mut weights = vec![0f32; n * taps];
         let mut tmp = vec![0f64; taps];
         for (k, xx) in (out_lo..out_hi).enumerate() {
             let center = (f64::from(xx) + 0.5) * scale;
-            let xmin = ((center - support + 0.5) as i64).max(0) as usize; // `int()` truncates, as in C
+            // `int()` truncates, as in C; the clamps keep 1 <= count and start + count <= in_size.
+            let xmin = ((center - support + 0.5) as i64).clamp(0, i64::from(in_size) - 1) as usize;
             let xmax = ((center + support + 0.5) as i64).clamp(0, i64::from(in_size)) as usize;
-            let count = xmax.saturating_sub(xmin).min(taps);
+            let count = xmax.saturating_sub(xmin).clamp(1, taps);
             let mut total = 0.0;
             for (x, t) in tmp.iter_mut().enumerate().take(count) {
                 let d = ((x + xmin) as f64 - center + 0.5) / filterscale;
@@ -257,30 +262,30 @@ impl Coeffs {
                 for x in 0..count {
                     row[x] = (tmp[x] / total) as f32;
                 }
-            } else if count > 0 {
+            } else {
                 row[0] = 1.0;
             }
             if flip {
                 // Tap x of the mirrored source is column in_size-1-(xmin+x) of the original: reverse the taps.
-                let first = in_size as usize - (xmin + count.max(1));
-                row[..count.max(1)].reverse();
-                start.push(first);
+                row[..count].reverse();
+                start.push(in_len - (xmin + count));
             } else {
                 start.push(xmin);
             }
+            counts.push(count);
         }
         Self {
             start,
+            count: counts,
             weights,
             taps,
         }
     }
 
+    /// First source index and the weights of output coordinate `k` (relative to `out_lo`).
     fn get(&self, k: usize) -> (usize, &[f32]) {
-        (
-            self.start[k],
-            &self.weights[k * self.taps..(k + 1) * self.taps],
-        )
+        let w = &self.weights[k * self.taps..(k + 1) * self.taps];
+        (self.start[k], &w[..self.count[k]])
     }
 }
 
@@ -344,7 +349,7 @@ fn resize_crop(
         let row_hi = (0..chh)
             .map(|k| {
                 let (s, wts) = vc.get(k);
-                s + wts.iter().rposition(|&v| v != 0.0).map_or(1, |p| p + 1)
+                s + wts.len()
             })
             .max()
             .unwrap_or(row_lo + 1)
@@ -357,12 +362,11 @@ fn resize_crop(
             for (j, px) in trow.chunks_exact_mut(3).enumerate() {
                 let (s, wts) = hc.get(j);
                 let (mut a, mut b, mut cc) = (0f32, 0f32, 0f32);
-                for (t, &wt) in wts.iter().enumerate() {
-                    if let Some(p) = src.get((s + t) * 3..(s + t) * 3 + 3) {
-                        a += wt * f32::from(p[0]);
-                        b += wt * f32::from(p[1]);
-                        cc += wt * f32::from(p[2]);
-                    }
+                let taps = src.get(s * 3..(s + wts.len()) * 3).unwrap_or(&[]);
+                for (&wt, p) in wts.iter().zip(taps.chunks_exact(3)) {
+                    a += wt * f32::from(p[0]);
+                    b += wt * f32::from(p[1]);
+                    cc += wt * f32::from(p[2]);
                 }
                 px[0] = a;
                 px[1] = b;
@@ -378,7 +382,7 @@ fn resize_crop(
                 if wt == 0.0 {
                     continue;
                 }
-                let r = s + t - row_lo;
+                let r = (s + t).saturating_sub(row_lo);
                 if let Some(trow) = tmp.get(r * cw * 3..(r + 1) * cw * 3) {
                     for (a, &v) in acc.iter_mut().zip(trow) {
                         *a += wt * v;
@@ -527,7 +531,7 @@ mod tests {
     #[test]
     fn output_is_always_crop_by_crop() {
         let mut rng = ChaCha8Rng::seed_from_u64(1);
-        for (w, h) in [
+        let sizes = [
             (5, 3),
             (1, 1),
             (3000, 2000),
@@ -536,18 +540,27 @@ mod tests {
             (500, 375),
             (375, 500),
             (1, 700),
-        ] {
+        ];
+        for (w, h) in sizes {
             let img = RgbImage::from_pixel(w, h, Rgb([1, 2, 3]));
             let lab = GrayImage::from_pixel(w, h, Luma([1]));
-            for _ in 0..8 {
+            // The built-in's defaults for a few shapes, then a smaller crop many times (same code path, cheaper
+            // in unoptimised test builds).
+            if w * h <= 15 || w * h >= 6_000_000 || h == 900 {
                 let s = train_transform(&img, &lab, 520, 480, &mut rng).expect("train");
                 assert_eq!((s.width, s.height), (480, 480), "{w}x{h}");
                 assert_eq!((s.image.len(), s.label.len()), (3 * 480 * 480, 480 * 480));
             }
-            let v = val_transform(&img, &lab, 480).expect("val");
+            let reps = if w * h >= 6_000_000 { 1 } else { 10 };
+            for _ in 0..reps {
+                let s = train_transform(&img, &lab, 130, 120, &mut rng).expect("train");
+                assert_eq!((s.width, s.height), (120, 120), "{w}x{h}");
+                assert_eq!((s.image.len(), s.label.len()), (3 * 120 * 120, 120 * 120));
+            }
+            let v = val_transform(&img, &lab, 120).expect("val");
             assert_eq!(
                 (v.width, v.height, v.image.len(), v.label.len()),
-                (480, 480, 3 * 480 * 480, 480 * 480)
+                (120, 120, 3 * 120 * 120, 120 * 120)
             );
             assert!(v.label.iter().all(|&l| l == 1), "validation never pads");
         }
@@ -555,13 +568,13 @@ mod tests {
 
     #[test]
     fn rescale_range_and_aspect_follow_gluoncv() {
-        let img = RgbImage::new(400, 300);
-        let lab = GrayImage::new(400, 300);
+        let img = RgbImage::new(100, 75);
+        let lab = GrayImage::new(100, 75);
         let mut rng = ChaCha8Rng::seed_from_u64(2);
         let (mut min_long, mut max_long) = (u32::MAX, 0);
         let mut flips = 0;
-        for _ in 0..2000 {
-            let (_, d) = train_transform_with_draw(&img, &lab, 100, 32, &mut rng).expect("train");
+        for _ in 0..1500 {
+            let (_, d) = train_transform_with_draw(&img, &lab, 100, 16, &mut rng).expect("train");
             min_long = min_long.min(d.resized_width);
             max_long = max_long.max(d.resized_width);
             assert_eq!(
@@ -569,14 +582,14 @@ mod tests {
                 (f64::from(d.resized_width) * 0.75 + 0.5) as u32
             );
             flips += usize::from(d.flipped);
-            assert!(d.x1 + 32 <= d.resized_width.max(32) && d.y1 + 32 <= d.resized_height.max(32));
+            assert!(d.x1 + 16 <= d.resized_width.max(16) && d.y1 + 16 <= d.resized_height.max(16));
         }
         assert_eq!(
             (min_long, max_long),
             (50, 200),
             "long side spans [base/2, 2*base] inclusive"
         );
-        assert!((850..1150).contains(&flips), "flip p=0.5: {flips}/2000");
+        assert!((650..850).contains(&flips), "flip p=0.5: {flips}/1500");
         // Portrait: the long side is the height.
         let (_, d) = train_transform_with_draw(
             &RgbImage::new(30, 60),
@@ -641,7 +654,7 @@ mod tests {
             let (img, lab) = colour_coded(w, h, ci as u64);
             let mut rng = ChaCha8Rng::seed_from_u64(100 + ci as u64);
             let mut flips = 0;
-            for iter in 0..60 {
+            for iter in 0..40 {
                 let (s, d) =
                     train_transform_with_draw(&img, &lab, base, crop, &mut rng).expect("train");
                 flips += usize::from(d.flipped);
