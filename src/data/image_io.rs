@@ -146,36 +146,7 @@ pub fn read_rgb_with_budget(path: &Path, max_pixels: u64) -> Result<RgbImage, Im
 
 /// Decode JPEG or PNG bytes to RGB, refusing (from the header, before decoding) images over `max_pixels`.
 pub fn decode_rgb_with_budget(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageDecodeError> {
-    let src = Source(None);
-    if bytes.is_empty() {
-        return Err(ImageDecodeError::Empty { source_name: src });
-    }
-    let format = match image::guess_format(bytes) {
-        Ok(ImageFormat::Jpeg) => ImageFormat::Jpeg,
-        Ok(ImageFormat::Png) => ImageFormat::Png,
-        Ok(other) => {
-            let ext = other.extensions_str().first().copied().unwrap_or("img");
-            return Err(ImageDecodeError::UnsupportedFormat {
-                source_name: src,
-                format: format!("{other:?}"),
-                ext: ext.to_string(),
-            });
-        }
-        Err(_) => {
-            return Err(ImageDecodeError::UnknownFormat {
-                source_name: src,
-                magic: magic_hex(bytes),
-            })
-        }
-    };
-    let corrupt = |name: &'static str| {
-        move |err: image::ImageError| ImageDecodeError::Corrupt {
-            source_name: Source(None),
-            format: name,
-            err,
-        }
-    };
-    let image = match format {
+    let image = match sniff(bytes)? {
         ImageFormat::Png => {
             let dec =
                 image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(corrupt("PNG"))?;
@@ -188,6 +159,73 @@ pub fn decode_rgb_with_budget(bytes: &[u8], max_pixels: u64) -> Result<RgbImage,
         }
     };
     Ok(image.into_rgb8())
+}
+
+/// Width and height of JPEG or PNG bytes, from the header only (no pixels are decoded).
+pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageDecodeError> {
+    Ok(match sniff(bytes)? {
+        ImageFormat::Png => image::codecs::png::PngDecoder::new(Cursor::new(bytes))
+            .map_err(corrupt("PNG"))?
+            .dimensions(),
+        _ => image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
+            .map_err(corrupt("JPEG"))?
+            .dimensions(),
+    })
+}
+
+/// Width and height of a JPEG or PNG file from its header (cheap: for checking that images and annotations pair
+/// up before training); errors name `path`.
+pub fn read_image_dimensions(path: &Path) -> Result<(u32, u32), ImageDecodeError> {
+    let read_err = |err| ImageDecodeError::Read {
+        source_name: Source(Some(path.to_path_buf())),
+        err,
+    };
+    let file = std::fs::File::open(path).map_err(read_err)?;
+    let mut reader = std::io::BufReader::new(file);
+    let head = std::io::BufRead::fill_buf(&mut reader)
+        .map_err(read_err)?
+        .to_vec();
+    let named = |e: ImageDecodeError| e.with_file(path);
+    Ok(match sniff(&head).map_err(named)? {
+        ImageFormat::Png => image::codecs::png::PngDecoder::new(reader)
+            .map_err(|e| named(corrupt("PNG")(e)))?
+            .dimensions(),
+        _ => image::codecs::jpeg::JpegDecoder::new(reader)
+            .map_err(|e| named(corrupt("JPEG")(e)))?
+            .dimensions(),
+    })
+}
+
+/// The format of `bytes` if it is one we decode (JPEG or PNG), else the matching error.
+fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageDecodeError> {
+    let src = Source(None);
+    if bytes.is_empty() {
+        return Err(ImageDecodeError::Empty { source_name: src });
+    }
+    match image::guess_format(bytes) {
+        Ok(ImageFormat::Jpeg) => Ok(ImageFormat::Jpeg),
+        Ok(ImageFormat::Png) => Ok(ImageFormat::Png),
+        Ok(other) => {
+            let ext = other.extensions_str().first().copied().unwrap_or("img");
+            Err(ImageDecodeError::UnsupportedFormat {
+                source_name: src,
+                format: format!("{other:?}"),
+                ext: ext.to_string(),
+            })
+        }
+        Err(_) => Err(ImageDecodeError::UnknownFormat {
+            source_name: src,
+            magic: magic_hex(bytes),
+        }),
+    }
+}
+
+fn corrupt(format: &'static str) -> impl Fn(image::ImageError) -> ImageDecodeError {
+    move |err| ImageDecodeError::Corrupt {
+        source_name: Source(None),
+        format,
+        err,
+    }
 }
 
 fn decode_checked(
@@ -439,6 +477,32 @@ mod tests {
             msg.contains("trunc.png") && msg.contains("corrupt or truncated PNG"),
             "{msg}"
         );
+    }
+
+    #[test]
+    fn dimensions_come_from_the_header() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let png = png_bytes(&DynamicImage::ImageLuma8(GrayImage::new(31, 17)));
+        let jpg = jpeg_bytes(&DynamicImage::ImageRgb8(RgbImage::new(23, 9)));
+        assert_eq!(image_dimensions(&png).expect("png"), (31, 17));
+        assert_eq!(image_dimensions(&jpg).expect("jpg"), (23, 9));
+        let (p, j) = (dir.path().join("a.png"), dir.path().join("b.jpg"));
+        std::fs::write(&p, &png).expect("write");
+        std::fs::write(&j, &jpg).expect("write");
+        assert_eq!(read_image_dimensions(&p).expect("png"), (31, 17));
+        assert_eq!(read_image_dimensions(&j).expect("jpg"), (23, 9));
+        let bad = dir.path().join("c.jpg");
+        std::fs::write(&bad, b"GIF89a....").expect("write");
+        let msg = read_image_dimensions(&bad).expect_err("gif").to_string();
+        assert!(
+            msg.contains("c.jpg") && msg.contains("JPEG or PNG"),
+            "{msg}"
+        );
+        std::fs::write(&bad, &png[..20]).expect("write");
+        let msg = read_image_dimensions(&bad)
+            .expect_err("truncated")
+            .to_string();
+        assert!(msg.contains("c.jpg") && msg.contains("corrupt"), "{msg}");
     }
 
     #[test]

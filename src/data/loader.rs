@@ -14,6 +14,9 @@
 //! - A sample that fails to decode, to map or to transform makes its batch an `Err` naming the file; nothing is
 //!   skipped. The iterator continues after an error, callers normally stop at the first one.
 //! - Labels ≥ num_classes are not checked here (dataset validation does that); the label map is applied here.
+//!
+//! Samples come from a [`SampleSource`]: File-mode [`SamplePair`]s ([`Loader::spawn`]) or encoded pairs already
+//! in memory, e.g. one Pipe-mode epoch of RecordIO records ([`Loader::spawn_memory`]).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -27,10 +30,16 @@ use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_chacha::ChaCha8Rng;
 
-use super::annotation::{read_annotation_with_budget, AnnotationError};
+use image::{GrayImage, RgbImage};
+
+use super::annotation::{
+    decode_annotation_with_budget, read_annotation_with_budget, AnnotationError,
+};
 use super::augment::{train_transform, val_transform, whole_transform, AugmentError, Sample};
 use super::dataset::SamplePair;
-use super::image_io::{read_rgb_with_budget, ImageDecodeError, DEFAULT_MAX_PIXELS};
+use super::image_io::{
+    decode_rgb_with_budget, read_rgb_with_budget, ImageDecodeError, DEFAULT_MAX_PIXELS,
+};
 use super::label_map::{LabelLut, UnmappedPixel};
 use super::IGNORE_LABEL;
 
@@ -116,7 +125,7 @@ pub struct Batch {
     pub width: u32,
     /// Stems of the samples, in batch order.
     pub stems: Vec<String>,
-    /// Indices of the samples in the `samples` slice given to [`Loader::spawn`].
+    /// Indices of the samples in the source given to [`Loader::spawn`] / [`Loader::spawn_source`].
     pub indices: Vec<usize>,
 }
 
@@ -190,18 +199,111 @@ pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(derive_seed(TAG_SAMPLE, seed, epoch, index as u64))
 }
 
-/// Decode, label-map and transform one sample (what a worker does per sample; usable on its own).
-pub fn load_sample(
-    pair: &SamplePair,
+/// Where a loader's samples come from: files on disk ([`SamplePair`]s) or encoded bytes already in memory
+/// ([`MemoryPair`]s, e.g. records read from a Pipe-mode channel). Implement it to feed other sources.
+pub trait SampleSource: Send + Sync {
+    /// Number of samples.
+    fn len(&self) -> usize;
+    /// Whether there are no samples.
+    fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+    /// The sample's stem (reported in [`Batch::stems`]).
+    fn stem(&self, index: usize) -> String;
+    /// Names of the image and the annotation, for error messages.
+    fn names(&self, index: usize) -> (PathBuf, PathBuf);
+    /// The decoded RGB image and the RAW annotation values (before the label map).
+    fn decode(&self, index: usize, max_pixels: u64) -> Result<(RgbImage, GrayImage), LoadError>;
+}
+
+/// File-mode samples.
+impl SampleSource for [SamplePair] {
+    fn len(&self) -> usize {
+        <[SamplePair]>::len(self)
+    }
+    fn stem(&self, index: usize) -> String {
+        self[index].stem.clone()
+    }
+    fn names(&self, index: usize) -> (PathBuf, PathBuf) {
+        (self[index].image.clone(), self[index].annotation.clone())
+    }
+    fn decode(&self, index: usize, max_pixels: u64) -> Result<(RgbImage, GrayImage), LoadError> {
+        let pair = &self[index];
+        let image = read_rgb_with_budget(&pair.image, max_pixels)?;
+        let label = read_annotation_with_budget(&pair.annotation, max_pixels)?;
+        Ok((image, label))
+    }
+}
+
+/// An encoded image / annotation pair held in memory (for example one augmented-manifest line in Pipe mode).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct MemoryPair {
+    pub stem: String,
+    /// What to call the image in messages (e.g. its `source-ref` S3 URI).
+    pub image_name: String,
+    /// What to call the annotation in messages.
+    pub annotation_name: String,
+    pub image: Vec<u8>,
+    pub annotation: Vec<u8>,
+}
+
+impl SampleSource for [MemoryPair] {
+    fn len(&self) -> usize {
+        <[MemoryPair]>::len(self)
+    }
+    fn stem(&self, index: usize) -> String {
+        self[index].stem.clone()
+    }
+    fn names(&self, index: usize) -> (PathBuf, PathBuf) {
+        let p = &self[index];
+        (
+            PathBuf::from(&p.image_name),
+            PathBuf::from(&p.annotation_name),
+        )
+    }
+    fn decode(&self, index: usize, max_pixels: u64) -> Result<(RgbImage, GrayImage), LoadError> {
+        let (image_name, annotation_name) = self.names(index);
+        let p = &self[index];
+        let image =
+            decode_rgb_with_budget(&p.image, max_pixels).map_err(|e| e.with_file(&image_name))?;
+        let label = decode_annotation_with_budget(&p.annotation, max_pixels)
+            .map_err(|e| e.with_file(&annotation_name))?;
+        Ok((image, label))
+    }
+}
+
+/// A shared slice as a source (the slice impls above do the work).
+struct SliceSource<T>(Arc<[T]>);
+
+impl<T: Send + Sync> SampleSource for SliceSource<T>
+where
+    [T]: SampleSource,
+{
+    fn len(&self) -> usize {
+        SampleSource::len(&*self.0)
+    }
+    fn stem(&self, index: usize) -> String {
+        self.0.stem(index)
+    }
+    fn names(&self, index: usize) -> (PathBuf, PathBuf) {
+        self.0.names(index)
+    }
+    fn decode(&self, index: usize, max_pixels: u64) -> Result<(RgbImage, GrayImage), LoadError> {
+        self.0.decode(index, max_pixels)
+    }
+}
+
+/// Decode, label-map and transform sample `index` of `source` (what a worker does per sample).
+pub fn load_sample<S: SampleSource + ?Sized>(
+    source: &S,
+    index: usize,
     lut: &LabelLut,
     cfg: &LoaderConfig,
     epoch: u64,
-    index: usize,
 ) -> Result<Sample, LoadError> {
-    let image = read_rgb_with_budget(&pair.image, cfg.max_pixels)?;
-    let mut label = read_annotation_with_budget(&pair.annotation, cfg.max_pixels)?;
+    let (image, mut label) = source.decode(index, cfg.max_pixels)?;
     lut.apply(&mut label).map_err(|err| LoadError::Unmapped {
-        file: pair.annotation.clone(),
+        file: source.names(index).1,
         err,
     })?;
     let sample = match cfg.mode {
@@ -212,10 +314,13 @@ pub fn load_sample(
         Mode::Validation => val_transform(&image, &label, cfg.crop_size),
         Mode::WholeImage => whole_transform(&image, &label),
     };
-    sample.map_err(|err| LoadError::Transform {
-        image: pair.image.clone(),
-        annotation: pair.annotation.clone(),
-        err,
+    sample.map_err(|err| {
+        let (image, annotation) = source.names(index);
+        LoadError::Transform {
+            image,
+            annotation,
+            err,
+        }
     })
 }
 
@@ -237,7 +342,7 @@ impl Shared {
 }
 
 struct Job {
-    samples: Arc<[SamplePair]>,
+    source: Arc<dyn SampleSource>,
     lut: Arc<LabelLut>,
     cfg: LoaderConfig,
     epoch: u64,
@@ -257,9 +362,30 @@ pub struct Loader {
 }
 
 impl Loader {
-    /// Start the workers for `epoch`. `lut` is the label map of this split (train or validation).
+    /// Start the workers for `epoch` over File-mode pairs. `lut` is the label map of this split (train or
+    /// validation).
     pub fn spawn(
         samples: Arc<[SamplePair]>,
+        lut: Arc<LabelLut>,
+        cfg: LoaderConfig,
+        epoch: u64,
+    ) -> Result<Self, LoadError> {
+        Self::spawn_source(Arc::new(SliceSource(samples)), lut, cfg, epoch)
+    }
+
+    /// Start the workers for `epoch` over encoded pairs held in memory (e.g. a Pipe-mode epoch).
+    pub fn spawn_memory(
+        pairs: Arc<[MemoryPair]>,
+        lut: Arc<LabelLut>,
+        cfg: LoaderConfig,
+        epoch: u64,
+    ) -> Result<Self, LoadError> {
+        Self::spawn_source(Arc::new(SliceSource(pairs)), lut, cfg, epoch)
+    }
+
+    /// Start the workers for `epoch` over any [`SampleSource`].
+    pub fn spawn_source(
+        source: Arc<dyn SampleSource>,
         lut: Arc<LabelLut>,
         cfg: LoaderConfig,
         epoch: u64,
@@ -277,8 +403,8 @@ impl Loader {
         }
         let workers = cfg.workers.max(1);
         let window = workers + cfg.queue_depth;
-        let num_batches = batch_count(samples.len(), cfg.batch_size, cfg.drop_last);
-        let order = epoch_order(samples.len(), cfg.seed, epoch, cfg.shuffle);
+        let num_batches = batch_count(source.len(), cfg.batch_size, cfg.drop_last);
+        let order = epoch_order(source.len(), cfg.seed, epoch, cfg.shuffle);
         let shared = Arc::new(Shared {
             state: Mutex::new(State {
                 next_claim: 0,
@@ -288,7 +414,7 @@ impl Loader {
             stop: AtomicBool::new(false),
         });
         let job = Arc::new(Job {
-            samples,
+            source,
             lut,
             cfg,
             epoch,
@@ -421,18 +547,9 @@ fn build_batch(shared: &Shared, job: &Job, b: usize) -> Result<Batch, LoadError>
         if shared.stop.load(Ordering::Relaxed) {
             return Err(LoadError::Cancelled);
         }
-        samples.push(load_sample(
-            &job.samples[i],
-            &job.lut,
-            &job.cfg,
-            job.epoch,
-            i,
-        )?);
+        samples.push(load_sample(&*job.source, i, &job.lut, &job.cfg, job.epoch)?);
     }
-    let stems = indices
-        .iter()
-        .map(|&i| job.samples[i].stem.clone())
-        .collect();
+    let stems = indices.iter().map(|&i| job.source.stem(i)).collect();
     Ok(assemble(samples, stems, indices))
 }
 
@@ -477,7 +594,7 @@ fn assemble(samples: Vec<Sample>, stems: Vec<String>, indices: Vec<usize>) -> Ba
 mod tests {
     use super::*;
     use crate::data::label_map::LabelMap;
-    use image::{GrayImage, Luma, Rgb, RgbImage};
+    use image::{Luma, Rgb};
     use std::path::Path;
     use std::time::{Duration, Instant};
 
@@ -622,7 +739,7 @@ mod tests {
         let batches = collect(&samples, &lut, &c, 1);
         for b in &batches {
             for (k, &i) in b.indices.iter().enumerate() {
-                let s = load_sample(&samples[i], &lut, &c, 1, i).expect("sample");
+                let s = load_sample(&samples[..], i, &lut, &c, 1).expect("sample");
                 let plane = 32 * 32;
                 assert_eq!(&b.images[k * 3 * plane..(k + 1) * 3 * plane], &s.image[..]);
                 assert_eq!(&b.labels[k * plane..(k + 1) * plane], &s.label[..]);
@@ -747,6 +864,42 @@ mod tests {
             t.elapsed() < Duration::from_secs(2),
             "drop took {:?}",
             t.elapsed()
+        );
+    }
+
+    #[test]
+    fn memory_pairs_give_the_same_batches_as_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let samples = dataset(dir.path(), 5);
+        let mem: Arc<[MemoryPair]> = samples
+            .iter()
+            .map(|p| MemoryPair {
+                stem: p.stem.clone(),
+                image_name: format!("s3://bucket/{}.png", p.stem),
+                annotation_name: format!("s3://bucket/{}_ann.png", p.stem),
+                image: std::fs::read(&p.image).expect("read"),
+                annotation: std::fs::read(&p.annotation).expect("read"),
+            })
+            .collect::<Vec<_>>()
+            .into();
+        let lut = Arc::new(LabelLut::identity());
+        let c = cfg(Mode::Train, 2, 2);
+        let from_files = collect(&samples, &lut, &c, 4);
+        let from_memory: Vec<Batch> = Loader::spawn_memory(mem.clone(), lut.clone(), c.clone(), 4)
+            .expect("spawn")
+            .map(|b| b.expect("batch"))
+            .collect();
+        assert_eq!(from_files, from_memory);
+        let mut broken = mem.to_vec();
+        broken[0].annotation.truncate(30);
+        let err = Loader::spawn_memory(broken.into(), lut, cfg(Mode::Validation, 5, 1), 0)
+            .expect("spawn")
+            .next()
+            .expect("a batch")
+            .expect_err("truncated");
+        assert!(
+            err.to_string().contains("s3://bucket/img_000_ann.png"),
+            "{err}"
         );
     }
 
