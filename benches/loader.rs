@@ -1,6 +1,9 @@
 //! Data-loader throughput: images/s (and per core) decoding VOC-like JPEG + palette PNG pairs and applying the
 //! training transform at crop 480, base 520. Run with `cargo bench --bench loader`.
 //!
+//! The machine may be shared: `images_per_cpu_second` (images / process CPU seconds, from /proc) is the
+//! per-core figure that does not depend on other load; `images_per_s_per_core` is wall-clock images/s / workers.
+//!
 //! Output lines are `key=value` pairs, one measurement per line, e.g.
 //! `loader mode=train workers=2 batch=8 images=96 seconds=1.234 images_per_s=77.8 images_per_s_per_core=38.9`.
 
@@ -93,6 +96,14 @@ fn cpu_seconds() -> Option<f64> {
     Some(ticks / 100.0) // USER_HZ is 100 on Linux
 }
 
+/// CPU milliseconds per item since `start` (as text; "n/a" without /proc).
+fn cpu_ms_per(start: Option<f64>, items: usize) -> String {
+    match (cpu_seconds(), start) {
+        (Some(b), Some(a)) => format!("{:.2}", (b - a) * 1000.0 / items as f64),
+        _ => "n/a".to_string(),
+    }
+}
+
 fn main() -> Result<(), Box<dyn std::error::Error>> {
     let dir = tempfile::tempdir()?;
     let mut rng = ChaCha8Rng::seed_from_u64(2012);
@@ -124,6 +135,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
 
     // Per-stage cost on one thread.
     let reps = 3;
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     let mut decoded = Vec::new();
     for _ in 0..reps {
@@ -133,6 +145,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let decode_ms = t.elapsed().as_secs_f64() * 1000.0 / (reps * PAIRS) as f64;
+    let decode_cpu = cpu_ms_per(cpu0, reps * PAIRS);
+    let cpu0 = cpu_seconds();
     let t = Instant::now();
     for r in 0..reps {
         for (i, (img, lab)) in decoded.iter().enumerate() {
@@ -141,8 +155,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         }
     }
     let transform_ms = t.elapsed().as_secs_f64() * 1000.0 / (reps * PAIRS) as f64;
-    println!("stage=decode ms_per_image={decode_ms:.2}");
-    println!("stage=transform ms_per_image={transform_ms:.2}");
+    let transform_cpu = cpu_ms_per(cpu0, reps * PAIRS);
+    println!("stage=decode ms_per_image={decode_ms:.2} cpu_ms_per_image={decode_cpu}");
+    println!("stage=transform ms_per_image={transform_ms:.2} cpu_ms_per_image={transform_cpu}");
 
     for workers in [1usize, 2] {
         let cfg = LoaderConfig {

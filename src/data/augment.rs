@@ -110,12 +110,29 @@ pub fn train_transform_with_draw<R: Rng + ?Sized>(
     crop_size: u32,
     rng: &mut R,
 ) -> Result<(Sample, TrainDraw), AugmentError> {
+    let (mut out, mut lab) = crop_buffers(crop_size);
+    let draw = train_transform_into(image, label, base_size, crop_size, rng, &mut out, &mut lab)?;
+    Ok((sample(out, lab, crop_size), draw))
+}
+
+/// [`train_transform`] writing into caller-provided buffers: `out_image` of `3*crop*crop` (CHW) and `out_label`
+/// of `crop*crop` (the loader writes straight into its batch this way). Returns the random choices made.
+pub fn train_transform_into<R: Rng + ?Sized>(
+    image: &RgbImage,
+    label: &GrayImage,
+    base_size: u32,
+    crop_size: u32,
+    rng: &mut R,
+    out_image: &mut [f32],
+    out_label: &mut [u8],
+) -> Result<TrainDraw, AugmentError> {
     let (w, h) = check_pair(image, label)?;
     if base_size == 0 || crop_size == 0 {
         return Err(AugmentError::Settings(format!(
             "base_size ({base_size}) and crop_size ({crop_size}) must be positive"
         )));
     }
+    check_buffers(crop_size, out_image, out_label)?;
     let flipped = rng.random_bool(0.5);
     let lo = (base_size / 2).max(1);
     let hi = base_size.saturating_mul(2).max(lo);
@@ -128,17 +145,50 @@ pub fn train_transform_with_draw<R: Rng + ?Sized>(
     let (pw, ph) = (ow.max(crop_size), oh.max(crop_size));
     let x1 = rng.random_range(0..=pw - crop_size);
     let y1 = rng.random_range(0..=ph - crop_size);
-    let sample = resize_crop(image, label, flipped, (ow, oh), (x1, y1), crop_size);
-    Ok((
-        sample,
-        TrainDraw {
-            flipped,
-            resized_width: ow,
-            resized_height: oh,
-            x1,
-            y1,
-        },
-    ))
+    resize_crop_into(
+        image,
+        label,
+        flipped,
+        (ow, oh),
+        (x1, y1),
+        crop_size,
+        out_image,
+        out_label,
+    );
+    Ok(TrainDraw {
+        flipped,
+        resized_width: ow,
+        resized_height: oh,
+        x1,
+        y1,
+    })
+}
+
+fn crop_buffers(crop: u32) -> (Vec<f32>, Vec<u8>) {
+    let n = (crop as usize) * (crop as usize);
+    (vec![0f32; 3 * n], vec![IGNORE_LABEL; n])
+}
+
+fn sample(image: Vec<f32>, label: Vec<u8>, crop: u32) -> Sample {
+    Sample {
+        image,
+        label,
+        height: crop,
+        width: crop,
+    }
+}
+
+fn check_buffers(crop: u32, out_image: &[f32], out_label: &[u8]) -> Result<(), AugmentError> {
+    let n = (crop as usize) * (crop as usize);
+    if out_image.len() != 3 * n || out_label.len() != n {
+        return Err(AugmentError::Settings(format!(
+            "output buffers hold {} values and {} labels, a {crop}x{crop} crop needs {} and {n}",
+            out_image.len(),
+            out_label.len(),
+            3 * n
+        )));
+    }
+    Ok(())
 }
 
 /// `int(a * num / den + 0.5)`, at least 1.
@@ -163,12 +213,26 @@ pub fn val_transform(
     label: &GrayImage,
     crop_size: u32,
 ) -> Result<Sample, AugmentError> {
+    let (mut out, mut lab) = crop_buffers(crop_size);
+    val_transform_into(image, label, crop_size, &mut out, &mut lab)?;
+    Ok(sample(out, lab, crop_size))
+}
+
+/// [`val_transform`] writing into caller-provided buffers (`3*crop*crop` values, `crop*crop` labels).
+pub fn val_transform_into(
+    image: &RgbImage,
+    label: &GrayImage,
+    crop_size: u32,
+    out_image: &mut [f32],
+    out_label: &mut [u8],
+) -> Result<(), AugmentError> {
     let (w, h) = check_pair(image, label)?;
     if crop_size == 0 {
         return Err(AugmentError::Settings(
             "crop_size must be positive".to_string(),
         ));
     }
+    check_buffers(crop_size, out_image, out_label)?;
     let trunc = |a: u32, num: u32, den: u32| {
         ((u64::from(a) * u64::from(num)) / u64::from(den)).max(1) as u32
     };
@@ -179,14 +243,17 @@ pub fn val_transform(
     };
     let x1 = half_round_even(ow.saturating_sub(crop_size));
     let y1 = half_round_even(oh.saturating_sub(crop_size));
-    Ok(resize_crop(
+    resize_crop_into(
         image,
         label,
         false,
         (ow, oh),
         (x1, y1),
         crop_size,
-    ))
+        out_image,
+        out_label,
+    );
+    Ok(())
 }
 
 /// Whole-image transform: the image at its own size, normalised; labels unchanged.
@@ -295,8 +362,13 @@ fn nearest(x: u32, in_size: u32, out_size: u32) -> u32 {
     v.min(u64::from(in_size) - 1) as u32
 }
 
-/// Resize (image bilinear, label nearest) to `resized`, pad to at least `crop`, cut the `crop`×`crop` window at
-/// `offset`, normalise. Only the window is computed.
+thread_local! {
+    /// Per-thread scratch for the resampler (intermediate rows, one accumulated row), reused across calls.
+    static SCRATCH: std::cell::RefCell<(Vec<f32>, Vec<f32>)> = const { std::cell::RefCell::new((Vec::new(), Vec::new())) };
+}
+
+/// [`resize_crop_into`] into fresh buffers.
+#[cfg(test)]
 fn resize_crop(
     image: &RgbImage,
     label: &GrayImage,
@@ -305,6 +377,26 @@ fn resize_crop(
     offset: (u32, u32),
     crop: u32,
 ) -> Sample {
+    let (mut out, mut lab) = crop_buffers(crop);
+    resize_crop_into(
+        image, label, flip, resized, offset, crop, &mut out, &mut lab,
+    );
+    sample(out, lab, crop)
+}
+
+/// Resize (image bilinear, label nearest) to `resized`, pad to at least `crop`, cut the `crop`×`crop` window at
+/// `offset`, normalise, writing `out` (CHW, `3*crop*crop`) and `lab` (`crop*crop`). Only the window is computed.
+#[allow(clippy::too_many_arguments)]
+fn resize_crop_into(
+    image: &RgbImage,
+    label: &GrayImage,
+    flip: bool,
+    resized: (u32, u32),
+    offset: (u32, u32),
+    crop: u32,
+    out: &mut [f32],
+    lab: &mut [u8],
+) {
     let (w, h) = image.dimensions();
     let (ow, oh) = resized;
     let (x1, y1) = offset;
@@ -316,8 +408,14 @@ fn resize_crop(
     let cw = xe.saturating_sub(x1) as usize;
     let chh = ye.saturating_sub(y1) as usize;
 
-    let mut out = vec![0f32; 3 * n]; // padding: the mean colour normalises to exactly 0
-    let mut lab = vec![IGNORE_LABEL; n];
+    // Padding: label 255, image 0 (the mean colour normalises to exactly 0). Only the parts outside the window.
+    for y in 0..c {
+        let from = if y < chh { cw } else { 0 };
+        lab[y * c + from..(y + 1) * c].fill(IGNORE_LABEL);
+        for ch in 0..3 {
+            out[ch * n + y * c + from..ch * n + (y + 1) * c].fill(0.0);
+        }
+    }
 
     if cw > 0 && chh > 0 {
         // Labels: nearest neighbour.
@@ -356,7 +454,13 @@ fn resize_crop(
             .min(h as usize);
         let raw = image.as_raw();
         let stride = 3 * w as usize;
-        let mut tmp = vec![0f32; (row_hi - row_lo) * cw * 3];
+        // No borrow of SCRATCH outlives these one-line accesses, so `take` cannot conflict.
+        let mut scratch = SCRATCH.with(std::cell::RefCell::take);
+        let (tmp, acc) = (&mut scratch.0, &mut scratch.1);
+        tmp.clear();
+        tmp.resize((row_hi - row_lo) * cw * 3, 0.0);
+        acc.clear();
+        acc.resize(cw * 3, 0.0);
         for (r, trow) in (row_lo..row_hi).zip(tmp.chunks_exact_mut(cw * 3)) {
             let src = &raw[r * stride..(r + 1) * stride];
             for (j, px) in trow.chunks_exact_mut(3).enumerate() {
@@ -374,7 +478,6 @@ fn resize_crop(
             }
         }
         let (mul, add) = norm_coeffs();
-        let mut acc = vec![0f32; cw * 3];
         for i in 0..chh {
             let (s, wts) = vc.get(i);
             acc.iter_mut().for_each(|v| *v = 0.0);
@@ -396,12 +499,7 @@ fn resize_crop(
                 }
             }
         }
-    }
-    Sample {
-        image: out,
-        label: lab,
-        height: crop,
-        width: crop,
+        SCRATCH.with(|s| s.replace(scratch));
     }
 }
 
@@ -813,6 +911,31 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn into_variants_overwrite_dirty_buffers_completely() {
+        let (img, lab) = colour_coded(90, 50, 3);
+        for seed in 0..6u64 {
+            // Crop 72 > the short side at small scales: exercises the padding writes too.
+            let want = train_transform(&img, &lab, 60, 72, &mut ChaCha8Rng::seed_from_u64(seed))
+                .expect("a");
+            let (mut out, mut l) = (vec![f32::NAN; 3 * 72 * 72], vec![77u8; 72 * 72]);
+            let mut rng = ChaCha8Rng::seed_from_u64(seed);
+            train_transform_into(&img, &lab, 60, 72, &mut rng, &mut out, &mut l).expect("b");
+            assert_eq!(out, want.image);
+            assert_eq!(l, want.label);
+        }
+        let want = val_transform(&img, &lab, 40).expect("val");
+        let (mut out, mut l) = (vec![f32::NAN; 3 * 1600], vec![77u8; 1600]);
+        val_transform_into(&img, &lab, 40, &mut out, &mut l).expect("val into");
+        assert_eq!((out, l), (want.image, want.label));
+        let err = val_transform_into(&img, &lab, 40, &mut [0.0; 10], &mut [0; 10])
+            .expect_err("small buffers");
+        assert!(
+            err.to_string().contains("40x40 crop needs 4800 and 1600"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -35,7 +35,10 @@ use image::{GrayImage, RgbImage};
 use super::annotation::{
     decode_annotation_with_budget, read_annotation_with_budget, AnnotationError,
 };
-use super::augment::{train_transform, val_transform, whole_transform, AugmentError, Sample};
+use super::augment::{
+    train_transform, train_transform_into, val_transform, val_transform_into, whole_transform,
+    AugmentError, Sample,
+};
 use super::dataset::SamplePair;
 use super::image_io::{
     decode_rgb_with_budget, read_rgb_with_budget, ImageDecodeError, DEFAULT_MAX_PIXELS,
@@ -293,6 +296,35 @@ where
     }
 }
 
+/// Decode sample `index` and apply the label map: RGB image and labels, before any transform.
+pub fn decode_mapped<S: SampleSource + ?Sized>(
+    source: &S,
+    index: usize,
+    lut: &LabelLut,
+    max_pixels: u64,
+) -> Result<(RgbImage, GrayImage), LoadError> {
+    let (image, mut label) = source.decode(index, max_pixels)?;
+    lut.apply(&mut label).map_err(|err| LoadError::Unmapped {
+        file: source.names(index).1,
+        err,
+    })?;
+    Ok((image, label))
+}
+
+fn transform_error<S: SampleSource + ?Sized>(
+    source: &S,
+    index: usize,
+) -> impl FnOnce(AugmentError) -> LoadError + '_ {
+    move |err| {
+        let (image, annotation) = source.names(index);
+        LoadError::Transform {
+            image,
+            annotation,
+            err,
+        }
+    }
+}
+
 /// Decode, label-map and transform sample `index` of `source` (what a worker does per sample).
 pub fn load_sample<S: SampleSource + ?Sized>(
     source: &S,
@@ -301,11 +333,7 @@ pub fn load_sample<S: SampleSource + ?Sized>(
     cfg: &LoaderConfig,
     epoch: u64,
 ) -> Result<Sample, LoadError> {
-    let (image, mut label) = source.decode(index, cfg.max_pixels)?;
-    lut.apply(&mut label).map_err(|err| LoadError::Unmapped {
-        file: source.names(index).1,
-        err,
-    })?;
+    let (image, label) = decode_mapped(source, index, lut, cfg.max_pixels)?;
     let sample = match cfg.mode {
         Mode::Train => {
             let mut rng = sample_rng(cfg.seed, epoch, index);
@@ -314,14 +342,38 @@ pub fn load_sample<S: SampleSource + ?Sized>(
         Mode::Validation => val_transform(&image, &label, cfg.crop_size),
         Mode::WholeImage => whole_transform(&image, &label),
     };
-    sample.map_err(|err| {
-        let (image, annotation) = source.names(index);
-        LoadError::Transform {
-            image,
-            annotation,
-            err,
+    sample.map_err(transform_error(source, index))
+}
+
+/// [`load_sample`] for the fixed-size modes (Train, Validation), writing straight into batch slices.
+fn load_sample_into<S: SampleSource + ?Sized>(
+    source: &S,
+    index: usize,
+    job: &Job,
+    out_image: &mut [f32],
+    out_label: &mut [u8],
+) -> Result<(), LoadError> {
+    let cfg = &job.cfg;
+    let (image, label) = decode_mapped(source, index, &job.lut, cfg.max_pixels)?;
+    let done = match cfg.mode {
+        Mode::Train => {
+            let mut rng = sample_rng(cfg.seed, job.epoch, index);
+            train_transform_into(
+                &image,
+                &label,
+                cfg.base_size,
+                cfg.crop_size,
+                &mut rng,
+                out_image,
+                out_label,
+            )
+            .map(|_| ())
         }
-    })
+        Mode::Validation | Mode::WholeImage => {
+            val_transform_into(&image, &label, cfg.crop_size, out_image, out_label)
+        }
+    };
+    done.map_err(transform_error(source, index))
 }
 
 struct State {
@@ -542,15 +594,43 @@ fn build_batch(shared: &Shared, job: &Job, b: usize) -> Result<Batch, LoadError>
     let lo = b * job.cfg.batch_size;
     let hi = (lo + job.cfg.batch_size).min(job.order.len());
     let indices: Vec<usize> = job.order[lo..hi].to_vec();
-    let mut samples = Vec::with_capacity(indices.len());
-    for &i in &indices {
-        if shared.stop.load(Ordering::Relaxed) {
+    let stems = indices.iter().map(|&i| job.source.stem(i)).collect();
+    let cancelled = || shared.stop.load(Ordering::Relaxed);
+    if job.cfg.mode == Mode::WholeImage {
+        let mut samples = Vec::with_capacity(indices.len());
+        for &i in &indices {
+            if cancelled() {
+                return Err(LoadError::Cancelled);
+            }
+            samples.push(load_sample(&*job.source, i, &job.lut, &job.cfg, job.epoch)?);
+        }
+        return Ok(assemble(samples, stems, indices));
+    }
+    // Fixed-size crops: transform straight into the batch buffers.
+    let crop = job.cfg.crop_size;
+    let plane = (crop as usize) * (crop as usize);
+    let n = indices.len();
+    let mut images = vec![0f32; n * 3 * plane];
+    let mut labels = vec![IGNORE_LABEL; n * plane];
+    for ((&i, img), lab) in indices
+        .iter()
+        .zip(images.chunks_exact_mut(3 * plane))
+        .zip(labels.chunks_exact_mut(plane))
+    {
+        if cancelled() {
             return Err(LoadError::Cancelled);
         }
-        samples.push(load_sample(&*job.source, i, &job.lut, &job.cfg, job.epoch)?);
+        load_sample_into(&*job.source, i, job, img, lab)?;
     }
-    let stems = indices.iter().map(|&i| job.source.stem(i)).collect();
-    Ok(assemble(samples, stems, indices))
+    Ok(Batch {
+        images,
+        labels,
+        n,
+        height: crop,
+        width: crop,
+        stems,
+        indices,
+    })
 }
 
 /// Stack samples into one batch, padding smaller ones (image 0 = mean colour, label 255) bottom/right.
