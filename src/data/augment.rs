@@ -1,6 +1,8 @@
-//! Training / validation transforms, as GluonCV's `SegmentationDataset` (which SageMaker's built-in uses) does them.
+//! Training / validation transforms in the style of GluonCV's `SegmentationDataset`, as SageMaker documents them for
+//! its built-in algorithm ("the long side is set to base_size multiplied by a random number from 0.5 to 2.0, the
+//! short side preserves the aspect ratio"; "a random square crop of crop_size").
 //!
-//! Training ([`train_transform`], GluonCV `_sync_transform`), random draws in this order:
+//! Training ([`train_transform`], the long-side variant of GluonCV `_sync_transform`), random draws in this order:
 //! 1. horizontal flip with probability 0.5 (image and label together);
 //! 2. the long side is rescaled to a random integer in `[int(base_size*0.5), int(base_size*2.0)]` (inclusive), the
 //!    short side to `int(short*long/long_side + 0.5)`; image bilinear (Pillow's `BILINEAR`, which antialiases when
@@ -10,7 +12,8 @@
 //! 4. a random `crop_size`×`crop_size` window: x1 in `[0, w-crop]`, then y1 in `[0, h-crop]`;
 //! 5. normalisation `(x/255 - mean)/std`, output CHW f32.
 //!
-//! GluonCV also applies a random Gaussian blur (p=0.5); SageMaker does not document it and it is not done here.
+//! GluonCV also applies a random Gaussian blur (p=0.5), and older GluonCV releases scale the SHORT side and rotate
+//! by ±10°; SageMaker documents none of these and they are not done here.
 //!
 //! Validation ([`val_transform`], GluonCV `_val_sync_transform`): short side → crop_size (long side
 //! `int(long*crop/short)`, truncated), centre crop with Python's round-half-to-even offset. Whole image
@@ -19,6 +22,7 @@
 //! The resize is computed only for the pixels inside the crop window (each output pixel of a Pillow-style
 //! separable resample depends only on its own coordinate), so a 2× upscale followed by a crop costs the crop, not the
 //! whole upscaled image. The flip is folded into the coefficient tables, so the inputs are never copied.
+//! The `*_into` variants write into caller buffers (the loader's batch), the others return a [`Sample`].
 
 use image::{GrayImage, RgbImage};
 use rand::Rng;
