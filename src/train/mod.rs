@@ -3,6 +3,7 @@
 
 pub mod early_stopping;
 pub mod inputs;
+pub mod loss;
 pub mod metrics;
 pub mod optim;
 pub mod schedule;
