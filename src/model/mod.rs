@@ -22,3 +22,8 @@ pub mod weights;
 pub use artifact::{InferenceModel, ModelMeta, Normalization};
 pub use config::{Algorithm, Backbone, ModelConfig, OutputStride};
 pub use segmenter::{SegOutput, Segmenter};
+
+#[cfg(test)]
+mod parity_tests;
+#[cfg(test)]
+mod structure_tests;

@@ -25,8 +25,9 @@ pub struct Block {
 }
 
 impl Block {
-    #[allow(clippy::too_many_arguments)]
-    fn new(
+    /// torchvision's `Bottleneck(in_ch, planes, stride, downsample, dilation=dilation)` (output `planes·4`) or
+    /// `BasicBlock` (output `planes`), `vb` scoped to the block (`layer3.0`).
+    pub fn new(
         bottleneck: bool,
         in_ch: usize,
         planes: usize,
@@ -76,7 +77,7 @@ impl Block {
         Ok(Self { convs, downsample })
     }
 
-    fn fold(&self) -> Result<Self> {
+    pub fn fold(&self) -> Result<Self> {
         Ok(Self {
             convs: self.convs.iter().map(ConvBn::fold).collect::<Result<_>>()?,
             downsample: self.downsample.as_ref().map(ConvBn::fold).transpose()?,

@@ -24,11 +24,12 @@ pub struct Aspp {
 }
 
 impl Aspp {
-    pub fn new(in_ch: usize, rates: [usize; 3], vb: VarBuilder) -> Result<Self> {
+    /// torchvision's `ASPP(in_ch, rates, out_channels=out_ch)` (DeepLabHead uses 256), `vb` scoped to it.
+    pub fn new(in_ch: usize, out_ch: usize, rates: [usize; 3], vb: VarBuilder) -> Result<Self> {
         let init = ConvInit::TorchDefault;
         let convs = vb.pp("convs");
         let mut branches = vec![ConvBn::new(
-            ConvSpec::same(in_ch, ASPP_CH, 1, 1),
+            ConvSpec::same(in_ch, out_ch, 1, 1),
             init,
             convs.pp("0.0"),
             convs.pp("0.1"),
@@ -36,20 +37,20 @@ impl Aspp {
         for (i, rate) in rates.into_iter().enumerate() {
             let b = convs.pp(i + 1);
             branches.push(ConvBn::new(
-                ConvSpec::same(in_ch, ASPP_CH, 3, rate),
+                ConvSpec::same(in_ch, out_ch, 3, rate),
                 init,
                 b.pp(0),
                 b.pp(1),
             )?);
         }
         let pooling = ConvBn::new(
-            ConvSpec::same(in_ch, ASPP_CH, 1, 1),
+            ConvSpec::same(in_ch, out_ch, 1, 1),
             init,
             convs.pp("4.1"),
             convs.pp("4.2"),
         )?;
         let project = ConvBn::new(
-            ConvSpec::same(5 * ASPP_CH, ASPP_CH, 1, 1),
+            ConvSpec::same(5 * out_ch, out_ch, 1, 1),
             init,
             vb.pp("project.0"),
             vb.pp("project.1"),
@@ -73,7 +74,7 @@ impl Aspp {
         })
     }
 
-    /// `[B, Cin, h, w]` → `[B, 256, h, w]`.
+    /// `[B, Cin, h, w]` → `[B, out_ch, h, w]`.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let (_, _, h, w) = x.dims4()?;
         let mut outs = Vec::with_capacity(5);
@@ -106,7 +107,7 @@ impl DeepLabHead {
     ) -> Result<Self> {
         let init = ConvInit::TorchDefault;
         Ok(Self {
-            aspp: Aspp::new(in_ch, rates, vb.pp(0))?,
+            aspp: Aspp::new(in_ch, ASPP_CH, rates, vb.pp(0))?,
             conv: ConvBn::new(
                 ConvSpec::same(ASPP_CH, ASPP_CH, 3, 1),
                 init,
