@@ -290,3 +290,118 @@ pub fn load_backbone_into_varmap(
         |name| name.strip_prefix("backbone.").map(str::to_string),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::config::Algorithm;
+
+    fn imagenet_like(backbone: Backbone) -> candle_core::Result<HashMap<String, Tensor>> {
+        let mut t: HashMap<String, Tensor> = expected_backbone_tensors(backbone)?
+            .into_iter()
+            .map(|s| Ok((s.name, Tensor::rand(0f32, 1.0, s.shape, &Device::Cpu)?)))
+            .collect::<candle_core::Result<_>>()?;
+        t.insert(
+            "fc.weight".into(),
+            Tensor::zeros((1000, 512), DType::F32, &Device::Cpu)?,
+        );
+        t.insert(
+            "fc.bias".into(),
+            Tensor::zeros(1000, DType::F32, &Device::Cpu)?,
+        );
+        t.insert(
+            "bn1.num_batches_tracked".into(),
+            Tensor::zeros((), DType::I64, &Device::Cpu)?,
+        );
+        Ok(t)
+    }
+
+    fn training_varmap() -> anyhow::Result<VarMap> {
+        let cfg = ModelConfig::new(
+            Algorithm::Fcn,
+            Backbone::Resnet18,
+            2,
+            OutputStride::Eight,
+            true,
+        )?;
+        let vm = VarMap::new();
+        Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        Ok(vm)
+    }
+
+    #[test]
+    fn imagenet_backbone_loads_into_backbone_only() -> anyhow::Result<()> {
+        let vm = training_varmap()?;
+        let head_before = vm.data().lock().expect("lock")["classifier.0.weight"]
+            .as_tensor()
+            .copy()?;
+        let ckpt = imagenet_like(Backbone::Resnet18)?;
+        let n = load_backbone_into_varmap(&vm, &ckpt, Backbone::Resnet18)?;
+        assert_eq!(n, expected_backbone_tensors(Backbone::Resnet18)?.len());
+        let data = vm.data().lock().expect("lock");
+        let same = |a: &Tensor, b: &Tensor| -> candle_core::Result<bool> {
+            Ok((a - b)?.abs()?.max_all()?.to_scalar::<f32>()? == 0.0)
+        };
+        assert!(same(
+            data["backbone.layer4.1.conv2.weight"].as_tensor(),
+            &ckpt["layer4.1.conv2.weight"]
+        )?);
+        assert!(same(
+            data["backbone.bn1.running_var"].as_tensor(),
+            &ckpt["bn1.running_var"]
+        )?);
+        assert!(same(data["classifier.0.weight"].as_tensor(), &head_before)?);
+        Ok(())
+    }
+
+    #[test]
+    fn wrong_backbone_checkpoint_names_every_problem_and_changes_nothing() -> anyhow::Result<()> {
+        let vm = training_varmap()?;
+        let before = vm.data().lock().expect("lock")["backbone.conv1.weight"]
+            .as_tensor()
+            .copy()?;
+        let mut ckpt = imagenet_like(Backbone::Resnet18)?;
+        ckpt.remove("layer1.0.bn2.bias");
+        ckpt.insert(
+            "conv1.weight".into(),
+            Tensor::zeros((64, 1, 7, 7), DType::F32, &Device::Cpu)?,
+        );
+        let err = load_backbone_into_varmap(&vm, &ckpt, Backbone::Resnet18)
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("the resnet-18 backbone"), "{err}");
+        assert!(
+            err.contains("1 missing tensors:\n    layer1.0.bn2.bias [64]"),
+            "{err}"
+        );
+        assert!(
+            err.contains("conv1.weight: expected [64, 3, 7, 7], found [64, 1, 7, 7]"),
+            "{err}"
+        );
+        let after = vm.data().lock().expect("lock")["backbone.conv1.weight"]
+            .as_tensor()
+            .copy()?;
+        assert_eq!(
+            before.flatten_all()?.to_vec1::<f32>()?,
+            after.flatten_all()?.to_vec1::<f32>()?
+        );
+        // A ResNet-50 checkpoint for a ResNet-18 model: mostly unexpected and mis-shaped names, all reported.
+        let err =
+            load_backbone_into_varmap(&vm, &imagenet_like(Backbone::Resnet50)?, Backbone::Resnet18)
+                .expect_err("must fail")
+                .to_string();
+        assert!(
+            err.contains("mis-shaped") && err.contains("... and"),
+            "{err}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn trainable_excludes_running_statistics() {
+        assert!(is_trainable("backbone.bn1.weight"));
+        assert!(is_trainable("classifier.4.bias"));
+        assert!(!is_trainable("backbone.bn1.running_mean"));
+        assert!(!is_trainable("classifier.0.convs.4.2.running_var"));
+    }
+}
