@@ -28,6 +28,22 @@ pub fn is_trainable(name: &str) -> bool {
         || name.ends_with(IGNORED_SUFFIX))
 }
 
+/// The variables an optimizer should update: every `Var` of a training `VarMap` except BatchNorm running
+/// statistics, in name order (so optimizer state lines up from run to run).
+pub fn trainable_vars(varmap: &VarMap) -> Vec<(String, candle_core::Var)> {
+    let data = match varmap.data().lock() {
+        Ok(d) => d,
+        Err(poisoned) => poisoned.into_inner(),
+    };
+    let mut vars: Vec<(String, candle_core::Var)> = data
+        .iter()
+        .filter(|(k, _)| is_trainable(k))
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect();
+    vars.sort_by(|a, b| a.0.cmp(&b.0));
+    vars
+}
+
 /// A parameter's name and shape.
 #[derive(Clone, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct TensorSpec {
@@ -394,6 +410,27 @@ mod tests {
             err.contains("mis-shaped") && err.contains("... and"),
             "{err}"
         );
+        Ok(())
+    }
+
+    #[test]
+    fn trainable_vars_are_the_parameters_only() -> anyhow::Result<()> {
+        let vm = training_varmap()?;
+        let vars = trainable_vars(&vm);
+        let expected = expected_tensors(&ModelConfig::new(
+            Algorithm::Fcn,
+            Backbone::Resnet18,
+            2,
+            OutputStride::Eight,
+            true,
+        )?)?;
+        let n_bn = expected
+            .iter()
+            .filter(|s| s.name.ends_with(".running_mean"))
+            .count();
+        assert_eq!(vars.len(), expected.len() - 2 * n_bn);
+        assert!(vars.windows(2).all(|w| w[0].0 < w[1].0));
+        assert!(vars.iter().all(|(k, _)| !k.contains("running")));
         Ok(())
     }
 
