@@ -15,6 +15,7 @@ PYTHON=${PYTHON:-/tmp/torchvenv/bin/python}
 PEER=${PEER:-../shared/bench/peer}
 SIZE=${SIZE:-"256 320"}
 OUT=${OUT:-$(mktemp -d /tmp/semseg-parity.XXXXXX)}
+mkdir -p "$OUT"
 MODELS=${MODELS:-"deeplabv3_resnet50 fcn_resnet50 pspnet_resnet50"}
 
 [ -f "$PEER/export_reference.py" ] || { echo "no $PEER/export_reference.py: set PEER" >&2; exit 2; }
