@@ -2,8 +2,10 @@
 //!
 //! The folders follow the two journeys through the program:
 //! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
-//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator.
+//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator;
+//! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact.
 
 pub mod data;
+pub mod model;
 pub mod sagemaker;
 pub mod train;

@@ -1,0 +1,60 @@
+//! Differentiable operations that Candle 0.11 lacks (or gets wrong) for training.
+//!
+//! All of them are compositions of Candle's own differentiable ops, so they run on every device and their
+//! backward comes for free:
+//! - [`resize::resize_bilinear`]: PyTorch's `interpolate(mode="bilinear", align_corners=False)` as two matmuls
+//!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward);
+//! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride);
+//! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included;
+//! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity
+//!   (Candle's uses one `output_padding` for both axes).
+//!
+//! Every gradient is checked against central finite differences in f64 ([`gradcheck`]).
+
+pub mod conv;
+pub mod pool;
+pub mod resize;
+
+#[cfg(test)]
+pub(crate) mod gradcheck;
+
+use candle_core::{DType, Device, Result, Tensor};
+
+/// Applies `rows` (`[oh, h]`) along H and `cols_t` (`[w, ow]`) along W of `x` (`[B, C, h, w]`):
+/// `y[b, c] = rows · x[b, c] · cols_t`, giving `[B, C, oh, ow]`. Either matrix may be `None` (identity).
+/// Matmuls are differentiable in Candle, so any separable linear resampling gets its backward from here.
+pub(crate) fn separable_apply(
+    x: &Tensor,
+    rows: Option<&Tensor>,
+    cols_t: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let mut y = x.clone();
+    let mut ow = w;
+    if let Some(m) = cols_t {
+        ow = m.dim(1)?;
+        // [B·C·h, w] · [w, ow] → [B·C·h, ow]
+        y = y.contiguous()?.reshape((b * c * h, w))?.matmul(m)?;
+    }
+    let mut oh = h;
+    if let Some(m) = rows {
+        oh = m.dim(0)?;
+        // [oh, h] · [B·C, h, ow] (the matrix broadcast over the batch, not copied) → [B·C, oh, ow]
+        let y3 = y.reshape((b * c, h, ow))?.contiguous()?;
+        y = m.broadcast_left(b * c)?.matmul(&y3)?;
+    }
+    y.reshape((b, c, oh, ow))
+}
+
+/// A row-major `[rows, cols]` matrix of f64 weights as a tensor of the given dtype and device.
+pub(crate) fn matrix(
+    data: Vec<f64>,
+    rows: usize,
+    cols: usize,
+    dtype: DType,
+    device: &Device,
+) -> Result<Tensor> {
+    Tensor::from_vec(data, (rows, cols), &Device::Cpu)?
+        .to_dtype(dtype)?
+        .to_device(device)
+}
