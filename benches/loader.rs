@@ -48,10 +48,7 @@ fn make_pair(rng: &mut ChaCha8Rng, w: u32, h: u32) -> (RgbImage, GrayImage) {
             rng.random_range(0..256),
         ];
         let (cx, cy) = (rng.random_range(0..w) as f32, rng.random_range(0..h) as f32);
-        let (rx, ry) = (
-            rng.random_range(20..150) as f32,
-            rng.random_range(20..120) as f32,
-        );
+        let (rx, ry) = (rng.random_range(20..150) as f32, rng.random_range(20..120) as f32);
         for y in 0..h {
             for x in 0..w {
                 let d = ((x as f32 - cx) / rx).powi(2) + ((y as f32 - cy) / ry).powi(2);
@@ -184,9 +181,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         let secs = t.elapsed().as_secs_f64();
         let cpu = cpu_seconds().zip(cpu0).map(|(b, a)| b - a);
         let ips = images as f64 / secs;
-        let per_cpu = cpu.map_or("n/a".to_string(), |c| {
-            format!("{:.1}", images as f64 / c.max(1e-9))
-        });
+        let per_cpu = cpu.map_or("n/a".to_string(), |c| format!("{:.1}", images as f64 / c.max(1e-9)));
         println!(
             "loader mode=train crop={CROP} base={BASE} workers={workers} batch=8 images={images} seconds={secs:.3} \
              images_per_s={ips:.1} images_per_s_per_core={:.1} images_per_cpu_second={per_cpu}",

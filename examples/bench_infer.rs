@@ -42,8 +42,7 @@ fn peer_name(a: Algorithm, b: Backbone) -> String {
 
 fn main() -> Result<()> {
     let mut args = std::env::args().skip(1);
-    let (mut h, mut w, mut batch, mut warmup, mut runs) =
-        (512usize, 512usize, 1usize, 2usize, 5usize);
+    let (mut h, mut w, mut batch, mut warmup, mut runs) = (512usize, 512usize, 1usize, 2usize, 5usize);
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
     let mut backbone = Backbone::Resnet50;
     while let Some(a) = args.next() {
@@ -79,8 +78,7 @@ fn main() -> Result<()> {
     for algorithm in models {
         let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, false)?;
         let vm = VarMap::new();
-        let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?
-            .fold_batchnorm()?;
+        let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?.fold_batchnorm()?;
         for _ in 0..warmup {
             net.logits(&x)?;
         }

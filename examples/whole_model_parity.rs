@@ -7,9 +7,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use semseg::model::{
-    weights, Algorithm, Backbone, InferenceModel, ModelConfig, ModelMeta, OutputStride,
-};
+use semseg::model::{weights, Algorithm, Backbone, InferenceModel, ModelConfig, ModelMeta, OutputStride};
 use serde::Deserialize;
 
 const BOUND: f64 = 1e-4;
@@ -51,8 +49,7 @@ fn input(path: &Path, meta: &RefMeta) -> Result<Tensor> {
     let mut chw = vec![0f32; 3 * h * w];
     for (x, y, p) in img.enumerate_pixels() {
         for c in 0..3 {
-            chw[c * h * w + y as usize * w + x as usize] =
-                (p[c] as f32 / 255.0 - meta.mean[c]) / meta.std[c];
+            chw[c * h * w + y as usize * w + x as usize] = (p[c] as f32 / 255.0 - meta.mean[c]) / meta.std[c];
         }
     }
     Ok(Tensor::from_vec(chw, (1, 3, h, w), &Device::Cpu)?)
@@ -77,8 +74,7 @@ fn main() -> Result<()> {
     let x = input(&dir.join("input.png"), &meta)?;
     let want = Tensor::read_npy(dir.join("logits.npy"))?;
 
-    let net =
-        weights::segmenter_from_tensors(&cfg, tensors.clone(), true, DType::F32, &Device::Cpu)?;
+    let net = weights::segmenter_from_tensors(&cfg, tensors.clone(), true, DType::F32, &Device::Cpu)?;
     let t0 = std::time::Instant::now();
     let unfolded = net.logits(&x)?;
     let t_unfolded = t0.elapsed().as_secs_f64();

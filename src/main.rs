@@ -10,8 +10,12 @@ use semseg::sagemaker::MlRoot;
 use semseg::train;
 
 #[derive(Debug, Parser)]
-#[command(name = "semseg", version, about = "Train and serve semantic-segmentation networks (FCN, PSPNet, DeepLabV3) \
-    following Amazon SageMaker's container contract.")]
+#[command(
+    name = "semseg",
+    version,
+    about = "Train and serve semantic-segmentation networks (FCN, PSPNet, DeepLabV3) \
+    following Amazon SageMaker's container contract."
+)]
 struct Cli {
     /// Root of the SageMaker directory layout (input/, model/, output/, checkpoints/). Point it at any directory to
     /// run the container contract outside a container.
@@ -54,6 +58,15 @@ fn main() -> ExitCode {
 
 /// Run one step of a training job: on error, log it and write SageMaker's failure file, then exit non-zero.
 fn run_job(ml: &MlRoot, step: &str, job: impl FnOnce() -> anyhow::Result<()>) -> ExitCode {
+    // A failure file left by an earlier run in the same ml-root would describe a failure that is not this one.
+    if let Err(e) = std::fs::remove_file(ml.failure_file()) {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            tracing::warn!(
+                "cannot remove the stale failure file {}: {e}",
+                ml.failure_file().display()
+            );
+        }
+    }
     match job() {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {

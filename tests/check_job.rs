@@ -26,12 +26,18 @@ fn bad_and_unknown_hyperparameters_fail_with_the_name_value_and_fix() {
     let job = Job::with_synth(&[]);
     job.write_hyperparameters(r#"{"num_classes": "1", "num_training_samples": "6"}"#);
     let failure = job.check_fails();
-    assert!(failure.starts_with("hyperparameter 'num_classes' has the value '1'"), "{failure}");
+    assert!(
+        failure.starts_with("hyperparameter 'num_classes' has the value '1'"),
+        "{failure}"
+    );
     assert!(failure.contains("from 2 to 254"), "{failure}");
 
     job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6", "optimiser": "adam"}"#);
     let failure = job.check_fails();
-    assert!(failure.contains("unknown hyperparameter 'optimiser' (did you mean 'optimizer'?)"), "{failure}");
+    assert!(
+        failure.contains("unknown hyperparameter 'optimiser' (did you mean 'optimizer'?)"),
+        "{failure}"
+    );
 
     job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6", "sagemaker_program": "x"}"#);
     job.check_passes();
@@ -42,7 +48,10 @@ fn a_missing_channel_fails_naming_it() {
     let job = Job::with_synth(&[]);
     std::fs::remove_dir_all(job.channel("validation_annotation")).unwrap();
     let failure = job.check_fails();
-    assert!(failure.contains("required channel 'validation_annotation' is missing"), "{failure}");
+    assert!(
+        failure.contains("required channel 'validation_annotation' is missing"),
+        "{failure}"
+    );
 }
 
 #[test]
@@ -63,7 +72,10 @@ fn images_without_annotations_are_named_with_a_count() {
         std::fs::remove_file(job.channel("train_annotation").join(name)).unwrap();
     }
     let failure = job.check_fails();
-    assert!(failure.contains("3 of 6 images in channel 'train' have no annotation"), "{failure}");
+    assert!(
+        failure.contains("3 of 6 images in channel 'train' have no annotation"),
+        "{failure}"
+    );
     let first = annotations[0].replace(".png", ".jpg");
     assert!(failure.contains(&first), "{failure}");
 }
@@ -83,7 +95,10 @@ fn labels_beyond_num_classes_are_named() {
     let job = Job::with_synth(&[]);
     job.write_hyperparameters(r#"{"num_classes": "3", "num_training_samples": "6"}"#);
     let failure = job.check_fails();
-    assert!(failure.contains("hold labels >= num_classes (3) that are not 255"), "{failure}");
+    assert!(
+        failure.contains("hold labels >= num_classes (3) that are not 255"),
+        "{failure}"
+    );
     assert!(failure.contains("labels 3 in"), "{failure}");
 }
 
@@ -95,7 +110,10 @@ fn corrupt_images_and_annotations_are_named() {
     let annotation = files(&job.channel("validation_annotation"))[0].clone();
     std::fs::write(job.channel("validation_annotation").join(&annotation), b"not a png").unwrap();
     let failure = job.check_fails();
-    assert!(failure.contains("cannot be read") && failure.contains(&image), "{failure}");
+    assert!(
+        failure.contains("cannot be read") && failure.contains(&image),
+        "{failure}"
+    );
     assert!(failure.contains(&annotation), "{failure}");
 }
 
@@ -103,7 +121,9 @@ fn corrupt_images_and_annotations_are_named() {
 fn rgb_colour_masks_are_rejected_with_advice() {
     let job = Job::with_synth(&[]);
     let name = files(&job.channel("train_annotation"))[0].clone();
-    image::RgbImage::from_pixel(64, 48, image::Rgb([128, 0, 0])).save(job.channel("train_annotation").join(&name)).unwrap();
+    image::RgbImage::from_pixel(64, 48, image::Rgb([128, 0, 0]))
+        .save(job.channel("train_annotation").join(&name))
+        .unwrap();
     let failure = job.check_fails();
     assert!(failure.contains(&name), "{failure}");
     assert!(failure.to_lowercase().contains("palette"), "{failure}");
@@ -135,7 +155,11 @@ fn map_label_maps_are_applied_and_unmapped_values_fail() {
 #[test]
 fn malformed_label_maps_fail() {
     let job = Job::with_synth(&[]);
-    std::fs::write(job.channel("label_map").join("train_label_map.json"), r#"{"scale": "zero"}"#).unwrap();
+    std::fs::write(
+        job.channel("label_map").join("train_label_map.json"),
+        r#"{"scale": "zero"}"#,
+    )
+    .unwrap();
     let failure = job.check_fails();
     assert!(failure.starts_with("the label_map channel is invalid"), "{failure}");
     assert!(failure.contains("zero"), "{failure}");
@@ -144,7 +168,10 @@ fn malformed_label_maps_fail() {
 #[test]
 fn several_hosts_and_bad_input_modes_fail() {
     let job = Job::with_synth(&[]);
-    job.write_config("resourceconfig.json", r#"{"current_host": "algo-1", "hosts": ["algo-1", "algo-2"]}"#);
+    job.write_config(
+        "resourceconfig.json",
+        r#"{"current_host": "algo-1", "hosts": ["algo-1", "algo-2"]}"#,
+    );
     let failure = job.check_fails();
     assert!(failure.contains("set InstanceCount to 1"), "{failure}");
 
@@ -164,7 +191,10 @@ fn sagemaker_local_mode_configs_are_accepted() {
             "train_annotation": {"TrainingInputMode": "File"}, "validation_annotation": {"TrainingInputMode": "File"},
             "label_map": {"TrainingInputMode": "File"}}"#,
     );
-    job.write_config("resourceconfig.json", r#"{"current_host": "algo-1", "hosts": ["algo-1"]}"#);
+    job.write_config(
+        "resourceconfig.json",
+        r#"{"current_host": "algo-1", "hosts": ["algo-1"]}"#,
+    );
     job.check_passes();
 }
 
@@ -210,6 +240,10 @@ fn readme_documents_every_hyperparameter() {
     let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
     for spec in semseg::sagemaker::hyperparameters::SPECS {
         let row = format!("| {}{} |", spec.name, if spec.extension { " +" } else { "" });
-        assert!(readme.contains(&row), "README's hyperparameter table lacks {}", spec.name);
+        assert!(
+            readme.contains(&row),
+            "README's hyperparameter table lacks {}",
+            spec.name
+        );
     }
 }

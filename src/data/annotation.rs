@@ -104,8 +104,7 @@ impl AnnotationError {
 
 const RGB_HINT: &str = "RGB colour masks are a common mistake: convert each colour to its class index and save a \
                        grayscale PNG, or save a palette (mode P) PNG whose palette index is the label.";
-const DEPTH_HINT: &str =
-    "Save the annotation with 8-bit samples (label values 0..254, 255 = ignore).";
+const DEPTH_HINT: &str = "Save the annotation with 8-bit samples (label values 0..254, 255 = ignore).";
 
 /// Decode annotation PNG bytes to raw values with the default pixel budget.
 pub fn decode_annotation(bytes: &[u8]) -> Result<GrayImage, AnnotationError> {
@@ -118,10 +117,7 @@ pub fn read_annotation(path: &Path) -> Result<GrayImage, AnnotationError> {
 }
 
 /// Read and decode an annotation file, refusing images over `max_pixels`; errors name `path`.
-pub fn read_annotation_with_budget(
-    path: &Path,
-    max_pixels: u64,
-) -> Result<GrayImage, AnnotationError> {
+pub fn read_annotation_with_budget(path: &Path, max_pixels: u64) -> Result<GrayImage, AnnotationError> {
     let bytes = std::fs::read(path).map_err(|err| AnnotationError::Read {
         source_name: Source(Some(path.to_path_buf())),
         err,
@@ -130,10 +126,7 @@ pub fn read_annotation_with_budget(
 }
 
 /// Decode annotation PNG bytes to raw values (palette indices or gray values), refusing images over `max_pixels`.
-pub fn decode_annotation_with_budget(
-    bytes: &[u8],
-    max_pixels: u64,
-) -> Result<GrayImage, AnnotationError> {
+pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, AnnotationError> {
     let src = || Source(None);
     if bytes.is_empty() {
         return Err(AnnotationError::Empty { source_name: src() });
@@ -155,8 +148,7 @@ pub fn decode_annotation_with_budget(
 
     // The decoder's own allocation limit covers its internal buffers; our output buffer is checked via the budget.
     let limits = png::Limits {
-        bytes: usize::try_from(max_pixels.saturating_mul(2).saturating_add(64 << 20))
-            .unwrap_or(usize::MAX),
+        bytes: usize::try_from(max_pixels.saturating_mul(2).saturating_add(64 << 20)).unwrap_or(usize::MAX),
     };
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::IDENTITY);
@@ -196,44 +188,36 @@ pub fn decode_annotation_with_budget(
     }
     let layout = match (color, depth) {
         (ColorType::Indexed | ColorType::Grayscale, BitDepth::Eight) => Layout::Bytes,
-        (
-            ColorType::Indexed | ColorType::Grayscale,
-            BitDepth::One | BitDepth::Two | BitDepth::Four,
-        ) => Layout::Packed(bits),
+        (ColorType::Indexed | ColorType::Grayscale, BitDepth::One | BitDepth::Two | BitDepth::Four) => {
+            Layout::Packed(bits)
+        }
         (ColorType::GrayscaleAlpha, BitDepth::Eight) => Layout::GrayAlpha,
         (ColorType::Indexed | ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => {
             return Err(unsupported(format!("{bits}-bit {color:?}"), DEPTH_HINT))
         }
         (ColorType::Rgb | ColorType::Rgba, _) => {
-            return Err(unsupported(
-                format!("{bits}-bit {color:?} (colour)"),
-                RGB_HINT,
-            ))
+            return Err(unsupported(format!("{bits}-bit {color:?} (colour)"), RGB_HINT))
         }
     };
 
     let mut reader = decoder.read_info().map_err(corrupt)?;
-    let size = reader
-        .output_buffer_size()
-        .ok_or(AnnotationError::TooLarge {
-            source_name: src(),
-            width,
-            height,
-            pixels: u64::from(width) * u64::from(height),
-            max_pixels,
-        })?;
+    let size = reader.output_buffer_size().ok_or(AnnotationError::TooLarge {
+        source_name: src(),
+        width,
+        height,
+        pixels: u64::from(width) * u64::from(height),
+        max_pixels,
+    })?;
     let mut buf = vec![0u8; size];
     let out = reader.next_frame(&mut buf).map_err(corrupt)?;
     let line = out.line_size;
     let (w, h) = (width as usize, height as usize);
     let mut values = Vec::with_capacity(w * h);
     for y in 0..h {
-        let row = buf
-            .get(y * line..(y + 1) * line)
-            .ok_or(AnnotationError::Corrupt {
-                source_name: src(),
-                err: png::DecodingError::LimitsExceeded,
-            })?;
+        let row = buf.get(y * line..(y + 1) * line).ok_or(AnnotationError::Corrupt {
+            source_name: src(),
+            err: png::DecodingError::LimitsExceeded,
+        })?;
         match layout {
             Layout::Bytes => values.extend_from_slice(&row[..w]),
             Layout::GrayAlpha => values.extend(row.chunks_exact(2).take(w).map(|p| p[0])),
@@ -335,27 +319,14 @@ mod tests {
             Some(voc_palette()),
             &lab,
         );
-        let gray = write_png(
-            13,
-            7,
-            png::ColorType::Grayscale,
-            png::BitDepth::Eight,
-            None,
-            &lab,
-        );
+        let gray = write_png(13, 7, png::ColorType::Grayscale, png::BitDepth::Eight, None, &lab);
         let a = decode_annotation(&pal).expect("palette");
         let b = decode_annotation(&gray).expect("gray");
         assert_eq!(a.as_raw(), &lab);
         assert_eq!(a, b);
         // The image crate (colour expansion) would have produced VOC colours, not the labels.
-        let expanded = image::load_from_memory(&pal)
-            .expect("image crate")
-            .into_rgb8();
-        assert_eq!(
-            expanded.get_pixel(2, 0).0,
-            [128, 0, 0],
-            "index 1 is VOC dark red"
-        );
+        let expanded = image::load_from_memory(&pal).expect("image crate").into_rgb8();
+        assert_eq!(expanded.get_pixel(2, 0).0, [128, 0, 0], "index 1 is VOC dark red");
     }
 
     #[test]
@@ -366,18 +337,8 @@ mod tests {
             pal.extend_from_slice(&[200 - i, 100 + i, 7]);
         }
         let idx = [0u8, 1, 2, 3, 3, 2];
-        let png = write_png(
-            3,
-            2,
-            png::ColorType::Indexed,
-            png::BitDepth::Eight,
-            Some(pal),
-            &idx,
-        );
-        assert_eq!(
-            decode_annotation(&png).expect("decode").as_raw(),
-            &idx.to_vec()
-        );
+        let png = write_png(3, 2, png::ColorType::Indexed, png::BitDepth::Eight, Some(pal), &idx);
+        assert_eq!(decode_annotation(&png).expect("decode").as_raw(), &idx.to_vec());
     }
 
     #[test]
@@ -389,9 +350,7 @@ mod tests {
             (png::BitDepth::Four, 4),
         ] {
             let max = (1u16 << bits) - 1;
-            let vals: Vec<u8> = (0..w * h)
-                .map(|i| ((i * 7 + i / w) as u16 % (max + 1)) as u8)
-                .collect();
+            let vals: Vec<u8> = (0..w * h).map(|i| ((i * 7 + i / w) as u16 % (max + 1)) as u8).collect();
             let packed = pack(&vals, w, bits);
             let pal: Vec<u8> = (0..=max).flat_map(|i| [255 - i as u8, 9, 9]).collect();
             let p = write_png(11, 3, png::ColorType::Indexed, depth, Some(pal), &packed);
@@ -401,29 +360,15 @@ mod tests {
                 "{bits}-bit palette"
             );
             let g = write_png(11, 3, png::ColorType::Grayscale, depth, None, &packed);
-            assert_eq!(
-                decode_annotation(&g).expect("gray").as_raw(),
-                &vals,
-                "{bits}-bit gray"
-            );
+            assert_eq!(decode_annotation(&g).expect("gray").as_raw(), &vals, "{bits}-bit gray");
         }
     }
 
     #[test]
     fn gray_alpha_takes_the_gray_channel() {
         let data = [5u8, 0, 6, 255, 255, 128, 1, 3];
-        let png = write_png(
-            2,
-            2,
-            png::ColorType::GrayscaleAlpha,
-            png::BitDepth::Eight,
-            None,
-            &data,
-        );
-        assert_eq!(
-            decode_annotation(&png).expect("decode").as_raw(),
-            &vec![5, 6, 255, 1]
-        );
+        let png = write_png(2, 2, png::ColorType::GrayscaleAlpha, png::BitDepth::Eight, None, &data);
+        assert_eq!(decode_annotation(&png).expect("decode").as_raw(), &vec![5, 6, 255, 1]);
     }
 
     #[test]
@@ -441,26 +386,12 @@ mod tests {
             msg.contains("Rgb") && msg.contains("colour masks are a common mistake"),
             "{msg}"
         );
-        let rgba = write_png(
-            1,
-            1,
-            png::ColorType::Rgba,
-            png::BitDepth::Eight,
-            None,
-            &[1, 2, 3, 4],
-        );
+        let rgba = write_png(1, 1, png::ColorType::Rgba, png::BitDepth::Eight, None, &[1, 2, 3, 4]);
         assert!(decode_annotation(&rgba)
             .expect_err("rgba")
             .to_string()
             .contains("colour"));
-        let g16 = write_png(
-            1,
-            1,
-            png::ColorType::Grayscale,
-            png::BitDepth::Sixteen,
-            None,
-            &[0, 1],
-        );
+        let g16 = write_png(1, 1, png::ColorType::Grayscale, png::BitDepth::Sixteen, None, &[0, 1]);
         let msg = decode_annotation(&g16).expect_err("16-bit").to_string();
         assert!(msg.contains("16-bit") && msg.contains("8-bit"), "{msg}");
         let mut jpg = Vec::new();
@@ -469,9 +400,7 @@ mod tests {
             .expect("jpeg");
         let msg = decode_annotation(&jpg).expect_err("jpeg").to_string();
         assert!(msg.contains("not a PNG") && msg.contains("Jpeg"), "{msg}");
-        let msg = decode_annotation(b"\x00\x01junk")
-            .expect_err("junk")
-            .to_string();
+        let msg = decode_annotation(b"\x00\x01junk").expect_err("junk").to_string();
         assert!(msg.contains("00 01"), "{msg}");
     }
 

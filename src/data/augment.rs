@@ -87,10 +87,7 @@ fn check_pair(image: &RgbImage, label: &GrayImage) -> Result<(u32, u32), Augment
         });
     }
     if w == 0 || h == 0 {
-        return Err(AugmentError::ZeroSize {
-            width: w,
-            height: h,
-        });
+        return Err(AugmentError::ZeroSize { width: w, height: h });
     }
     Ok((w, h))
 }
@@ -212,11 +209,7 @@ fn half_round_even(d: u32) -> u32 {
 }
 
 /// GluonCV's deterministic validation transform: short side → `crop_size`, centre crop, normalise.
-pub fn val_transform(
-    image: &RgbImage,
-    label: &GrayImage,
-    crop_size: u32,
-) -> Result<Sample, AugmentError> {
+pub fn val_transform(image: &RgbImage, label: &GrayImage, crop_size: u32) -> Result<Sample, AugmentError> {
     let (mut out, mut lab) = crop_buffers(crop_size);
     val_transform_into(image, label, crop_size, &mut out, &mut lab)?;
     Ok(sample(out, lab, crop_size))
@@ -232,14 +225,10 @@ pub fn val_transform_into(
 ) -> Result<(), AugmentError> {
     let (w, h) = check_pair(image, label)?;
     if crop_size == 0 {
-        return Err(AugmentError::Settings(
-            "crop_size must be positive".to_string(),
-        ));
+        return Err(AugmentError::Settings("crop_size must be positive".to_string()));
     }
     check_buffers(crop_size, out_image, out_label)?;
-    let trunc = |a: u32, num: u32, den: u32| {
-        ((u64::from(a) * u64::from(num)) / u64::from(den)).max(1) as u32
-    };
+    let trunc = |a: u32, num: u32, den: u32| ((u64::from(a) * u64::from(num)) / u64::from(den)).max(1) as u32;
     let (ow, oh) = if w > h {
         (trunc(w, crop_size, h), crop_size)
     } else {
@@ -247,16 +236,7 @@ pub fn val_transform_into(
     };
     let x1 = half_round_even(ow.saturating_sub(crop_size));
     let y1 = half_round_even(oh.saturating_sub(crop_size));
-    resize_crop_into(
-        image,
-        label,
-        false,
-        (ow, oh),
-        (x1, y1),
-        crop_size,
-        out_image,
-        out_label,
-    );
+    resize_crop_into(image, label, false, (ow, oh), (x1, y1), crop_size, out_image, out_label);
     Ok(())
 }
 
@@ -382,9 +362,7 @@ fn resize_crop(
     crop: u32,
 ) -> Sample {
     let (mut out, mut lab) = crop_buffers(crop);
-    resize_crop_into(
-        image, label, flip, resized, offset, crop, &mut out, &mut lab,
-    );
+    resize_crop_into(image, label, flip, resized, offset, crop, &mut out, &mut lab);
     sample(out, lab, crop)
 }
 
@@ -597,11 +575,7 @@ mod tests {
                 let interior = (-1..=1).all(|dy| {
                     (-1..=1).all(|dx| {
                         let (nx, ny) = (x + dx, y + dy);
-                        nx >= 0
-                            && ny >= 0
-                            && nx < w
-                            && ny < h
-                            && s.label[(ny * w + nx) as usize] == l
+                        nx >= 0 && ny >= 0 && nx < w && ny < h && s.label[(ny * w + nx) as usize] == l
                     })
                 });
                 if !interior {
@@ -679,10 +653,7 @@ mod tests {
             let (_, d) = train_transform_with_draw(&img, &lab, 100, 16, &mut rng).expect("train");
             min_long = min_long.min(d.resized_width);
             max_long = max_long.max(d.resized_width);
-            assert_eq!(
-                d.resized_height,
-                (f64::from(d.resized_width) * 0.75 + 0.5) as u32
-            );
+            assert_eq!(d.resized_height, (f64::from(d.resized_width) * 0.75 + 0.5) as u32);
             flips += usize::from(d.flipped);
             assert!(d.x1 + 16 <= d.resized_width.max(16) && d.y1 + 16 <= d.resized_height.max(16));
         }
@@ -693,18 +664,9 @@ mod tests {
         );
         assert!((650..850).contains(&flips), "flip p=0.5: {flips}/1500");
         // Portrait: the long side is the height.
-        let (_, d) = train_transform_with_draw(
-            &RgbImage::new(30, 60),
-            &GrayImage::new(30, 60),
-            100,
-            16,
-            &mut rng,
-        )
-        .expect("portrait");
-        assert_eq!(
-            d.resized_width,
-            (f64::from(d.resized_height) * 0.5 + 0.5) as u32
-        );
+        let (_, d) = train_transform_with_draw(&RgbImage::new(30, 60), &GrayImage::new(30, 60), 100, 16, &mut rng)
+            .expect("portrait");
+        assert_eq!(d.resized_width, (f64::from(d.resized_height) * 0.5 + 0.5) as u32);
     }
 
     #[test]
@@ -728,11 +690,7 @@ mod tests {
                     } else {
                         assert_eq!(l, IGNORE_LABEL, "({x},{y}) is padding");
                         for c in 0..3 {
-                            assert_eq!(
-                                s.image[c * 240 * 240 + y * 240 + x],
-                                0.0,
-                                "padding normalises to 0"
-                            );
+                            assert_eq!(s.image[c * 240 * 240 + y * 240 + x], 0.0, "padding normalises to 0");
                         }
                     }
                 }
@@ -757,8 +715,7 @@ mod tests {
             let mut rng = ChaCha8Rng::seed_from_u64(100 + ci as u64);
             let mut flips = 0;
             for iter in 0..40 {
-                let (s, d) =
-                    train_transform_with_draw(&img, &lab, base, crop, &mut rng).expect("train");
+                let (s, d) = train_transform_with_draw(&img, &lab, base, crop, &mut rng).expect("train");
                 flips += usize::from(d.flipped);
                 let (checked, bad) = misaligned(&s);
                 assert_eq!(
@@ -768,10 +725,7 @@ mod tests {
                 total_checked += checked;
                 total_pixels += (crop * crop) as usize;
             }
-            assert!(
-                flips > 10 && flips < 50,
-                "both flip states exercised: {flips}"
-            );
+            assert!(flips > 10 && flips < 50, "both flip states exercised: {flips}");
             let v = val_transform(&img, &lab, crop).expect("val");
             assert_eq!(misaligned(&v).1, 0, "validation transform aligned");
         }
@@ -814,14 +768,11 @@ mod tests {
     #[test]
     fn same_seed_same_output_and_seeds_differ() {
         let (img, lab) = colour_coded(150, 100, 1);
-        let a =
-            train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(42)).expect("a");
-        let b =
-            train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(42)).expect("b");
+        let a = train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(42)).expect("a");
+        let b = train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(42)).expect("b");
         assert_eq!(a, b);
-        let differ = (0..5u64).any(|s| {
-            train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(s)).expect("c") != a
-        });
+        let differ =
+            (0..5u64).any(|s| train_transform(&img, &lab, 120, 64, &mut ChaCha8Rng::seed_from_u64(s)).expect("c") != a);
         assert!(differ);
     }
 
@@ -863,19 +814,13 @@ mod tests {
     fn mismatched_or_bad_settings_are_errors() {
         let img = RgbImage::new(10, 10);
         let mut rng = ChaCha8Rng::seed_from_u64(0);
-        let err = train_transform(&img, &GrayImage::new(10, 9), 520, 480, &mut rng)
-            .expect_err("mismatch");
-        assert!(
-            err.to_string().contains("10x10 but its annotation is 10x9"),
-            "{err}"
-        );
+        let err = train_transform(&img, &GrayImage::new(10, 9), 520, 480, &mut rng).expect_err("mismatch");
+        assert!(err.to_string().contains("10x10 but its annotation is 10x9"), "{err}");
         assert!(val_transform(&img, &GrayImage::new(9, 10), 32).is_err());
         assert!(whole_transform(&img, &GrayImage::new(9, 10)).is_err());
         assert!(train_transform(&img, &GrayImage::new(10, 10), 0, 480, &mut rng).is_err());
         assert!(train_transform(&img, &GrayImage::new(10, 10), 10, 0, &mut rng).is_err());
-        assert!(
-            train_transform(&RgbImage::new(0, 5), &GrayImage::new(0, 5), 10, 8, &mut rng).is_err()
-        );
+        assert!(train_transform(&RgbImage::new(0, 5), &GrayImage::new(0, 5), 10, 8, &mut rng).is_err());
     }
 
     #[test]
@@ -884,11 +829,7 @@ mod tests {
         let (img, lab) = colour_coded(123, 77, 5);
         let img = RgbImage::from_fn(123, 77, |x, y| {
             let p = img.get_pixel(x, y).0;
-            Rgb([
-                p[0].wrapping_add((x * 7) as u8),
-                p[1],
-                p[2].wrapping_add((y * 3) as u8),
-            ])
+            Rgb([p[0].wrapping_add((x * 7) as u8), p[1], p[2].wrapping_add((y * 3) as u8)])
         });
         for &(ow, oh, flip) in &[
             (250u32, 157u32, false),
@@ -922,8 +863,7 @@ mod tests {
         let (img, lab) = colour_coded(90, 50, 3);
         for seed in 0..6u64 {
             // Crop 72 > the short side at small scales: exercises the padding writes too.
-            let want = train_transform(&img, &lab, 60, 72, &mut ChaCha8Rng::seed_from_u64(seed))
-                .expect("a");
+            let want = train_transform(&img, &lab, 60, 72, &mut ChaCha8Rng::seed_from_u64(seed)).expect("a");
             let (mut out, mut l) = (vec![f32::NAN; 3 * 72 * 72], vec![77u8; 72 * 72]);
             let mut rng = ChaCha8Rng::seed_from_u64(seed);
             train_transform_into(&img, &lab, 60, 72, &mut rng, &mut out, &mut l).expect("b");
@@ -934,12 +874,8 @@ mod tests {
         let (mut out, mut l) = (vec![f32::NAN; 3 * 1600], vec![77u8; 1600]);
         val_transform_into(&img, &lab, 40, &mut out, &mut l).expect("val into");
         assert_eq!((out, l), (want.image, want.label));
-        let err = val_transform_into(&img, &lab, 40, &mut [0.0; 10], &mut [0; 10])
-            .expect_err("small buffers");
-        assert!(
-            err.to_string().contains("40x40 crop needs 4800 and 1600"),
-            "{err}"
-        );
+        let err = val_transform_into(&img, &lab, 40, &mut [0.0; 10], &mut [0; 10]).expect_err("small buffers");
+        assert!(err.to_string().contains("40x40 crop needs 4800 and 1600"), "{err}");
     }
 
     #[test]
@@ -957,10 +893,7 @@ mod tests {
                 let xm = ow as usize - 1 - x;
                 assert_eq!(a.label[y * 80 + x], b.label[y * 80 + xm]);
                 for ch in 0..3 {
-                    let (p, q) = (
-                        a.image[ch * 6400 + y * 80 + x],
-                        b.image[ch * 6400 + y * 80 + xm],
-                    );
+                    let (p, q) = (a.image[ch * 6400 + y * 80 + x], b.image[ch * 6400 + y * 80 + xm]);
                     assert!((p - q).abs() < 1e-4, "({x},{y}) ch {ch}: {p} vs {q}");
                 }
             }

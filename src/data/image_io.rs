@@ -51,9 +51,7 @@ pub enum ImageDecodeError {
         format: String,
         ext: String,
     },
-    #[error(
-        "{source_name}: not a JPEG or PNG image (the first bytes are {magic}); images must be JPEG or PNG files"
-    )]
+    #[error("{source_name}: not a JPEG or PNG image (the first bytes are {magic}); images must be JPEG or PNG files")]
     UnknownFormat { source_name: Source, magic: String },
     #[error(
         "{source_name}: image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels; \
@@ -148,13 +146,11 @@ pub fn read_rgb_with_budget(path: &Path, max_pixels: u64) -> Result<RgbImage, Im
 pub fn decode_rgb_with_budget(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageDecodeError> {
     let image = match sniff(bytes)? {
         ImageFormat::Png => {
-            let dec =
-                image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(corrupt("PNG"))?;
+            let dec = image::codecs::png::PngDecoder::new(Cursor::new(bytes)).map_err(corrupt("PNG"))?;
             decode_checked(dec, max_pixels, "PNG")?
         }
         _ => {
-            let dec = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
-                .map_err(corrupt("JPEG"))?;
+            let dec = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).map_err(corrupt("JPEG"))?;
             decode_checked(dec, max_pixels, "JPEG")?
         }
     };
@@ -182,9 +178,7 @@ pub fn read_image_dimensions(path: &Path) -> Result<(u32, u32), ImageDecodeError
     };
     let file = std::fs::File::open(path).map_err(read_err)?;
     let mut reader = std::io::BufReader::new(file);
-    let head = std::io::BufRead::fill_buf(&mut reader)
-        .map_err(read_err)?
-        .to_vec();
+    let head = std::io::BufRead::fill_buf(&mut reader).map_err(read_err)?.to_vec();
     let named = |e: ImageDecodeError| e.with_file(path);
     Ok(match sniff(&head).map_err(named)? {
         ImageFormat::Png => image::codecs::png::PngDecoder::new(reader)
@@ -419,9 +413,7 @@ mod tests {
 
     #[test]
     fn truncated_and_corrupt_data_is_an_error_not_a_panic() {
-        let img = RgbImage::from_fn(40, 30, |x, y| {
-            Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8])
-        });
+        let img = RgbImage::from_fn(40, 30, |x, y| Rgb([(x * 6) as u8, (y * 8) as u8, ((x + y) * 3) as u8]));
         for bytes in [
             jpeg_bytes(&DynamicImage::ImageRgb8(img.clone())),
             png_bytes(&DynamicImage::ImageRgb8(img)),
@@ -448,16 +440,10 @@ mod tests {
         let path = dir.path().join("broken.jpg");
         std::fs::write(&path, b"hello, not an image").expect("write");
         let msg = read_rgb(&path).expect_err("not an image").to_string();
-        assert!(
-            msg.contains("broken.jpg") && msg.contains("JPEG or PNG"),
-            "{msg}"
-        );
+        assert!(msg.contains("broken.jpg") && msg.contains("JPEG or PNG"), "{msg}");
         let missing = dir.path().join("missing.png");
         let msg = read_rgb(&missing).expect_err("missing").to_string();
-        assert!(
-            msg.contains("missing.png") && msg.contains("cannot read"),
-            "{msg}"
-        );
+        assert!(msg.contains("missing.png") && msg.contains("cannot read"), "{msg}");
         let empty = dir.path().join("empty.png");
         std::fs::write(&empty, b"").expect("write");
         let msg = read_rgb(&empty).expect_err("empty").to_string();
@@ -494,14 +480,9 @@ mod tests {
         let bad = dir.path().join("c.jpg");
         std::fs::write(&bad, b"GIF89a....").expect("write");
         let msg = read_image_dimensions(&bad).expect_err("gif").to_string();
-        assert!(
-            msg.contains("c.jpg") && msg.contains("JPEG or PNG"),
-            "{msg}"
-        );
+        assert!(msg.contains("c.jpg") && msg.contains("JPEG or PNG"), "{msg}");
         std::fs::write(&bad, &png[..20]).expect("write");
-        let msg = read_image_dimensions(&bad)
-            .expect_err("truncated")
-            .to_string();
+        let msg = read_image_dimensions(&bad).expect_err("truncated").to_string();
         assert!(msg.contains("c.jpg") && msg.contains("corrupt"), "{msg}");
     }
 
@@ -512,9 +493,6 @@ mod tests {
         image::codecs::png::PngEncoder::new(&mut out)
             .write_image(&[1, 2, 3, 4, 5, 6], 2, 1, image::ExtendedColorType::Rgb8)
             .expect("encode");
-        assert_eq!(
-            decode_rgb(&out).expect("decode").as_raw(),
-            &vec![1, 2, 3, 4, 5, 6]
-        );
+        assert_eq!(decode_rgb(&out).expect("decode").as_raw(), &vec![1, 2, 3, 4, 5, 6]);
     }
 }

@@ -195,17 +195,21 @@ impl LabelMap {
         for (k, v) in entries {
             let label = match k.trim().parse::<i64>() {
                 Ok(n) if (0..=254).contains(&n) => n as u8,
-                _ => return Err(LabelMapError::invalid(format!(
-                    "\"map\" key \"{k}\" is not a training label; keys must be integers 0..=254 \
+                _ => {
+                    return Err(LabelMapError::invalid(format!(
+                        "\"map\" key \"{k}\" is not a training label; keys must be integers 0..=254 \
                          (255 is the ignore label)"
-                ))),
+                    )))
+                }
             };
             let pixel = match json_int(v) {
                 Some(n) if (0..=254).contains(&n) => n as u8,
-                _ => return Err(LabelMapError::invalid(format!(
-                    "\"map\" value for label \"{k}\" is {v}; values must be pixel values 0..=254 \
+                _ => {
+                    return Err(LabelMapError::invalid(format!(
+                        "\"map\" value for label \"{k}\" is {v}; values must be pixel values 0..=254 \
                          (255 always means ignore)"
-                ))),
+                    )))
+                }
             };
             if let Some(other) = by_pixel.insert(pixel, label) {
                 return Err(LabelMapError::invalid(format!(
@@ -329,9 +333,7 @@ impl fmt::Debug for LabelLut {
             .filter(|&i| self.valid[i])
             .map(|i| (i, self.table[i]))
             .collect();
-        f.debug_struct("LabelLut")
-            .field("entries", &entries)
-            .finish()
+        f.debug_struct("LabelLut").field("entries", &entries).finish()
     }
 }
 
@@ -415,21 +417,14 @@ mod tests {
             r#"{"scale": 3.0}"#,
             r#"{"scale": " 3 "}"#,
         ] {
-            assert_eq!(
-                LabelMap::parse(json).expect(json),
-                LabelMap::Scale(3),
-                "{json}"
-            );
+            assert_eq!(LabelMap::parse(json).expect(json), LabelMap::Scale(3), "{json}");
         }
         let lut = LabelMap::Scale(3).lut();
         let mut im = img(&[0, 3, 6, 7, 8, 9, 254, 255]);
         lut.apply(&mut im).expect("scale maps everything");
         assert_eq!(im.as_raw(), &vec![0, 1, 2, 2, 2, 3, 84, 255]);
         let mut im = img(&[0, 255, 200]);
-        LabelMap::Scale(255)
-            .lut()
-            .apply(&mut im)
-            .expect("scale 255");
+        LabelMap::Scale(255).lut().apply(&mut im).expect("scale 255");
         assert_eq!(im.as_raw(), &vec![0, 255, 0]);
     }
 
@@ -440,10 +435,7 @@ mod tests {
         let mut im = img(&all);
         lut.apply(&mut im).expect("identity");
         assert_eq!(im.as_raw(), &all);
-        assert_eq!(
-            LabelMaps::load(None).expect("default"),
-            LabelMaps::default()
-        );
+        assert_eq!(LabelMaps::load(None).expect("default"), LabelMaps::default());
         assert_eq!(LabelMaps::default().train, LabelMap::Scale(1));
     }
 
@@ -463,9 +455,7 @@ mod tests {
 
     #[test]
     fn map_names_unmapped_values_and_leaves_image_untouched() {
-        let lut = LabelMap::parse(r#"{"map": {"0": 5, "1": 0}}"#)
-            .expect("parse")
-            .lut();
+        let lut = LabelMap::parse(r#"{"map": {"0": 5, "1": 0}}"#).expect("parse").lut();
         let raw = GrayImage::from_raw(3, 2, vec![5, 0, 5, 0, 9, 7]).expect("image");
         let mut im = raw.clone();
         let err = lut.apply(&mut im).expect_err("9 and 7 unmapped");
@@ -518,13 +508,8 @@ mod tests {
     fn channel_loading_rules() {
         let dir = tempfile::tempdir().expect("tempdir");
         let d = dir.path();
-        let msg = LabelMaps::load(Some(d))
-            .expect_err("empty channel")
-            .to_string();
-        assert!(
-            msg.contains(TRAIN_FILE) && msg.contains("found: nothing"),
-            "{msg}"
-        );
+        let msg = LabelMaps::load(Some(d)).expect_err("empty channel").to_string();
+        assert!(msg.contains(TRAIN_FILE) && msg.contains("found: nothing"), "{msg}");
         std::fs::write(d.join("labels.json"), "{}").expect("write");
         let msg = LabelMaps::load(Some(d)).expect_err("misnamed").to_string();
         assert!(msg.contains("found: labels.json"), "{msg}");
@@ -541,10 +526,7 @@ mod tests {
         std::fs::write(d.join(VALIDATION_FILE), r#"{"map": {"0": 1, "1": 0}}"#).expect("write");
         let maps = LabelMaps::load(Some(d)).expect("both");
         assert_eq!(maps.train, LabelMap::Scale(2));
-        assert_eq!(
-            maps.validation,
-            LabelMap::Map([(0, 1), (1, 0)].into_iter().collect())
-        );
+        assert_eq!(maps.validation, LabelMap::Map([(0, 1), (1, 0)].into_iter().collect()));
 
         std::fs::remove_file(d.join(TRAIN_FILE)).expect("rm");
         let maps = LabelMaps::load(Some(d)).expect("validation only");

@@ -32,17 +32,12 @@ use rand_chacha::ChaCha8Rng;
 
 use image::{GrayImage, RgbImage};
 
-use super::annotation::{
-    decode_annotation_with_budget, read_annotation_with_budget, AnnotationError,
-};
+use super::annotation::{decode_annotation_with_budget, read_annotation_with_budget, AnnotationError};
 use super::augment::{
-    train_transform, train_transform_into, val_transform, val_transform_into, whole_transform,
-    AugmentError, Sample,
+    train_transform, train_transform_into, val_transform, val_transform_into, whole_transform, AugmentError, Sample,
 };
 use super::dataset::SamplePair;
-use super::image_io::{
-    decode_rgb_with_budget, read_rgb_with_budget, ImageDecodeError, DEFAULT_MAX_PIXELS,
-};
+use super::image_io::{decode_rgb_with_budget, read_rgb_with_budget, ImageDecodeError, DEFAULT_MAX_PIXELS};
 use super::label_map::{LabelLut, UnmappedPixel};
 use super::IGNORE_LABEL;
 
@@ -259,18 +254,14 @@ impl SampleSource for [MemoryPair] {
     }
     fn names(&self, index: usize) -> (PathBuf, PathBuf) {
         let p = &self[index];
-        (
-            PathBuf::from(&p.image_name),
-            PathBuf::from(&p.annotation_name),
-        )
+        (PathBuf::from(&p.image_name), PathBuf::from(&p.annotation_name))
     }
     fn decode(&self, index: usize, max_pixels: u64) -> Result<(RgbImage, GrayImage), LoadError> {
         let (image_name, annotation_name) = self.names(index);
         let p = &self[index];
-        let image =
-            decode_rgb_with_budget(&p.image, max_pixels).map_err(|e| e.with_file(&image_name))?;
-        let label = decode_annotation_with_budget(&p.annotation, max_pixels)
-            .map_err(|e| e.with_file(&annotation_name))?;
+        let image = decode_rgb_with_budget(&p.image, max_pixels).map_err(|e| e.with_file(&image_name))?;
+        let label =
+            decode_annotation_with_budget(&p.annotation, max_pixels).map_err(|e| e.with_file(&annotation_name))?;
         Ok((image, label))
     }
 }
@@ -311,17 +302,10 @@ pub fn decode_mapped<S: SampleSource + ?Sized>(
     Ok((image, label))
 }
 
-fn transform_error<S: SampleSource + ?Sized>(
-    source: &S,
-    index: usize,
-) -> impl FnOnce(AugmentError) -> LoadError + '_ {
+fn transform_error<S: SampleSource + ?Sized>(source: &S, index: usize) -> impl FnOnce(AugmentError) -> LoadError + '_ {
     move |err| {
         let (image, annotation) = source.names(index);
-        LoadError::Transform {
-            image,
-            annotation,
-            err,
-        }
+        LoadError::Transform { image, annotation, err }
     }
 }
 
@@ -369,9 +353,7 @@ fn load_sample_into<S: SampleSource + ?Sized>(
             )
             .map(|_| ())
         }
-        Mode::Validation | Mode::WholeImage => {
-            val_transform_into(&image, &label, cfg.crop_size, out_image, out_label)
-        }
+        Mode::Validation | Mode::WholeImage => val_transform_into(&image, &label, cfg.crop_size, out_image, out_label),
     };
     done.map_err(transform_error(source, index))
 }
@@ -443,9 +425,7 @@ impl Loader {
         epoch: u64,
     ) -> Result<Self, LoadError> {
         if cfg.batch_size == 0 {
-            return Err(LoadError::Config(
-                "batch_size must be at least 1".to_string(),
-            ));
+            return Err(LoadError::Config("batch_size must be at least 1".to_string()));
         }
         if cfg.mode != Mode::WholeImage && cfg.crop_size == 0 {
             return Err(LoadError::Config("crop_size must be positive".to_string()));
@@ -575,15 +555,14 @@ fn worker(shared: &Shared, job: &Job, tx: &SyncSender<(usize, Result<Batch, Load
             st.next_claim += 1;
             st.next_claim - 1
         };
-        let res =
-            catch_unwind(AssertUnwindSafe(|| build_batch(shared, job, b))).unwrap_or_else(|p| {
-                let message = p
-                    .downcast_ref::<&str>()
-                    .map(|s| s.to_string())
-                    .or_else(|| p.downcast_ref::<String>().cloned())
-                    .unwrap_or_else(|| "unknown panic".to_string());
-                Err(LoadError::WorkerPanicked { batch: b, message })
-            });
+        let res = catch_unwind(AssertUnwindSafe(|| build_batch(shared, job, b))).unwrap_or_else(|p| {
+            let message = p
+                .downcast_ref::<&str>()
+                .map(|s| s.to_string())
+                .or_else(|| p.downcast_ref::<String>().cloned())
+                .unwrap_or_else(|| "unknown panic".to_string());
+            Err(LoadError::WorkerPanicked { batch: b, message })
+        });
         if tx.send((b, res)).is_err() {
             return;
         }
@@ -680,8 +659,7 @@ mod tests {
 
     fn write_palette_png(path: &Path, label: &GrayImage) {
         let file = std::fs::File::create(path).expect("create");
-        let mut enc =
-            png::Encoder::new(std::io::BufWriter::new(file), label.width(), label.height());
+        let mut enc = png::Encoder::new(std::io::BufWriter::new(file), label.width(), label.height());
         enc.set_color(png::ColorType::Indexed);
         enc.set_depth(png::BitDepth::Eight);
         enc.set_palette(
@@ -737,12 +715,7 @@ mod tests {
         }
     }
 
-    fn collect(
-        samples: &Arc<[SamplePair]>,
-        lut: &Arc<LabelLut>,
-        cfg: &LoaderConfig,
-        epoch: u64,
-    ) -> Vec<Batch> {
+    fn collect(samples: &Arc<[SamplePair]>, lut: &Arc<LabelLut>, cfg: &LoaderConfig, epoch: u64) -> Vec<Batch> {
         Loader::spawn(samples.clone(), lut.clone(), cfg.clone(), epoch)
             .expect("spawn")
             .map(|b| b.expect("batch"))
@@ -775,10 +748,7 @@ mod tests {
         let mut c = cfg(Mode::Train, 4, 2);
         c.shuffle = false;
         let batches = collect(&samples, &lut, &c, 0);
-        assert_eq!(
-            batches.iter().map(|b| b.n).collect::<Vec<_>>(),
-            vec![4, 4, 2]
-        );
+        assert_eq!(batches.iter().map(|b| b.n).collect::<Vec<_>>(), vec![4, 4, 2]);
         let stems: Vec<String> = batches.iter().flat_map(|b| b.stems.clone()).collect();
         let want: Vec<String> = (0..10).map(|i| format!("img_{i:03}")).collect();
         assert_eq!(stems, want);
@@ -803,10 +773,7 @@ mod tests {
         assert_eq!(idx, (0..10).collect::<Vec<_>>(), "each sample exactly once");
         assert_eq!(
             epoch_order(10, 7, 5, true),
-            shuffled
-                .iter()
-                .flat_map(|b| b.indices.clone())
-                .collect::<Vec<_>>()
+            shuffled.iter().flat_map(|b| b.indices.clone()).collect::<Vec<_>>()
         );
     }
 
@@ -842,20 +809,10 @@ mod tests {
         let batches = collect(&samples, &lut, &c, 0);
         assert_eq!((batches[0].width, batches[0].height), (47, 41)); // sample 0: 40x30, sample 1: 47x41
         let plane = 47 * 41;
-        assert_eq!(
-            batches[0].labels[40], 255,
-            "padding right of the 40-wide image"
-        );
+        assert_eq!(batches[0].labels[40], 255, "padding right of the 40-wide image");
         assert_eq!(batches[0].images[40], 0.0);
-        assert_eq!(
-            batches[0].labels[plane + 46 + 47],
-            2,
-            "second image fills the width"
-        );
-        assert_eq!(
-            (batches[1].width, batches[1].height, batches[1].n),
-            (54, 52, 1)
-        );
+        assert_eq!(batches[0].labels[plane + 46 + 47], 2, "second image fills the width");
+        assert_eq!((batches[1].width, batches[1].height, batches[1].n), (54, 52, 1));
         let one = collect(&samples, &lut, &LoaderConfig::validation(1, 32), 0);
         assert_eq!((one[0].width, one[0].height), (40, 30));
     }
@@ -873,23 +830,15 @@ mod tests {
             .collect();
         assert_eq!(results.len(), 3);
         assert!(results[0].is_ok() && results[2].is_ok());
-        let msg = results[1]
-            .as_ref()
-            .expect_err("batch 1 holds sample 3")
-            .to_string();
-        assert!(
-            msg.contains("img_003_ann.png") && msg.contains("corrupt"),
-            "{msg}"
-        );
+        let msg = results[1].as_ref().expect_err("batch 1 holds sample 3").to_string();
+        assert!(msg.contains("img_003_ann.png") && msg.contains("corrupt"), "{msg}");
 
         // Unmapped raw values under a `map` label map name the annotation and the value.
         let samples = dataset(dir.path(), 2);
         let map = LabelMap::parse(r#"{"map": {"0": 0, "1": 2, "2": 4}}"#)
             .expect("map")
             .lut();
-        let results: Vec<_> = Loader::spawn(samples, Arc::new(map), c, 0)
-            .expect("spawn")
-            .collect();
+        let results: Vec<_> = Loader::spawn(samples, Arc::new(map), c, 0).expect("spawn").collect();
         let msg = results[0].as_ref().expect_err("6 is unmapped").to_string();
         assert!(
             msg.contains("img_000_ann.png") && msg.contains("pixel value 6 has no entry"),
@@ -902,16 +851,11 @@ mod tests {
             annotation: dir.path().join("gone.png"),
         }]
         .into();
-        let err = Loader::spawn(
-            missing,
-            Arc::new(LabelLut::identity()),
-            cfg(Mode::Train, 1, 1),
-            0,
-        )
-        .expect("spawn")
-        .next()
-        .expect("one batch")
-        .expect_err("missing file");
+        let err = Loader::spawn(missing, Arc::new(LabelLut::identity()), cfg(Mode::Train, 1, 1), 0)
+            .expect("spawn")
+            .next()
+            .expect("one batch")
+            .expect_err("missing file");
         assert!(err.to_string().contains("gone.jpg"), "{err}");
     }
 
@@ -920,10 +864,7 @@ mod tests {
         let dir = tempfile::tempdir().expect("tempdir");
         let samples = dataset(dir.path(), 4);
         // 4 files reused for 400 samples: plenty of batches.
-        let many: Arc<[SamplePair]> = (0..400)
-            .map(|i| samples[i % 4].clone())
-            .collect::<Vec<_>>()
-            .into();
+        let many: Arc<[SamplePair]> = (0..400).map(|i| samples[i % 4].clone()).collect::<Vec<_>>().into();
         let lut = Arc::new(LabelLut::identity());
         let mut c = cfg(Mode::Train, 2, 3);
         c.queue_depth = 2;
@@ -940,11 +881,7 @@ mod tests {
         assert!(in_flight >= 1, "workers run ahead of the consumer");
         let t = Instant::now();
         drop(loader);
-        assert!(
-            t.elapsed() < Duration::from_secs(2),
-            "drop took {:?}",
-            t.elapsed()
-        );
+        assert!(t.elapsed() < Duration::from_secs(2), "drop took {:?}", t.elapsed());
     }
 
     #[test]
@@ -977,10 +914,7 @@ mod tests {
             .next()
             .expect("a batch")
             .expect_err("truncated");
-        assert!(
-            err.to_string().contains("s3://bucket/img_000_ann.png"),
-            "{err}"
-        );
+        assert!(err.to_string().contains("s3://bucket/img_000_ann.png"), "{err}");
     }
 
     #[test]

@@ -356,11 +356,7 @@ fn prepare_dirs(out: &Path, force: bool) -> Result<(), SynthError> {
         if !force {
             return Err(SynthError::NotEmpty {
                 entries: paths.len(),
-                first: paths[0]
-                    .file_name()
-                    .unwrap_or_default()
-                    .to_string_lossy()
-                    .into_owned(),
+                first: paths[0].file_name().unwrap_or_default().to_string_lossy().into_owned(),
                 path: dir,
             });
         }
@@ -423,18 +419,13 @@ const MIN_RADIUS_FACTOR: f32 = 2.7;
 
 impl Plan {
     fn new(opts: &SynthOptions) -> Result<Plan, SynthError> {
-        let invalid =
-            |option: &'static str, value: String, reason: &str| SynthError::InvalidOption {
-                option,
-                value,
-                reason: reason.to_string(),
-            };
+        let invalid = |option: &'static str, value: String, reason: &str| SynthError::InvalidOption {
+            option,
+            value,
+            reason: reason.to_string(),
+        };
         if opts.out.as_os_str().is_empty() {
-            return Err(invalid(
-                "out",
-                "\"\"".into(),
-                "an output directory is required",
-            ));
+            return Err(invalid("out", "\"\"".into(), "an output directory is required"));
         }
         if !(2..=254).contains(&opts.num_classes) {
             return Err(invalid(
@@ -468,11 +459,7 @@ impl Plan {
             ));
         }
         if opts.border > 64 {
-            return Err(invalid(
-                "border",
-                opts.border.to_string(),
-                "must be 0..=64 px",
-            ));
+            return Err(invalid("border", opts.border.to_string(), "must be 0..=64 px"));
         }
         let shape_classes = opts.num_classes - 1;
         if opts.label_map == LabelMapStyle::Scale
@@ -510,8 +497,7 @@ impl Plan {
             ),
         ] {
             let per_image = (shape_classes as usize).div_ceil(count as usize);
-            let (grid, cell_w, cell_h) =
-                best_grid(per_image, opts.width as usize, opts.height as usize);
+            let (grid, cell_w, cell_h) = best_grid(per_image, opts.width as usize, opts.height as usize);
             let cell_max_radius = cell_w.min(cell_h) / 2.0 - half_border - 1.0;
             if cell_max_radius < min_radius {
                 return Err(SynthError::ImagesTooSmall {
@@ -576,9 +562,7 @@ fn encoding(opts: &SynthOptions) -> Vec<u8> {
     let n = opts.num_classes as usize;
     match opts.label_map {
         LabelMapStyle::None => (0..n).map(|l| l as u8).collect(),
-        LabelMapStyle::Scale => (0..n)
-            .map(|l| (l as u32 * opts.label_scale) as u8)
-            .collect(),
+        LabelMapStyle::Scale => (0..n).map(|l| (l as u32 * opts.label_scale) as u8).collect(),
         LabelMapStyle::Map => {
             let mut rng = ChaCha8Rng::seed_from_u64(opts.seed);
             rng.set_stream(0);
@@ -586,11 +570,7 @@ fn encoding(opts: &SynthOptions) -> Vec<u8> {
             loop {
                 values.shuffle(&mut rng);
                 // Non-trivial: not the identity on the labels in use.
-                if values[..n]
-                    .iter()
-                    .enumerate()
-                    .any(|(l, &v)| v as usize != l)
-                {
+                if values[..n].iter().enumerate().any(|(l, &v)| v as usize != l) {
                     return values[..n].to_vec();
                 }
             }
@@ -629,13 +609,7 @@ struct Sample {
     labels: Vec<u8>,
 }
 
-fn write_sample(
-    plan: &Plan,
-    s: usize,
-    i: usize,
-    out: &Path,
-    counts: &mut Counts,
-) -> Result<(), SynthError> {
+fn write_sample(plan: &Plan, s: usize, i: usize, out: &Path, counts: &mut Counts) -> Result<(), SynthError> {
     let split = &plan.splits[s];
     let sample = render(plan, split, i);
     for &l in &sample.labels {
@@ -674,23 +648,16 @@ fn write_sample(
             }
         })
         .collect();
-    let png =
-        encode_palette_png(&values, plan.width as u32, plan.height as u32).map_err(|source| {
-            SynthError::Png {
-                path: path.clone(),
-                source,
-            }
-        })?;
+    let png = encode_palette_png(&values, plan.width as u32, plan.height as u32).map_err(|source| SynthError::Png {
+        path: path.clone(),
+        source,
+    })?;
     fs::write(&path, &png).map_err(io_err("write", &path))?;
     Ok(())
 }
 
 /// An 8-bit palette PNG of raw indices with the PASCAL VOC palette.
-fn encode_palette_png(
-    indices: &[u8],
-    width: u32,
-    height: u32,
-) -> Result<Vec<u8>, png::EncodingError> {
+fn encode_palette_png(indices: &[u8], width: u32, height: u32) -> Result<Vec<u8>, png::EncodingError> {
     let mut bytes = Vec::new();
     let mut encoder = png::Encoder::new(&mut bytes, width, height);
     encoder.set_color(png::ColorType::Indexed);
@@ -760,10 +727,7 @@ impl Geom {
     fn sdf(&self, x: f32, y: f32) -> f32 {
         match self {
             Geom::Disc { r } => (x * x + y * y).sqrt() - r,
-            Geom::Ring {
-                mid,
-                half_thickness,
-            } => ((x * x + y * y).sqrt() - mid).abs() - half_thickness,
+            Geom::Ring { mid, half_thickness } => ((x * x + y * y).sqrt() - mid).abs() - half_thickness,
             Geom::Ellipse { a, b, cos, sin } => {
                 let (u, v) = (x * cos + y * sin, -x * sin + y * cos);
                 let k0 = ((u / a).powi(2) + (v / b).powi(2)).sqrt();
@@ -828,8 +792,7 @@ fn make_geom(kind: ShapeKind, radius: f32, min_half: f32, rng: &mut ChaCha8Rng) 
             Geom::Polygon(rotate(&points, angle))
         }
         ShapeKind::Ring => {
-            let half_thickness =
-                (radius * rng.random_range(0.12..0.22)).clamp(min_half, 0.4 * radius);
+            let half_thickness = (radius * rng.random_range(0.12..0.22)).clamp(min_half, 0.4 * radius);
             Geom::Ring {
                 mid: radius - half_thickness,
                 half_thickness,
@@ -918,15 +881,8 @@ fn paint_background(canvas: &mut Canvas, rng: &mut ChaCha8Rng) {
 
     enum Texture {
         Gradient,
-        Stripes {
-            period: f32,
-            phase: f32,
-        },
-        Blotches {
-            cell: f32,
-            cols: usize,
-            grid: Vec<f32>,
-        },
+        Stripes { period: f32, phase: f32 },
+        Blotches { cell: f32, cols: usize, grid: Vec<f32> },
     }
     let texture = match rng.random_range(0..3) {
         0 => Texture::Gradient,
@@ -938,9 +894,7 @@ fn paint_background(canvas: &mut Canvas, rng: &mut ChaCha8Rng) {
             let cell: f32 = rng.random_range(8.0..24.0);
             let cols = (w as f32 / cell) as usize + 2;
             let rows = (h as f32 / cell) as usize + 2;
-            let grid = (0..cols * rows)
-                .map(|_| rng.random_range(0.0..1.0))
-                .collect();
+            let grid = (0..cols * rows).map(|_| rng.random_range(0.0..1.0)).collect();
             Texture::Blotches { cell, cols, grid }
         }
     };
@@ -972,20 +926,11 @@ fn paint_background(canvas: &mut Canvas, rng: &mut ChaCha8Rng) {
 }
 
 /// Paint shape `class` with bounding `radius` centred at (`cx`, `cy`) into the image and the labels.
-fn paint_shape(
-    plan: &Plan,
-    canvas: &mut Canvas,
-    class: usize,
-    cx: f32,
-    cy: f32,
-    radius: f32,
-    rng: &mut ChaCha8Rng,
-) {
+fn paint_shape(plan: &Plan, canvas: &mut Canvas, class: usize, cx: f32, cy: f32, radius: f32, rng: &mut ChaCha8Rng) {
     let hb = plan.half_border;
     let kind = SHAPE_KINDS[(class - 1) % SHAPE_KINDS.len()];
     let geom = make_geom(kind, radius, hb + 1.5, rng);
-    let hue = class_hue(class as u32, plan.num_classes as u32)
-        + rng.random_range(-1.0..=1.0) * plan.hue_jitter;
+    let hue = class_hue(class as u32, plan.num_classes as u32) + rng.random_range(-1.0..=1.0) * plan.hue_jitter;
     let base = hsv_to_rgb(hue, rng.random_range(0.6..1.0), rng.random_range(0.6..1.0));
     let shade_angle: f32 = rng.random_range(0.0..std::f32::consts::TAU);
     let shade_amp: f32 = rng.random_range(0.0..0.2);
@@ -1120,16 +1065,7 @@ mod tests {
     }
 
     /// Decode a PNG WITHOUT palette expansion: (colour type, bit depth, palette, width, height, raw samples).
-    fn read_png_raw(
-        path: &Path,
-    ) -> (
-        png::ColorType,
-        png::BitDepth,
-        Option<Vec<u8>>,
-        u32,
-        u32,
-        Vec<u8>,
-    ) {
+    fn read_png_raw(path: &Path) -> (png::ColorType, png::BitDepth, Option<Vec<u8>>, u32, u32, Vec<u8>) {
         let mut decoder = png::Decoder::new(io::BufReader::new(fs::File::open(path).unwrap()));
         decoder.set_transformations(png::Transformations::IDENTITY);
         let mut reader = decoder.read_info().unwrap();
@@ -1183,11 +1119,7 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let summary = generate(&opts(tmp.path())).unwrap();
         assert_eq!(
-            (
-                summary.train_count,
-                summary.validation_count,
-                summary.num_classes
-            ),
+            (summary.train_count, summary.validation_count, summary.num_classes),
             (48, 16, 4)
         );
         let root = tmp.path();
@@ -1199,10 +1131,7 @@ mod tests {
         assert_eq!(val, stems(&root.join("validation_annotation"), "png"));
         assert_eq!(train[0], "img_00000");
         assert_eq!(val[0], "img_00048");
-        assert!(
-            train.iter().all(|s| !val.contains(s)),
-            "stems are unique across splits"
-        );
+        assert!(train.iter().all(|s| !val.contains(s)), "stems are unique across splits");
         assert_eq!(
             names(&root.join("label_map")),
             ["train_label_map.json", "validation_label_map.json"]
@@ -1234,16 +1163,12 @@ mod tests {
             let keys: BTreeSet<u8> = hist.keys().copied().collect();
             assert_eq!(keys, BTreeSet::from([0, 1, 2, 3, 255]), "{dir}");
             for class in 0..4u8 {
-                assert_eq!(
-                    hist[&class], pixels[class as usize],
-                    "{dir} class {class} pixel count"
-                );
+                assert_eq!(hist[&class], pixels[class as usize], "{dir} class {class} pixel count");
                 // Every class is a sizeable share, not a few stray pixels.
                 assert!(hist[&class] > 2000, "{dir} class {class}: {}", hist[&class]);
             }
         }
-        let (_, _, palette, ..) =
-            read_png_raw(&tmp.path().join("validation_annotation/img_00050.png"));
+        let (_, _, palette, ..) = read_png_raw(&tmp.path().join("validation_annotation/img_00050.png"));
         let palette = palette.expect("PLTE chunk");
         assert_eq!(palette.len(), 768);
         assert_eq!(&palette[3..6], &[128, 0, 0], "VOC colour of index 1");
@@ -1256,10 +1181,7 @@ mod tests {
 
     #[test]
     fn every_class_appears_with_many_classes_and_few_images() {
-        for (classes, train, val, style) in [
-            (21, 5, 2, LabelMapStyle::None),
-            (254, 8, 8, LabelMapStyle::Map),
-        ] {
+        for (classes, train, val, style) in [(21, 5, 2, LabelMapStyle::None), (254, 8, 8, LabelMapStyle::Map)] {
             let tmp = tempfile::tempdir().unwrap();
             let o = SynthOptions {
                 num_classes: classes,
@@ -1273,15 +1195,10 @@ mod tests {
                 ("train", &summary.train_class_pixels),
                 ("validation", &summary.validation_class_pixels),
             ] {
-                let missing: Vec<usize> =
-                    (0..classes as usize).filter(|&c| pixels[c] == 0).collect();
-                assert!(
-                    missing.is_empty(),
-                    "{classes} classes, {split}: missing {missing:?}"
-                );
+                let missing: Vec<usize> = (0..classes as usize).filter(|&c| pixels[c] == 0).collect();
+                assert!(missing.is_empty(), "{classes} classes, {split}: missing {missing:?}");
                 let hist = value_histogram(&tmp.path().join(format!("{split}_annotation")));
-                let expected: BTreeSet<u8> =
-                    summary.encoding.iter().copied().chain([255]).collect();
+                let expected: BTreeSet<u8> = summary.encoding.iter().copied().chain([255]).collect();
                 assert_eq!(
                     hist.keys().copied().collect::<BTreeSet<u8>>(),
                     expected,
@@ -1304,25 +1221,13 @@ mod tests {
         };
         generate(&o(a.path())).unwrap();
         generate(&o(b.path())).unwrap();
-        generate(&SynthOptions {
-            seed: 7,
-            ..o(c.path())
-        })
-        .unwrap();
-        let (fa, fb, fc) = (
-            all_files(a.path()),
-            all_files(b.path()),
-            all_files(c.path()),
-        );
+        generate(&SynthOptions { seed: 7, ..o(c.path()) }).unwrap();
+        let (fa, fb, fc) = (all_files(a.path()), all_files(b.path()), all_files(c.path()));
         assert_eq!(fa.len(), 2 * 9 + 2);
         assert!(fa == fb, "same options must give identical files");
         assert_eq!(fa.keys().collect::<Vec<_>>(), fc.keys().collect::<Vec<_>>());
         for (name, bytes) in &fa {
-            assert_ne!(
-                Some(bytes),
-                fc.get(name),
-                "{name} must change with the seed"
-            );
+            assert_ne!(Some(bytes), fc.get(name), "{name} must change with the seed");
         }
     }
 
@@ -1356,10 +1261,7 @@ mod tests {
         }
         assert_eq!(summary.encoding, [0, 30, 60, 90]);
         for dir in ["train_annotation", "validation_annotation"] {
-            let keys: BTreeSet<u8> = value_histogram(&tmp.path().join(dir))
-                .keys()
-                .copied()
-                .collect();
+            let keys: BTreeSet<u8> = value_histogram(&tmp.path().join(dir)).keys().copied().collect();
             assert_eq!(keys, BTreeSet::from([0, 30, 60, 90, 255]), "{dir}");
         }
     }
@@ -1374,10 +1276,7 @@ mod tests {
         };
         let summary = generate(&o).unwrap();
         let json = read_json(&tmp.path().join("label_map/train_label_map.json"));
-        assert_eq!(
-            json,
-            read_json(&tmp.path().join("label_map/validation_label_map.json"))
-        );
+        assert_eq!(json, read_json(&tmp.path().join("label_map/validation_label_map.json")));
         let map = json["map"].as_object().expect("{\"map\": {...}}");
         assert_eq!(json.as_object().unwrap().len(), 1);
         let mut values = Vec::new();
@@ -1388,17 +1287,10 @@ mod tests {
         }
         assert_eq!(map.len(), 6);
         assert!(!values.contains(&255));
-        assert_eq!(
-            values.iter().collect::<BTreeSet<_>>().len(),
-            6,
-            "distinct values"
-        );
+        assert_eq!(values.iter().collect::<BTreeSet<_>>().len(), 6, "distinct values");
         assert_ne!(values, [0, 1, 2, 3, 4, 5], "non-trivial");
         for dir in ["train_annotation", "validation_annotation"] {
-            let keys: BTreeSet<u8> = value_histogram(&tmp.path().join(dir))
-                .keys()
-                .copied()
-                .collect();
+            let keys: BTreeSet<u8> = value_histogram(&tmp.path().join(dir)).keys().copied().collect();
             let expected: BTreeSet<u8> = values.iter().copied().chain([255]).collect();
             assert_eq!(keys, expected, "{dir}");
         }
@@ -1445,11 +1337,8 @@ mod tests {
         let mut saturated_background = 0u64;
         for name in names(&tmp.path().join("train")) {
             let stem = name.strip_suffix(".jpg").unwrap();
-            let img = image::open(tmp.path().join("train").join(&name))
-                .unwrap()
-                .to_rgb8();
-            let (_, _, _, _, _, raw) =
-                read_png_raw(&tmp.path().join(format!("train_annotation/{stem}.png")));
+            let img = image::open(tmp.path().join("train").join(&name)).unwrap().to_rgb8();
+            let (_, _, _, _, _, raw) = read_png_raw(&tmp.path().join(format!("train_annotation/{stem}.png")));
             for (px, &label) in img.pixels().zip(&raw) {
                 if label == 255 {
                     continue;
@@ -1471,10 +1360,7 @@ mod tests {
             );
         }
         let share = saturated_background as f64 / total[0] as f64;
-        assert!(
-            share < 0.02,
-            "background is muted, but {share:.3} of it is saturated"
-        );
+        assert!(share < 0.02, "background is muted, but {share:.3} of it is saturated");
     }
 
     #[test]
@@ -1508,22 +1394,12 @@ mod tests {
         }
         // Without a border, classes do touch.
         let tmp = tempfile::tempdir().unwrap();
-        generate(
-            &SynthOptions {
-                border: 0,
-                ..o.clone()
-            }
-            .with_out(tmp.path()),
-        )
-        .unwrap();
+        generate(&SynthOptions { border: 0, ..o.clone() }.with_out(tmp.path())).unwrap();
         let dir = tmp.path().join("train_annotation");
         let mut touching = 0;
         for name in names(&dir) {
             let (_, _, _, w, h, raw) = read_png_raw(&dir.join(&name));
-            assert!(
-                !raw.contains(&255),
-                "border 0 writes no ignore pixels ({name})"
-            );
+            assert!(!raw.contains(&255), "border 0 writes no ignore pixels ({name})");
             touching += check(&raw, w as usize, h as usize);
         }
         assert!(touching > 100);
@@ -1551,15 +1427,9 @@ mod tests {
         let err = generate(&small(tmp.path())).unwrap_err();
         assert!(matches!(err, SynthError::NotEmpty { .. }), "{err:?}");
         let msg = err.to_string();
-        assert!(
-            msg.contains(&tmp.path().join("train").display().to_string()),
-            "{msg}"
-        );
+        assert!(msg.contains(&tmp.path().join("train").display().to_string()), "{msg}");
         assert!(msg.contains("--force"), "{msg}");
-        assert!(
-            before == all_files(tmp.path()),
-            "a refused run writes nothing"
-        );
+        assert!(before == all_files(tmp.path()), "a refused run writes nothing");
 
         // --force replaces the channel files and removes stale ones.
         fs::write(tmp.path().join("train/stale.jpg"), "old").unwrap();
@@ -1569,15 +1439,9 @@ mod tests {
             ..small(tmp.path())
         };
         generate(&forced).unwrap();
-        assert_eq!(
-            names(&tmp.path().join("train")),
-            ["img_00000.jpg", "img_00001.jpg"]
-        );
+        assert_eq!(names(&tmp.path().join("train")), ["img_00000.jpg", "img_00001.jpg"]);
         assert_eq!(names(&tmp.path().join("validation_annotation")).len(), 3);
-        assert_eq!(
-            fs::read_to_string(tmp.path().join("model/keep.txt")).unwrap(),
-            "x"
-        );
+        assert_eq!(fs::read_to_string(tmp.path().join("model/keep.txt")).unwrap(), "x");
 
         // --force never deletes directories.
         fs::create_dir(tmp.path().join("train/nested")).unwrap();
@@ -1699,20 +1563,8 @@ mod tests {
                 ..SynthOptions::default()
             }
         );
-        let cli = Cli::try_parse_from([
-            "synth",
-            "--out",
-            "d",
-            "--label-map",
-            "map",
-            "--num-classes",
-            "9",
-        ])
-        .unwrap();
-        assert_eq!(
-            (cli.synth.label_map, cli.synth.num_classes),
-            (LabelMapStyle::Map, 9)
-        );
+        let cli = Cli::try_parse_from(["synth", "--out", "d", "--label-map", "map", "--num-classes", "9"]).unwrap();
+        assert_eq!((cli.synth.label_map, cli.synth.num_classes), (LabelMapStyle::Map, 9));
         assert!(Cli::try_parse_from(["synth"]).is_err(), "--out is required");
         for arg in Cli::command().get_arguments() {
             assert!(arg.get_help().is_some(), "--{} has no help", arg.get_id());

@@ -88,12 +88,7 @@ impl ModelMeta {
                 )));
             }
         }
-        if self
-            .normalization
-            .std
-            .iter()
-            .any(|s| !(s.is_finite() && *s > 0.0))
-        {
+        if self.normalization.std.iter().any(|s| !(s.is_finite() && *s > 0.0)) {
             return Err(ArtifactError::Invalid(format!(
                 "normalisation std must be positive, got {:?}",
                 self.normalization.std
@@ -129,9 +124,7 @@ pub enum ArtifactError {
         #[source]
         source: candle_core::Error,
     },
-    #[error(
-        "model format version {0} is not supported (this build reads version {FORMAT_VERSION})"
-    )]
+    #[error("model format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
     Version(u32),
     #[error("invalid model description: {0}")]
     Invalid(String),
@@ -145,11 +138,7 @@ pub enum ArtifactError {
 
 /// Writes `dir/model.safetensors` and `dir/model.json` after checking the tensors fit the metadata exactly, so a
 /// broken artifact is never written. Tensors are stored as f32 on the CPU.
-pub fn save(
-    dir: &Path,
-    meta: &ModelMeta,
-    tensors: &HashMap<String, Tensor>,
-) -> Result<(), ArtifactError> {
+pub fn save(dir: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> Result<(), ArtifactError> {
     let config = meta.config()?;
     let expected = weights::expected_tensors(&config).map_err(ArtifactError::Fold)?;
     let stored: HashMap<String, Tensor> = tensors
@@ -157,10 +146,7 @@ pub fn save(
         .filter(|(k, _)| !k.ends_with(IGNORED_SUFFIX))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    let shapes = stored
-        .iter()
-        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-        .collect();
+    let shapes = stored.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
     let mismatch = weights::check(&expected, &shapes);
     if mismatch.is_fatal(true) {
         return Err(WeightsError::Mismatch {
@@ -232,11 +218,9 @@ pub fn read_meta(dir: &Path) -> Result<ModelMeta, ArtifactError> {
 
 /// Reads a safetensors file into CPU tensors.
 pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, ArtifactError> {
-    candle_core::safetensors::load(path, &Device::Cpu).map_err(|source| {
-        ArtifactError::Safetensors {
-            path: path.to_path_buf(),
-            source,
-        }
+    candle_core::safetensors::load(path, &Device::Cpu).map_err(|source| ArtifactError::Safetensors {
+        path: path.to_path_buf(),
+        source,
     })
 }
 
@@ -251,11 +235,7 @@ pub fn read(dir: &Path) -> Result<(ModelMeta, HashMap<String, Tensor>), Artifact
 /// Turns a torchvision-named state dict (e.g. from `torch.save` converted to safetensors) into an artifact. The
 /// auxiliary head is kept when the file has one (`meta.aux` is set from the file); `num_batches_tracked` is dropped;
 /// any other missing, mis-shaped or unexpected tensor is an error naming it.
-pub fn import_torchvision(
-    src: &Path,
-    mut meta: ModelMeta,
-    out: &Path,
-) -> Result<ModelMeta, ArtifactError> {
+pub fn import_torchvision(src: &Path, mut meta: ModelMeta, out: &Path) -> Result<ModelMeta, ArtifactError> {
     let tensors = read_safetensors(src)?;
     meta.aux = tensors.keys().any(|k| k.starts_with("aux_classifier."));
     save(out, &meta, &tensors)?;
@@ -318,13 +298,7 @@ mod tests {
 
     #[test]
     fn save_load_round_trip_matches_training_network() -> anyhow::Result<()> {
-        let cfg = ModelConfig::new(
-            Algorithm::Deeplab,
-            Backbone::Resnet18,
-            4,
-            OutputStride::Sixteen,
-            true,
-        )?;
+        let cfg = ModelConfig::new(Algorithm::Deeplab, Backbone::Resnet18, 4, OutputStride::Sixteen, true)?;
         let (vm, net) = trained_varmap(&cfg)?;
         let dir = tempfile::tempdir()?;
         let mut meta = ModelMeta::new(&cfg);
@@ -336,8 +310,7 @@ mod tests {
         let x = Tensor::randn(0f32, 1.0, (2, 3, 45, 31), &Device::Cpu)?;
         let want = net.logits(&x)?;
         let got = model.logits(&x)?;
-        let rel = ((&want - &got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?
-            .to_scalar::<f32>()?;
+        let rel = ((&want - &got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
         assert!(rel < 1e-5, "{rel}");
         let json = fs::read_to_string(dir.path().join(META_FILE))?;
         assert!(
@@ -349,13 +322,7 @@ mod tests {
 
     #[test]
     fn load_lists_every_missing_and_misshaped_tensor() -> anyhow::Result<()> {
-        let cfg = ModelConfig::new(
-            Algorithm::Fcn,
-            Backbone::Resnet18,
-            3,
-            OutputStride::Eight,
-            false,
-        )?;
+        let cfg = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false)?;
         let (vm, _) = trained_varmap(&cfg)?;
         let dir = tempfile::tempdir()?;
         save_varmap(dir.path(), &ModelMeta::new(&cfg), &vm)?;
@@ -374,10 +341,7 @@ mod tests {
             .expect_err("broken weights must not load")
             .to_string();
         assert!(err.contains("2 missing tensors"), "{err}");
-        assert!(
-            err.contains("backbone.layer2.1.bn2.running_var [128]"),
-            "{err}"
-        );
+        assert!(err.contains("backbone.layer2.1.bn2.running_var [128]"), "{err}");
         assert!(err.contains("classifier.4.bias [3]"), "{err}");
         assert!(
             err.contains("classifier.4.weight: expected [3, 128, 1, 1], found [5, 128, 1, 1]"),
@@ -407,18 +371,12 @@ mod tests {
             dir.path().join(META_FILE),
             r#"{"format_version": 2, "algorithm": "fcn", "backbone": "resnet-18", "num_classes": 2, "output_stride": 8}"#,
         )?;
-        assert!(matches!(
-            read_meta(dir.path()),
-            Err(ArtifactError::Version(2))
-        ));
+        assert!(matches!(read_meta(dir.path()), Err(ArtifactError::Version(2))));
         fs::write(
             dir.path().join(META_FILE),
             r#"{"format_version": 1, "algorithm": "fcn", "backbone": "resnet-18", "num_classes": 2, "output_stride": 12}"#,
         )?;
-        assert!(matches!(
-            read_meta(dir.path()),
-            Err(ArtifactError::Json { .. })
-        ));
+        assert!(matches!(read_meta(dir.path()), Err(ArtifactError::Json { .. })));
         let mut meta = ModelMeta::new(&ModelConfig::new(
             Algorithm::Fcn,
             Backbone::Resnet18,
@@ -437,13 +395,7 @@ mod tests {
 
     #[test]
     fn import_keeps_aux_and_drops_counters() -> anyhow::Result<()> {
-        let cfg = ModelConfig::new(
-            Algorithm::Psp,
-            Backbone::Resnet18,
-            2,
-            OutputStride::Eight,
-            true,
-        )?;
+        let cfg = ModelConfig::new(Algorithm::Psp, Backbone::Resnet18, 2, OutputStride::Eight, true)?;
         let (vm, _) = trained_varmap(&cfg)?;
         let mut tensors: HashMap<String, Tensor> = vm
             .data()

@@ -262,40 +262,22 @@ mod tests {
         assert_eq!("resnet_18".parse::<Backbone>(), Ok(Backbone::Resnet18));
         assert!("resnet-152".parse::<Backbone>().is_err());
         assert_eq!(OutputStride::try_from(16), Ok(OutputStride::Sixteen));
-        assert_eq!(
-            OutputStride::try_from(32),
-            Err(ConfigError::OutputStride(32))
-        );
+        assert_eq!(OutputStride::try_from(32), Err(ConfigError::OutputStride(32)));
     }
 
     #[test]
     fn serde_uses_the_same_words() {
-        let cfg = ModelConfig::new(
-            Algorithm::Psp,
-            Backbone::Resnet101,
-            5,
-            OutputStride::Sixteen,
-            true,
-        )
-        .unwrap();
+        let cfg = ModelConfig::new(Algorithm::Psp, Backbone::Resnet101, 5, OutputStride::Sixteen, true).unwrap();
         let s = serde_json::to_string(&cfg).unwrap();
         assert!(
-            s.contains("\"psp\"")
-                && s.contains("\"resnet-101\"")
-                && s.contains("\"output_stride\":16"),
+            s.contains("\"psp\"") && s.contains("\"resnet-101\"") && s.contains("\"output_stride\":16"),
             "{s}"
         );
         let back: ModelConfig = serde_json::from_str(&s).unwrap();
         assert_eq!(back, cfg);
         assert!(serde_json::from_str::<OutputStride>("32").is_err());
         assert_eq!(
-            ModelConfig::new(
-                Algorithm::Fcn,
-                Backbone::Resnet18,
-                0,
-                OutputStride::Eight,
-                false
-            ),
+            ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 0, OutputStride::Eight, false),
             Err(ConfigError::NoClasses)
         );
     }

@@ -62,30 +62,17 @@ impl Conv2d {
         let (w_init, bound) = match init {
             ConvInit::KaimingFanOut => {
                 let std = (2.0 / (spec.out_ch * k2) as f64).sqrt();
-                (
-                    Init::Randn {
-                        mean: 0.0,
-                        stdev: std,
-                    },
-                    0.0,
-                )
+                (Init::Randn { mean: 0.0, stdev: std }, 0.0)
             }
             ConvInit::TorchDefault => {
                 let b = 1.0 / ((spec.in_ch * k2) as f64).sqrt();
                 (Init::Uniform { lo: -b, up: b }, b)
             }
         };
-        let weight = vb.get_with_hints(
-            (spec.out_ch, spec.in_ch, spec.kernel, spec.kernel),
-            "weight",
-            w_init,
-        )?;
+        let weight = vb.get_with_hints((spec.out_ch, spec.in_ch, spec.kernel, spec.kernel), "weight", w_init)?;
         let bias = if bias {
             let b_init = if bound > 0.0 {
-                Init::Uniform {
-                    lo: -bound,
-                    up: bound,
-                }
+                Init::Uniform { lo: -bound, up: bound }
             } else {
                 Init::Const(0.0)
             };
@@ -140,10 +127,8 @@ impl BatchNorm2d {
         let weight = vb.get_with_hints(channels, "weight", Init::Const(1.0))?;
         let bias = vb.get_with_hints(channels, "bias", Init::Const(0.0))?;
         // A tensor that is already a Var (VarMap) is shared, so updates land in the VarMap and get saved.
-        let running_mean =
-            Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
-        let running_var =
-            Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
+        let running_mean = Var::from_tensor(&vb.get_with_hints(channels, "running_mean", Init::Const(0.0))?)?;
+        let running_var = Var::from_tensor(&vb.get_with_hints(channels, "running_var", Init::Const(1.0))?)?;
         Ok(Self {
             weight,
             bias,
@@ -164,14 +149,8 @@ impl BatchNorm2d {
 
     /// Eval-mode per-channel affine map `y = x·scale + shift`, each `[C]`, from the running statistics.
     pub fn eval_scale_shift(&self) -> Result<(Tensor, Tensor)> {
-        let rm = self
-            .running_mean
-            .as_detached_tensor()
-            .to_dtype(self.weight.dtype())?;
-        let rv = self
-            .running_var
-            .as_detached_tensor()
-            .to_dtype(self.weight.dtype())?;
+        let rm = self.running_mean.as_detached_tensor().to_dtype(self.weight.dtype())?;
+        let rv = self.running_var.as_detached_tensor().to_dtype(self.weight.dtype())?;
         let scale = self.weight.div(&(rv + self.eps)?.sqrt()?)?;
         let shift = self.bias.sub(&rm.mul(&scale)?)?;
         Ok((scale, shift))
@@ -228,13 +207,8 @@ impl BatchNorm2d {
             .flatten_all()?
             .affine(1.0 / (n - 1) as f64, 0.0)?
             .to_dtype(rm_dtype)?;
-        let new_mean = (self
-            .running_mean
-            .as_detached_tensor()
-            .affine(1.0 - m, 0.0)?
-            + batch_mean.affine(m, 0.0)?)?;
-        let new_var = (self.running_var.as_detached_tensor().affine(1.0 - m, 0.0)?
-            + batch_var.affine(m, 0.0)?)?;
+        let new_mean = (self.running_mean.as_detached_tensor().affine(1.0 - m, 0.0)? + batch_mean.affine(m, 0.0)?)?;
+        let new_var = (self.running_var.as_detached_tensor().affine(1.0 - m, 0.0)? + batch_var.affine(m, 0.0)?)?;
         self.running_mean.set(&new_mean)?;
         self.running_var.set(&new_var)?;
         Ok(y)
@@ -277,12 +251,7 @@ pub struct ConvBn {
 }
 
 impl ConvBn {
-    pub fn new(
-        spec: ConvSpec,
-        init: ConvInit,
-        vb_conv: VarBuilder,
-        vb_bn: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(spec: ConvSpec, init: ConvInit, vb_conv: VarBuilder, vb_bn: VarBuilder) -> Result<Self> {
         let conv = Conv2d::new(spec, false, init, vb_conv)?;
         let bn = BatchNorm2d::new(spec.out_ch, vb_bn)?;
         Ok(Self { conv, bn: Some(bn) })
@@ -330,9 +299,7 @@ impl ModuleT for ConvBn {
         let y = self.conv.forward(x)?;
         match &self.bn {
             Some(bn) => bn.forward_t(&y, train),
-            None if train => candle_core::bail!(
-                "a BatchNorm-folded model is for inference only; it cannot train"
-            ),
+            None if train => candle_core::bail!("a BatchNorm-folded model is for inference only; it cannot train"),
             None => Ok(y),
         }
     }
@@ -364,10 +331,7 @@ mod tests {
         let vb = VarBuilder::from_varmap(&vm, dtype, &Device::Cpu);
         let bn = BatchNorm2d::new(c, vb.pp("bn"))?;
         vm.set_one("bn.running_mean", seeded(&[c], 3)?.to_dtype(dtype)?)?;
-        vm.set_one(
-            "bn.running_var",
-            (seeded(&[c], 4)?.abs()? + 0.5)?.to_dtype(dtype)?,
-        )?;
+        vm.set_one("bn.running_var", (seeded(&[c], 4)?.abs()? + 0.5)?.to_dtype(dtype)?)?;
         vm.set_one("bn.weight", (seeded(&[c], 5)? + 1.5)?.to_dtype(dtype)?)?;
         vm.set_one("bn.bias", seeded(&[c], 6)?.to_dtype(dtype)?)?;
         Ok((vm, bn))
@@ -405,10 +369,7 @@ mod tests {
     fn running_stats_update_reaches_the_varmap() -> Result<()> {
         let (vm, bn) = bn_with_stats(2, DType::F32)?;
         let before = vm.data().lock().unwrap()["bn.running_mean"].to_vec1::<f32>()?;
-        bn.forward_t(
-            &(seeded(&[2, 2, 3, 3], 1)?.to_dtype(DType::F32)? + 5.0)?,
-            true,
-        )?;
+        bn.forward_t(&(seeded(&[2, 2, 3, 3], 1)?.to_dtype(DType::F32)? + 5.0)?, true)?;
         let after = vm.data().lock().unwrap()["bn.running_mean"].to_vec1::<f32>()?;
         assert_ne!(before, after);
         Ok(())
@@ -418,22 +379,13 @@ mod tests {
     fn train_mode_gradient() -> Result<()> {
         check_gradients(&[&[2, 3, 2, 3], &[3], &[3]], |t| {
             let vb = VarBuilder::from_tensors(
-                [
-                    ("weight".to_string(), t[1].clone()),
-                    ("bias".to_string(), t[2].clone()),
-                ]
-                .into_iter()
-                .chain([
-                    (
-                        "running_mean".to_string(),
-                        Tensor::zeros(3, DType::F64, &Device::Cpu)?,
-                    ),
-                    (
-                        "running_var".to_string(),
-                        Tensor::ones(3, DType::F64, &Device::Cpu)?,
-                    ),
-                ])
-                .collect(),
+                [("weight".to_string(), t[1].clone()), ("bias".to_string(), t[2].clone())]
+                    .into_iter()
+                    .chain([
+                        ("running_mean".to_string(), Tensor::zeros(3, DType::F64, &Device::Cpu)?),
+                        ("running_var".to_string(), Tensor::ones(3, DType::F64, &Device::Cpu)?),
+                    ])
+                    .collect(),
                 DType::F64,
                 &Device::Cpu,
             );

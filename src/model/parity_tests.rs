@@ -27,12 +27,8 @@ impl Fixture {
         let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
             .join("tests/fixtures/parity")
             .join(name);
-        let t = candle_core::safetensors::load(&path, &Device::Cpu).unwrap_or_else(|e| {
-            panic!(
-                "{}: {e} (run scripts/make-parity-fixtures.py)",
-                path.display()
-            )
-        });
+        let t = candle_core::safetensors::load(&path, &Device::Cpu)
+            .unwrap_or_else(|e| panic!("{}: {e} (run scripts/make-parity-fixtures.py)", path.display()));
         Self { name, t }
     }
 
@@ -60,8 +56,7 @@ impl Fixture {
     fn varmap_module<T>(&self, build: impl FnOnce(VarBuilder) -> Result<T>) -> (VarMap, T) {
         let vm = VarMap::new();
         let module = build(VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu)).expect("build");
-        load_into_varmap(&vm, &self.params(), self.name, |n| Some(n.to_string()))
-            .expect("load fixture weights");
+        load_into_varmap(&vm, &self.params(), self.name, |n| Some(n.to_string())).expect("load fixture weights");
         (vm, module)
     }
 
@@ -103,13 +98,9 @@ impl Fixture {
         let x = Var::from_tensor(&self.get(in_key)).expect("var");
         let out = f(x.as_tensor()).expect("forward");
         self.assert_close("output", &out, out_key);
-        let loss = (out * self.get(gout_key))
-            .and_then(|l| l.sum_all())
-            .expect("loss");
+        let loss = (out * self.get(gout_key)).and_then(|l| l.sum_all()).expect("loss");
         let grads = loss.backward().expect("backward");
-        let gx = grads
-            .get(x.as_tensor())
-            .expect("gradient reaches the input");
+        let gx = grads.get(x.as_tensor()).expect("gradient reaches the input");
         self.assert_close("input gradient", gx, grad_key);
     }
 }
@@ -117,10 +108,7 @@ impl Fixture {
 #[test]
 fn bilinear_resize_up_down_odd_sizes() {
     let f = Fixture::load("bilinear.safetensors");
-    for (i, (h, w)) in [(11, 13), (3, 2), (4, 9), (7, 8), (1, 1)]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (h, w)) in [(11, 13), (3, 2), (4, 9), (7, 8), (1, 1)].into_iter().enumerate() {
         f.check_with_grad(
             "in.x",
             &format!("out.{i}"),
@@ -143,10 +131,7 @@ fn max_pool_and_adaptive_pool() {
             max_pool_3x3_s2,
         );
     }
-    for (i, (h, w)) in [(1, 1), (2, 2), (3, 3), (6, 6), (2, 5)]
-        .into_iter()
-        .enumerate()
-    {
+    for (i, (h, w)) in [(1, 1), (2, 2), (3, 3), (6, 6), (2, 5)].into_iter().enumerate() {
         f.check_with_grad(
             "avg.in",
             &format!("avg.out.{i}"),
@@ -161,25 +146,15 @@ fn max_pool_and_adaptive_pool() {
 fn check_train_and_eval<M: ModuleT>(f: &Fixture, build: impl FnOnce(VarBuilder) -> Result<M>) {
     let (vm, module) = f.varmap_module(build);
     let x = f.get("in.x");
-    f.assert_close(
-        "eval output",
-        &module.forward_t(&x, false).expect("eval"),
-        "out.eval",
-    );
+    f.assert_close("eval output", &module.forward_t(&x, false).expect("eval"), "out.eval");
     f.check_with_grad("in.x", "out.train", "gout.train", "grad.train", |x| {
         module.forward_t(x, true)
     });
     let data = vm.data().lock().expect("varmap");
     let mut checked = 0;
     for key in f.t.keys().filter_map(|k| k.strip_prefix("after.")) {
-        let var = data
-            .get(key)
-            .unwrap_or_else(|| panic!("{}: no variable {key}", f.name));
-        f.assert_close(
-            "running statistic",
-            var.as_tensor(),
-            &format!("after.{key}"),
-        );
+        let var = data.get(key).unwrap_or_else(|| panic!("{}: no variable {key}", f.name));
+        f.assert_close("running statistic", var.as_tensor(), &format!("after.{key}"));
         checked += 1;
     }
     assert!(checked >= 2, "{}: no running statistics compared", f.name);
@@ -187,9 +162,7 @@ fn check_train_and_eval<M: ModuleT>(f: &Fixture, build: impl FnOnce(VarBuilder) 
 
 #[test]
 fn batchnorm_train_and_eval() {
-    check_train_and_eval(&Fixture::load("batchnorm.safetensors"), |vb| {
-        BatchNorm2d::new(6, vb)
-    });
+    check_train_and_eval(&Fixture::load("batchnorm.safetensors"), |vb| BatchNorm2d::new(6, vb));
 }
 
 #[test]

@@ -54,14 +54,7 @@ impl Block {
         let convs = specs
             .into_iter()
             .enumerate()
-            .map(|(i, s)| {
-                ConvBn::new(
-                    s,
-                    init,
-                    vb.pp(format!("conv{}", i + 1)),
-                    vb.pp(format!("bn{}", i + 1)),
-                )
-            })
+            .map(|(i, s)| ConvBn::new(s, init, vb.pp(format!("conv{}", i + 1)), vb.pp(format!("bn{}", i + 1))))
             .collect::<Result<Vec<_>>>()?;
         let downsample = if downsample {
             let ds = vb.pp("downsample");
@@ -204,11 +197,7 @@ impl ResNet {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Features> {
         let mut y = self.stem.forward_t(x, train)?.relu()?; // [B, 64, H/2, W/2]
         y = max_pool_3x3_s2(&y)?; // [B, 64, H/4, W/4]
-        for block in self.layers[0]
-            .iter()
-            .chain(&self.layers[1])
-            .chain(&self.layers[2])
-        {
+        for block in self.layers[0].iter().chain(&self.layers[1]).chain(&self.layers[2]) {
             y = block.forward_t(&y, train)?;
         }
         let layer3 = y.clone();

@@ -44,11 +44,7 @@ impl Segmenter {
             Algorithm::Psp => Head::Psp(PspHead::new(c4, n, vbc)?),
         };
         let aux = if config.aux {
-            Some(FcnHead::new(
-                bb.layer3_channels(),
-                n,
-                vb.pp("aux_classifier"),
-            )?)
+            Some(FcnHead::new(bb.layer3_channels(), n, vb.pp("aux_classifier"))?)
         } else {
             None
         };
@@ -88,19 +84,12 @@ impl Segmenter {
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<SegOutput> {
         let (_, c, h, w) = x.dims4()?;
         if c != 3 {
-            candle_core::bail!(
-                "the network takes 3-channel images, got input {:?}",
-                x.dims()
-            )
+            candle_core::bail!("the network takes 3-channel images, got input {:?}", x.dims())
         }
         let feats = self.backbone.forward_t(x, train)?;
         let out = resize_bilinear(&self.head.forward_t(&feats.layer4, train)?, h, w)?;
         let aux = match &self.aux {
-            Some(head) => Some(resize_bilinear(
-                &head.forward_t(&feats.layer3, train)?,
-                h,
-                w,
-            )?),
+            Some(head) => Some(resize_bilinear(&head.forward_t(&feats.layer3, train)?, h, w)?),
             None => None,
         };
         Ok(SegOutput { out, aux })
@@ -122,8 +111,7 @@ mod tests {
     fn build(algorithm: Algorithm, os: OutputStride, aux: bool) -> Result<(VarMap, Segmenter)> {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
-        let cfg = ModelConfig::new(algorithm, Backbone::Resnet18, 3, os, aux)
-            .map_err(candle_core::Error::wrap)?;
+        let cfg = ModelConfig::new(algorithm, Backbone::Resnet18, 3, os, aux).map_err(candle_core::Error::wrap)?;
         let net = Segmenter::new(&cfg, vb)?;
         Ok((vm, net))
     }
@@ -139,10 +127,7 @@ mod tests {
             let x = Tensor::randn(0f32, 1.0, (2, 3, 37, 50), &Device::Cpu)?;
             let y = net.forward_t(&x, true)?;
             assert_eq!(y.out.dims(), &[2, 3, 37, 50]);
-            assert_eq!(
-                y.aux.as_ref().map(|a| a.dims().to_vec()),
-                Some(vec![2, 3, 37, 50])
-            );
+            assert_eq!(y.aux.as_ref().map(|a| a.dims().to_vec()), Some(vec![2, 3, 37, 50]));
             assert_eq!(net.logits(&x)?.dims(), &[2, 3, 37, 50]);
         }
         Ok(())
@@ -163,9 +148,8 @@ mod tests {
             let folded = net.fold_batchnorm()?;
             assert!(folded.is_folded() && !folded.config().aux);
             let got = folded.logits(&x)?;
-            let rel = ((&want - &got)?.sqr()?.sum_all()?.sqrt()?
-                / want.sqr()?.sum_all()?.sqrt()?)?
-            .to_scalar::<f32>()?;
+            let rel =
+                ((&want - &got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
             assert!(rel < 1e-5, "{alg}: relative L2 {rel}");
             assert!(folded.forward_t(&x, true).is_err());
         }

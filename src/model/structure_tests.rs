@@ -18,25 +18,14 @@ fn read_keys(name: &str) -> BTreeMap<String, Vec<usize>> {
     let path = keys_file(name);
     let text = std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let mut out = BTreeMap::new();
-    for line in text
-        .lines()
-        .filter(|l| !l.starts_with('#') && !l.trim().is_empty())
-    {
-        let (key, rest) = line
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
-        let (_, shape) = rest
-            .split_once(' ')
-            .unwrap_or_else(|| panic!("bad line {line:?}"));
+    for line in text.lines().filter(|l| !l.starts_with('#') && !l.trim().is_empty()) {
+        let (key, rest) = line.split_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
+        let (_, shape) = rest.split_once(' ').unwrap_or_else(|| panic!("bad line {line:?}"));
         let dims: Vec<usize> = shape
             .trim_matches(|c| c == '[' || c == ']')
             .split(',')
             .filter(|d| !d.trim().is_empty())
-            .map(|d| {
-                d.trim()
-                    .parse()
-                    .unwrap_or_else(|_| panic!("bad shape in {line:?}"))
-            })
+            .map(|d| d.trim().parse().unwrap_or_else(|_| panic!("bad shape in {line:?}")))
             .collect();
         if !key.ends_with(IGNORED_SUFFIX) && !key.starts_with("fc.") {
             out.insert(key.to_string(), dims);
@@ -53,11 +42,7 @@ fn as_map(specs: Vec<TensorSpec>) -> BTreeMap<String, Vec<usize>> {
     map
 }
 
-fn assert_same(
-    ours: &BTreeMap<String, Vec<usize>>,
-    theirs: &BTreeMap<String, Vec<usize>>,
-    what: &str,
-) {
+fn assert_same(ours: &BTreeMap<String, Vec<usize>>, theirs: &BTreeMap<String, Vec<usize>>, what: &str) {
     let missing: Vec<_> = theirs.keys().filter(|k| !ours.contains_key(*k)).collect();
     let extra: Vec<_> = ours.keys().filter(|k| !theirs.contains_key(*k)).collect();
     let shapes: Vec<_> = ours
@@ -93,8 +78,7 @@ fn segmentation_models_match_torchvision_state_dicts() {
             if prefix == "pspnet" && depth == "101" {
                 continue; // no list: the peer only builds pspnet_resnet50
             }
-            let ours =
-                as_map(expected_tensors(&model(algorithm, backbone, aux)).expect("structure"));
+            let ours = as_map(expected_tensors(&model(algorithm, backbone, aux)).expect("structure"));
             assert_same(&ours, &read_keys(&name), &name);
         }
     }
@@ -112,8 +96,7 @@ fn output_stride_changes_no_parameter() {
 
 #[test]
 fn psp_aux_head_is_the_fcn_aux_head() {
-    let with_aux =
-        as_map(expected_tensors(&model(Algorithm::Psp, Backbone::Resnet50, true)).expect("psp"));
+    let with_aux = as_map(expected_tensors(&model(Algorithm::Psp, Backbone::Resnet50, true)).expect("psp"));
     let mut want = read_keys("pspnet_resnet50");
     want.extend(
         read_keys("fcn_resnet50")
@@ -134,8 +117,7 @@ fn backbones_match_torchvision_imagenet_names() {
 
 #[test]
 fn class_count_reaches_only_the_last_convs() {
-    let a =
-        as_map(expected_tensors(&model(Algorithm::Deeplab, Backbone::Resnet18, true)).expect("21"));
+    let a = as_map(expected_tensors(&model(Algorithm::Deeplab, Backbone::Resnet18, true)).expect("21"));
     let mut cfg = model(Algorithm::Deeplab, Backbone::Resnet18, true);
     cfg.num_classes = 3;
     let b = as_map(expected_tensors(&cfg).expect("3"));

@@ -23,9 +23,7 @@ pub const IGNORED_SUFFIX: &str = "num_batches_tracked";
 /// False for BatchNorm running statistics: they are `Var`s in a training `VarMap` (so they are saved) but are
 /// updated by the forward pass, never by the optimizer.
 pub fn is_trainable(name: &str) -> bool {
-    !(name.ends_with(".running_mean")
-        || name.ends_with(".running_var")
-        || name.ends_with(IGNORED_SUFFIX))
+    !(name.ends_with(".running_mean") || name.ends_with(".running_var") || name.ends_with(IGNORED_SUFFIX))
 }
 
 /// The variables an optimizer should update: every `Var` of a training `VarMap` except BatchNorm running
@@ -70,20 +68,13 @@ pub struct Mismatch {
 impl Mismatch {
     /// Missing and mis-shaped tensors make the weights unusable; unexpected ones only when `strict`.
     pub fn is_fatal(&self, strict: bool) -> bool {
-        !self.missing.is_empty()
-            || !self.misshaped.is_empty()
-            || (strict && !self.unexpected.is_empty())
+        !self.missing.is_empty() || !self.misshaped.is_empty() || (strict && !self.unexpected.is_empty())
     }
 }
 
 const LIST_LIMIT: usize = 12;
 
-fn list<T>(
-    f: &mut fmt::Formatter<'_>,
-    what: &str,
-    items: &[T],
-    show: impl Fn(&T) -> String,
-) -> fmt::Result {
+fn list<T>(f: &mut fmt::Formatter<'_>, what: &str, items: &[T], show: impl Fn(&T) -> String) -> fmt::Result {
     if items.is_empty() {
         return Ok(());
     }
@@ -126,14 +117,7 @@ struct Recorder {
 }
 
 impl SimpleBackend for Recorder {
-    fn get(
-        &self,
-        s: Shape,
-        name: &str,
-        _: Init,
-        dtype: DType,
-        dev: &Device,
-    ) -> candle_core::Result<Tensor> {
+    fn get(&self, s: Shape, name: &str, _: Init, dtype: DType, dev: &Device) -> candle_core::Result<Tensor> {
         self.specs
             .lock()
             .map_err(|_| candle_core::Error::Msg("recorder lock poisoned".into()))?
@@ -151,13 +135,9 @@ impl SimpleBackend for Recorder {
     }
 }
 
-fn record(
-    build: impl FnOnce(VarBuilder) -> candle_core::Result<()>,
-) -> candle_core::Result<Vec<TensorSpec>> {
+fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> candle_core::Result<Vec<TensorSpec>> {
     let specs = Arc::new(Mutex::new(Vec::new()));
-    let rec = Recorder {
-        specs: specs.clone(),
-    };
+    let rec = Recorder { specs: specs.clone() };
     let vb = VarBuilder::from_backend(Box::new(rec), DType::F32, Device::Cpu);
     build(vb)?;
     let specs = specs
@@ -200,10 +180,7 @@ pub fn check(expected: &[TensorSpec], available: &HashMap<String, Vec<usize>>) -
 }
 
 fn shapes(tensors: &HashMap<String, Tensor>) -> HashMap<String, Vec<usize>> {
-    tensors
-        .iter()
-        .map(|(k, t)| (k.clone(), t.dims().to_vec()))
-        .collect()
+    tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect()
 }
 
 /// Builds the network from a complete state dict, after checking every tensor's presence and shape (extra tensors
@@ -299,12 +276,9 @@ pub fn load_backbone_into_varmap(
         .filter(|(k, _)| !k.starts_with("fc."))
         .map(|(k, v)| (k.clone(), v.clone()))
         .collect();
-    load_into_varmap(
-        varmap,
-        &filtered,
-        &format!("the {backbone} backbone"),
-        |name| name.strip_prefix("backbone.").map(str::to_string),
-    )
+    load_into_varmap(varmap, &filtered, &format!("the {backbone} backbone"), |name| {
+        name.strip_prefix("backbone.").map(str::to_string)
+    })
 }
 
 #[cfg(test)]
@@ -321,10 +295,7 @@ mod tests {
             "fc.weight".into(),
             Tensor::zeros((1000, 512), DType::F32, &Device::Cpu)?,
         );
-        t.insert(
-            "fc.bias".into(),
-            Tensor::zeros(1000, DType::F32, &Device::Cpu)?,
-        );
+        t.insert("fc.bias".into(), Tensor::zeros(1000, DType::F32, &Device::Cpu)?);
         t.insert(
             "bn1.num_batches_tracked".into(),
             Tensor::zeros((), DType::I64, &Device::Cpu)?,
@@ -333,13 +304,7 @@ mod tests {
     }
 
     fn training_varmap() -> anyhow::Result<VarMap> {
-        let cfg = ModelConfig::new(
-            Algorithm::Fcn,
-            Backbone::Resnet18,
-            2,
-            OutputStride::Eight,
-            true,
-        )?;
+        let cfg = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 2, OutputStride::Eight, true)?;
         let vm = VarMap::new();
         Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
         Ok(vm)
@@ -386,10 +351,7 @@ mod tests {
             .expect_err("must fail")
             .to_string();
         assert!(err.contains("the resnet-18 backbone"), "{err}");
-        assert!(
-            err.contains("1 missing tensors:\n    layer1.0.bn2.bias [64]"),
-            "{err}"
-        );
+        assert!(err.contains("1 missing tensors:\n    layer1.0.bn2.bias [64]"), "{err}");
         assert!(
             err.contains("conv1.weight: expected [64, 3, 7, 7], found [64, 1, 7, 7]"),
             "{err}"
@@ -402,14 +364,10 @@ mod tests {
             after.flatten_all()?.to_vec1::<f32>()?
         );
         // A ResNet-50 checkpoint for a ResNet-18 model: mostly unexpected and mis-shaped names, all reported.
-        let err =
-            load_backbone_into_varmap(&vm, &imagenet_like(Backbone::Resnet50)?, Backbone::Resnet18)
-                .expect_err("must fail")
-                .to_string();
-        assert!(
-            err.contains("mis-shaped") && err.contains("... and"),
-            "{err}"
-        );
+        let err = load_backbone_into_varmap(&vm, &imagenet_like(Backbone::Resnet50)?, Backbone::Resnet18)
+            .expect_err("must fail")
+            .to_string();
+        assert!(err.contains("mis-shaped") && err.contains("... and"), "{err}");
         Ok(())
     }
 
@@ -424,10 +382,7 @@ mod tests {
             OutputStride::Eight,
             true,
         )?)?;
-        let n_bn = expected
-            .iter()
-            .filter(|s| s.name.ends_with(".running_mean"))
-            .count();
+        let n_bn = expected.iter().filter(|s| s.name.ends_with(".running_mean")).count();
         assert_eq!(vars.len(), expected.len() - 2 * n_bn);
         assert!(vars.windows(2).all(|w| w[0].0 < w[1].0));
         assert!(vars.iter().all(|(k, _)| !k.contains("running")));

@@ -14,7 +14,14 @@ pub struct EarlyStopping {
 
 impl EarlyStopping {
     pub fn new(enabled: bool, min_epochs: u32, patience: u32, tolerance: f64) -> Self {
-        Self { enabled, min_epochs, patience, tolerance, best: None, epochs_without_improvement: 0 }
+        Self {
+            enabled,
+            min_epochs,
+            patience,
+            tolerance,
+            best: None,
+            epochs_without_improvement: 0,
+        }
     }
 
     /// Record epoch `epoch`'s (counted from 1) score; true when training should stop now.

@@ -59,8 +59,12 @@ impl TrainingInputs {
             (train_channel, train_annotation, label_maps.train.lut()),
             (validation_channel, validation_annotation, label_maps.validation.lut()),
         ] {
-            let (pairs, report) =
-                pair_channel(images.name.as_str(), &images.path, annotations.name.as_str(), &annotations.path)?;
+            let (pairs, report) = pair_channel(
+                images.name.as_str(),
+                &images.path,
+                annotations.name.as_str(),
+                &annotations.path,
+            )?;
             if !report.ignored_files.is_empty() {
                 tracing::warn!(
                     "ignoring {} files that are not images or annotations in channels '{}'/'{}': {}",
@@ -87,8 +91,19 @@ impl TrainingInputs {
                 train.len()
             );
         }
-        tracing::info!(train = train.len(), validation = validation.len(), num_classes, "training inputs are valid");
-        Ok(Self { hyperparameters, channels, label_maps, train, validation })
+        tracing::info!(
+            train = train.len(),
+            validation = validation.len(),
+            num_classes,
+            "training inputs are valid"
+        );
+        Ok(Self {
+            hyperparameters,
+            channels,
+            label_maps,
+            train,
+            validation,
+        })
     }
 }
 
@@ -148,7 +163,11 @@ fn check_contents(annotation_channel: &str, pairs: &[SamplePair], lut: &LabelLut
     }
     let mut problems = Vec::new();
     if !unreadable.is_empty() {
-        problems.push(format!("{} files cannot be read: {}", unreadable.len(), name_some(&unreadable)));
+        problems.push(format!(
+            "{} files cannot be read: {}",
+            unreadable.len(),
+            name_some(&unreadable)
+        ));
     }
     if !sizes.is_empty() {
         problems.push(format!(
@@ -166,7 +185,10 @@ fn check_contents(annotation_channel: &str, pairs: &[SamplePair], lut: &LabelLut
         ));
     }
     if !out_of_range.is_empty() {
-        let labels: Vec<String> = (0..=255u8).filter(|&l| bad_labels[usize::from(l)]).map(|l| l.to_string()).collect();
+        let labels: Vec<String> = (0..=255u8)
+            .filter(|&l| bad_labels[usize::from(l)])
+            .map(|l| l.to_string())
+            .collect();
         problems.push(format!(
             "{} annotations in '{annotation_channel}' hold labels >= num_classes ({num_classes}) that are not 255 \
              (ignore): labels {} in {}; raise num_classes, fix the annotations or add a label_map channel",
@@ -203,12 +225,16 @@ fn check_pair(pair: &SamplePair, lut: &LabelLut, num_classes: u32) -> Finding {
     }
     let mut present = [false; 256];
     labels.as_raw().iter().for_each(|&l| present[usize::from(l)] = true);
-    let bad: Vec<u8> =
-        (0..=255u8).filter(|&l| present[usize::from(l)] && l != IGNORE_LABEL && u32::from(l) >= num_classes).collect();
+    let bad: Vec<u8> = (0..=255u8)
+        .filter(|&l| present[usize::from(l)] && l != IGNORE_LABEL && u32::from(l) >= num_classes)
+        .collect();
     if bad.is_empty() {
         Finding::Fine
     } else {
-        Finding::OutOfRange { file: annotation_name, labels: bad }
+        Finding::OutOfRange {
+            file: annotation_name,
+            labels: bad,
+        }
     }
 }
 
@@ -219,5 +245,6 @@ fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
 }
 
 fn file_name(path: &Path) -> String {
-    path.file_name().map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
+    path.file_name()
+        .map_or_else(|| path.display().to_string(), |n| n.to_string_lossy().into_owned())
 }

@@ -17,8 +17,14 @@ pub struct Targets {
 impl Targets {
     /// `labels` is [N, H, W] row-major.
     pub fn new(labels: &[u8], n: usize, height: usize, width: usize, device: &Device) -> Result<Self> {
-        let indices: Vec<u32> = labels.iter().map(|&l| if l == IGNORE_LABEL { 0 } else { u32::from(l) }).collect();
-        let weights: Vec<f32> = labels.iter().map(|&l| if l == IGNORE_LABEL { 0.0 } else { 1.0 }).collect();
+        let indices: Vec<u32> = labels
+            .iter()
+            .map(|&l| if l == IGNORE_LABEL { 0 } else { u32::from(l) })
+            .collect();
+        let weights: Vec<f32> = labels
+            .iter()
+            .map(|&l| if l == IGNORE_LABEL { 0.0 } else { 1.0 })
+            .collect();
         let counted = weights.iter().filter(|&&w| w > 0.0).count();
         Ok(Self {
             indices: Tensor::from_vec(indices, (n, 1, height, width), device)?,
@@ -66,7 +72,13 @@ mod tests {
         let loss = cross_entropy(var.as_tensor(), &targets).unwrap();
         assert_eq!(loss.to_scalar::<f32>().unwrap(), 0.0);
         let grads = loss.backward().unwrap();
-        let grad = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grad = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         assert!(grad.iter().all(|g| *g == 0.0), "{grad:?}");
     }
 
@@ -76,7 +88,13 @@ mod tests {
         let var = candle_core::Var::from_tensor(&Tensor::zeros((1, 2, 1, 2), DType::F32, &device).unwrap()).unwrap();
         let targets = Targets::new(&[0, 255], 1, 1, 2, &device).unwrap();
         let grads = cross_entropy(var.as_tensor(), &targets).unwrap().backward().unwrap();
-        let grad = grads.get(&var).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let grad = grads
+            .get(&var)
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .to_vec1::<f32>()
+            .unwrap();
         // Layout [c0p0, c0p1, c1p0, c1p1]: pixel 0 has softmax (0.5, 0.5) and target 0; pixel 1 is ignored.
         assert_eq!(grad, vec![-0.5, 0.0, 0.5, 0.0]);
     }

@@ -24,7 +24,10 @@ pub struct Scores {
 
 impl ConfusionMatrix {
     pub fn new(num_classes: usize) -> Self {
-        Self { num_classes, counts: vec![0; num_classes * num_classes] }
+        Self {
+            num_classes,
+            counts: vec![0; num_classes * num_classes],
+        }
     }
 
     pub fn num_classes(&self) -> usize {
@@ -64,9 +67,17 @@ impl ConfusionMatrix {
             })
             .collect();
         let present: Vec<f64> = class_iou.iter().flatten().copied().collect();
-        let miou = if present.is_empty() { 0.0 } else { present.iter().sum::<f64>() / present.len() as f64 };
+        let miou = if present.is_empty() {
+            0.0
+        } else {
+            present.iter().sum::<f64>() / present.len() as f64
+        };
         let pixel_accuracy = if total == 0 { 0.0 } else { correct as f64 / total as f64 };
-        Scores { miou, pixel_accuracy, class_iou }
+        Scores {
+            miou,
+            pixel_accuracy,
+            class_iou,
+        }
     }
 }
 

@@ -44,7 +44,12 @@ impl Optimizer {
     /// Only floating-point variables are optimised (integer buffers such as counters are skipped).
     pub fn new(config: OptimizerConfig, params: Vec<(String, Var)>) -> Self {
         let params = params.into_iter().filter(|(_, v)| v.dtype().is_float()).collect();
-        Self { config, params, state: HashMap::new(), steps: 0 }
+        Self {
+            config,
+            params,
+            state: HashMap::new(),
+            steps: 0,
+        }
     }
 
     pub fn steps(&self) -> u64 {
@@ -84,8 +89,9 @@ impl Optimizer {
     pub fn load_state(&mut self, named: &HashMap<String, Tensor>, steps: u64) {
         self.state.clear();
         for (param, _) in &self.params {
-            let tensors: Vec<Tensor> =
-                (0..).map_while(|i| named.get(&format!("{param}.{i}")).cloned()).collect();
+            let tensors: Vec<Tensor> = (0..)
+                .map_while(|i| named.get(&format!("{param}.{i}")).cloned())
+                .collect();
             if !tensors.is_empty() {
                 self.state.insert(param.clone(), tensors);
             }
@@ -107,7 +113,11 @@ fn update_for(config: &OptimizerConfig, step: u64, grad: &Tensor, state: &mut Ve
                 Some(buf) => ((buf * config.momentum)? + grad)?,
                 None => grad.clone(),
             };
-            let direction = if config.kind == OptimizerKind::Nag { (grad + (&buf * config.momentum)?)? } else { buf.clone() };
+            let direction = if config.kind == OptimizerKind::Nag {
+                (grad + (&buf * config.momentum)?)?
+            } else {
+                buf.clone()
+            };
             *state = vec![buf];
             direction * lr
         }
@@ -158,7 +168,13 @@ mod tests {
     use candle_core::{DType, Device};
 
     fn config(kind: OptimizerKind) -> OptimizerConfig {
-        OptimizerConfig { kind, momentum: 0.9, weight_decay: 0.0, gamma1: 0.9, gamma2: 0.0 }
+        OptimizerConfig {
+            kind,
+            momentum: 0.9,
+            weight_decay: 0.0,
+            gamma1: 0.9,
+            gamma2: 0.0,
+        }
     }
 
     /// Minimise f(w) = w² (gradient 2w) from w = 1 for a few steps and return the trajectory of w.
@@ -189,7 +205,11 @@ mod tests {
 
     #[test]
     fn sgd_weight_decay_adds_an_l2_term() {
-        let c = OptimizerConfig { weight_decay: 0.5, momentum: 0.0, ..config(OptimizerKind::Sgd) };
+        let c = OptimizerConfig {
+            weight_decay: 0.5,
+            momentum: 0.0,
+            ..config(OptimizerKind::Sgd)
+        };
         // g = 2w + 0.5w = 2.5; w = 1 - 0.1·2.5 = 0.75.
         assert_close(&trajectory(c, 0.1, 1), &[0.75]);
     }
@@ -230,7 +250,10 @@ mod tests {
         let w1 = 1.0 - 0.01 * 2.0 / (0.4f64.sqrt() + 1e-8);
         assert_close(&trajectory(config(OptimizerKind::Rmsprop), 0.01, 1), &[w1]);
         // With momentum 0.5 the second step adds half of the first step's scaled gradient.
-        let c = OptimizerConfig { gamma2: 0.5, ..config(OptimizerKind::Rmsprop) };
+        let c = OptimizerConfig {
+            gamma2: 0.5,
+            ..config(OptimizerKind::Rmsprop)
+        };
         let w = trajectory(c, 0.01, 2);
         let g2 = 2.0 * w1;
         let avg2 = 0.9 * 0.4 + 0.1 * g2 * g2;

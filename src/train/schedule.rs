@@ -43,7 +43,14 @@ mod tests {
     use super::*;
 
     fn schedule(kind: LrScheduler) -> Schedule {
-        Schedule { kind, base_lr: 0.1, iterations_per_epoch: 10, epochs: 4, steps: vec![1, 3], factor: 0.5 }
+        Schedule {
+            kind,
+            base_lr: 0.1,
+            iterations_per_epoch: 10,
+            epochs: 4,
+            steps: vec![1, 3],
+            factor: 0.5,
+        }
     }
 
     #[test]

@@ -15,10 +15,27 @@ impl Job {
     /// An ml-root holding a small synthetic dataset (`synth_args` added to the generator's) and hyperparameters
     /// matching it.
     pub fn with_synth(synth_args: &[&str]) -> Job {
-        let job = Job { dir: tempfile::tempdir().expect("tempdir") };
+        let job = Job {
+            dir: tempfile::tempdir().expect("tempdir"),
+        };
         let data = job.data_dir();
-        let mut args = vec!["synth", "--out", data.to_str().expect("utf-8 path"), "--train-count", "6"];
-        args.extend(["--validation-count", "3", "--width", "64", "--height", "48", "--seed", "3"]);
+        let mut args = vec![
+            "synth",
+            "--out",
+            data.to_str().expect("utf-8 path"),
+            "--train-count",
+            "6",
+        ];
+        args.extend([
+            "--validation-count",
+            "3",
+            "--width",
+            "64",
+            "--height",
+            "48",
+            "--seed",
+            "3",
+        ]);
         args.extend(synth_args);
         let out = semseg(&args);
         assert!(out.status.success(), "synth failed: {}", text(&out));
@@ -63,26 +80,45 @@ impl Job {
     pub fn check_fails(&self) -> String {
         let out = self.run(&["check"]);
         assert!(!out.status.success(), "check should fail but passed: {}", text(&out));
-        let failure = self.failure().unwrap_or_else(|| panic!("no output/failure written; log: {}", text(&out)));
+        let failure = self
+            .failure()
+            .unwrap_or_else(|| panic!("no output/failure written; log: {}", text(&out)));
         assert!(!failure.trim().is_empty());
         // The reason must also be in the log, where CloudWatch keeps it.
-        assert!(String::from_utf8_lossy(&out.stdout).contains("check failed"), "{}", text(&out));
+        assert!(
+            String::from_utf8_lossy(&out.stdout).contains("check failed"),
+            "{}",
+            text(&out)
+        );
         failure
     }
 
     pub fn check_passes(&self) {
         let out = self.run(&["check"]);
-        assert!(out.status.success(), "check failed: {}\nfailure: {:?}", text(&out), self.failure());
+        assert!(
+            out.status.success(),
+            "check failed: {}\nfailure: {:?}",
+            text(&out),
+            self.failure()
+        );
         assert!(self.failure().is_none(), "a passing job left output/failure");
     }
 }
 
 pub fn semseg(args: &[&str]) -> Output {
-    Command::new(BIN).args(args).env_remove("SEMSEG_ML_ROOT").output().expect("run semseg")
+    Command::new(BIN)
+        .args(args)
+        .env_remove("SEMSEG_ML_ROOT")
+        .output()
+        .expect("run semseg")
 }
 
 pub fn text(out: &Output) -> String {
-    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+    format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    )
 }
 
 /// The sorted file names in a directory.
@@ -97,5 +133,8 @@ pub fn files(dir: &Path) -> Vec<String> {
 
 /// Write an 8-bit grayscale PNG.
 pub fn write_gray_png(path: &Path, width: u32, height: u32, pixels: &[u8]) {
-    image::GrayImage::from_raw(width, height, pixels.to_vec()).expect("size").save(path).expect("save png");
+    image::GrayImage::from_raw(width, height, pixels.to_vec())
+        .expect("size")
+        .save(path)
+        .expect("save png");
 }

@@ -64,11 +64,7 @@ impl Aspp {
 
     pub fn fold(&self) -> Result<Self> {
         Ok(Self {
-            branches: self
-                .branches
-                .iter()
-                .map(ConvBn::fold)
-                .collect::<Result<_>>()?,
+            branches: self.branches.iter().map(ConvBn::fold).collect::<Result<_>>()?,
             pooling: self.pooling.fold()?,
             project: self.project.fold()?,
         })
@@ -99,27 +95,12 @@ pub struct DeepLabHead {
 
 impl DeepLabHead {
     /// `vb` scoped to `classifier`.
-    pub fn new(
-        in_ch: usize,
-        num_classes: usize,
-        rates: [usize; 3],
-        vb: VarBuilder,
-    ) -> Result<Self> {
+    pub fn new(in_ch: usize, num_classes: usize, rates: [usize; 3], vb: VarBuilder) -> Result<Self> {
         let init = ConvInit::TorchDefault;
         Ok(Self {
             aspp: Aspp::new(in_ch, ASPP_CH, rates, vb.pp(0))?,
-            conv: ConvBn::new(
-                ConvSpec::same(ASPP_CH, ASPP_CH, 3, 1),
-                init,
-                vb.pp(1),
-                vb.pp(2),
-            )?,
-            cls: Conv2d::new(
-                ConvSpec::same(ASPP_CH, num_classes, 1, 1),
-                true,
-                init,
-                vb.pp(4),
-            )?,
+            conv: ConvBn::new(ConvSpec::same(ASPP_CH, ASPP_CH, 3, 1), init, vb.pp(1), vb.pp(2))?,
+            cls: Conv2d::new(ConvSpec::same(ASPP_CH, num_classes, 1, 1), true, init, vb.pp(4))?,
         })
     }
 

@@ -45,12 +45,7 @@ impl PspHead {
             vb.pp("bottleneck.0"),
             vb.pp("bottleneck.1"),
         )?;
-        let cls = Conv2d::new(
-            ConvSpec::same(ch, num_classes, 1, 1),
-            true,
-            init,
-            vb.pp("cls.1"),
-        )?;
+        let cls = Conv2d::new(ConvSpec::same(ch, num_classes, 1, 1), true, init, vb.pp("cls.1"))?;
         Ok(Self {
             stages,
             bottleneck,

@@ -16,13 +16,7 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 }
 
 /// `x` `[B, Cin, H, W]` ⊛ `weight` `[Cout, Cin, k, k]` (no groups), with the padding fix above when needed.
-pub fn conv2d(
-    x: &Tensor,
-    weight: &Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
-) -> Result<Tensor> {
+pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
     let (_, _, h, w) = x.dims4()?;
     let (_, _, kh, kw) = weight.dims4()?;
     let x = match (
@@ -31,8 +25,7 @@ pub fn conv2d(
     ) {
         (Some(sh), Some(sw)) if stride > 1 && sh != sw => {
             let target = sh.max(sw);
-            x.pad_with_zeros(2, 0, target - sh)?
-                .pad_with_zeros(3, 0, target - sw)?
+            x.pad_with_zeros(2, 0, target - sh)?.pad_with_zeros(3, 0, target - sw)?
         }
         _ => x.clone(),
     };
@@ -57,10 +50,7 @@ mod tests {
                 _ => candle_core::bail!("wrong gradient shape"),
             }
         });
-        assert!(
-            broken.is_err(),
-            "Candle's conv2d backward now handles mixed parity"
-        );
+        assert!(broken.is_err(), "Candle's conv2d backward now handles mixed parity");
         Ok(())
     }
 
@@ -81,9 +71,7 @@ mod tests {
             assert_eq!(plain.dims(), ours.dims());
             let diff = (plain - &ours)?.abs()?.max_all()?.to_scalar::<f64>()?;
             assert!(diff < 1e-12);
-            check_gradients(&[&[1, 2, h, w], &[3, 2, k, k]], |t| {
-                conv2d(&t[0], &t[1], p, s, d)
-            })?;
+            check_gradients(&[&[1, 2, h, w], &[3, 2, k, k]], |t| conv2d(&t[0], &t[1], p, s, d))?;
         }
         Ok(())
     }

@@ -5,14 +5,10 @@ use candle_core::{DType, Device, Result, Tensor, Var};
 /// Deterministic, tie-free pseudo-random values in (−1, 1), f64 on the CPU.
 pub fn seeded(shape: &[usize], seed: u64) -> Result<Tensor> {
     let n: usize = shape.iter().product();
-    let mut s = seed
-        .wrapping_mul(6364136223846793005)
-        .wrapping_add(1442695040888963407);
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
     let data: Vec<f64> = (0..n)
         .map(|_| {
-            s = s
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
             ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
         })
         .collect();

@@ -23,11 +23,7 @@ use candle_core::{DType, Device, Result, Tensor};
 /// Applies `rows` (`[oh, h]`) along H and `cols_t` (`[w, ow]`) along W of `x` (`[B, C, h, w]`):
 /// `y[b, c] = rows · x[b, c] · cols_t`, giving `[B, C, oh, ow]`. Either matrix may be `None` (identity).
 /// Matmuls are differentiable in Candle, so any separable linear resampling gets its backward from here.
-pub(crate) fn separable_apply(
-    x: &Tensor,
-    rows: Option<&Tensor>,
-    cols_t: Option<&Tensor>,
-) -> Result<Tensor> {
+pub(crate) fn separable_apply(x: &Tensor, rows: Option<&Tensor>, cols_t: Option<&Tensor>) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let mut y = x.clone();
     let mut ow = w;
@@ -47,13 +43,7 @@ pub(crate) fn separable_apply(
 }
 
 /// A row-major `[rows, cols]` matrix of f64 weights as a tensor of the given dtype and device.
-pub(crate) fn matrix(
-    data: Vec<f64>,
-    rows: usize,
-    cols: usize,
-    dtype: DType,
-    device: &Device,
-) -> Result<Tensor> {
+pub(crate) fn matrix(data: Vec<f64>, rows: usize, cols: usize, dtype: DType, device: &Device) -> Result<Tensor> {
     Tensor::from_vec(data, (rows, cols), &Device::Cpu)?
         .to_dtype(dtype)?
         .to_device(device)

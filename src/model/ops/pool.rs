@@ -14,11 +14,9 @@ fn max3_stride2_axis(x: &Tensor, dim: usize) -> Result<Tensor> {
     let out = n.div_ceil(2); // = floor((n + 2 − 3) / 2) + 1
     let mut pad_shape = dims.clone();
     pad_shape[dim] = 1;
-    let before =
-        Tensor::full(f64::NEG_INFINITY, pad_shape.as_slice(), x.device())?.to_dtype(x.dtype())?;
+    let before = Tensor::full(f64::NEG_INFINITY, pad_shape.as_slice(), x.device())?.to_dtype(x.dtype())?;
     pad_shape[dim] = 2 * out + 1 - n;
-    let after =
-        Tensor::full(f64::NEG_INFINITY, pad_shape.as_slice(), x.device())?.to_dtype(x.dtype())?;
+    let after = Tensor::full(f64::NEG_INFINITY, pad_shape.as_slice(), x.device())?.to_dtype(x.dtype())?;
     let padded = Tensor::cat(&[&before, x, &after], dim)?;
     let mut pair_shape = dims.clone();
     pair_shape[dim] = out + 1;
@@ -72,10 +70,7 @@ pub fn adaptive_avg_pool2d(x: &Tensor, out_h: usize, out_w: usize) -> Result<Ten
         .then(|| matrix(adaptive_avg_weights(out_h, h), out_h, h, dtype, dev))
         .transpose()?;
     let cols_t = (w != out_w)
-        .then(|| {
-            matrix(adaptive_avg_weights(out_w, w), out_w, w, dtype, dev)
-                .and_then(|m| m.t()?.contiguous())
-        })
+        .then(|| matrix(adaptive_avg_weights(out_w, w), out_w, w, dtype, dev).and_then(|m| m.t()?.contiguous()))
         .transpose()?;
     separable_apply(x, rows.as_ref(), cols_t.as_ref())
 }
@@ -132,16 +127,10 @@ mod tests {
         let m = adaptive_avg_weights(3, 5);
         let h = 0.5;
         let t = 1.0 / 3.0;
-        assert_eq!(
-            m,
-            vec![h, h, 0.0, 0.0, 0.0, 0.0, t, t, t, 0.0, 0.0, 0.0, 0.0, h, h]
-        );
+        assert_eq!(m, vec![h, h, 0.0, 0.0, 0.0, 0.0, t, t, t, 0.0, 0.0, 0.0, 0.0, h, h]);
         // 2 → 6 (more bins than inputs): every bin holds exactly one input.
         let m = adaptive_avg_weights(6, 2);
-        assert_eq!(
-            m,
-            vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]
-        );
+        assert_eq!(m, vec![1.0, 0.0, 1.0, 0.0, 1.0, 0.0, 0.0, 1.0, 0.0, 1.0, 0.0, 1.0]);
     }
 
     #[test]
@@ -150,9 +139,7 @@ mod tests {
         let x = seeded(&[1, 1, h, w], 2)?;
         let v = x.flatten_all()?.to_vec1::<f64>()?;
         for &(oh, ow) in &[(3, 2), (6, 6), (1, 1), (2, 3), (7, 5)] {
-            let y = adaptive_avg_pool2d(&x, oh, ow)?
-                .flatten_all()?
-                .to_vec1::<f64>()?;
+            let y = adaptive_avg_pool2d(&x, oh, ow)?.flatten_all()?.to_vec1::<f64>()?;
             for i in 0..oh {
                 for j in 0..ow {
                     let (ys, ye) = (i * h / oh, ((i + 1) * h).div_ceil(oh));

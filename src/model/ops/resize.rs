@@ -149,12 +149,7 @@ mod tests {
                 assert!(d < 1e-6);
             }
         }
-        assert!(resize_bilinear(
-            &Tensor::zeros((1, 1, 0, 3), DType::F32, &Device::Cpu)?,
-            2,
-            2
-        )
-        .is_err());
+        assert!(resize_bilinear(&Tensor::zeros((1, 1, 0, 3), DType::F32, &Device::Cpu)?, 2, 2).is_err());
         Ok(())
     }
 }
