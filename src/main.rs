@@ -2,6 +2,8 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::AtomicBool;
+use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use semseg::data::synth::{self, SynthOptions};
@@ -28,6 +30,10 @@ struct Cli {
 
 #[derive(Debug, Subcommand)]
 enum Command {
+    /// Run a SageMaker training job: read <ml-root>/input (config and channels), train, validate every epoch, keep the
+    /// best model in <ml-root>/model, checkpoint to <ml-root>/checkpoints (and resume from there). On failure it writes
+    /// the reason to <ml-root>/output/failure and exits non-zero. SIGTERM stops after checkpointing.
+    Train,
     /// Check a training job's inputs without training: config files, hyperparameters, channels, and every
     /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
     /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
@@ -42,6 +48,14 @@ fn main() -> ExitCode {
     init_logging();
     let ml = MlRoot::new(&cli.ml_root);
     match cli.command {
+        Command::Train => run_job(&ml, "train", || {
+            let stop = Arc::new(AtomicBool::new(false));
+            signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+            signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+            let outcome = train::job::run(&ml, &stop)?;
+            tracing::info!(?outcome, "training finished");
+            Ok(())
+        }),
         Command::Check => run_job(&ml, "check", || train::inputs::TrainingInputs::prepare(&ml).map(|_| ())),
         Command::Synth(options) => match synth::generate(&options) {
             Ok(summary) => {

@@ -13,6 +13,9 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::Value;
 
+// The network words are the model's own types, so a parsed job builds its network without translation.
+pub use crate::model::config::{Algorithm, Backbone};
+
 /// Platform-reserved hyperparameters (e.g. `sagemaker_program`) that the algorithm ignores.
 const RESERVED_PREFIX: &str = "sagemaker_";
 /// SageMaker accepts at most 100 hyperparameters per job.
@@ -262,14 +265,6 @@ macro_rules! choice_enum {
     };
 }
 
-choice_enum!(
-    /// Encoder network (torchvision ResNet v1.5, dilated).
-    Backbone { Resnet18 = "resnet-18", Resnet34 = "resnet-34", Resnet50 = "resnet-50", Resnet101 = "resnet-101" }
-);
-choice_enum!(
-    /// Segmentation head.
-    Algorithm { Fcn = "fcn", Psp = "psp", Deeplab = "deeplab" }
-);
 choice_enum!(
     /// Optimizer.
     Optimizer { Sgd = "sgd", Nag = "nag", Adam = "adam", Adagrad = "adagrad", Rmsprop = "rmsprop" }

@@ -1,8 +1,12 @@
 //! The training job: [`inputs`] prepares and validates everything the job reads before any training starts;
-//! [`optim`], [`schedule`], [`metrics`] and [`early_stopping`] are the pieces of the loop.
+//! [`job`] runs the loop from the pieces [`loss`], [`optim`], [`schedule`], [`metrics`], [`early_stopping`],
+//! [`checkpoint`] and [`incremental`].
 
+pub mod checkpoint;
 pub mod early_stopping;
+pub mod incremental;
 pub mod inputs;
+pub mod job;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
