@@ -79,7 +79,8 @@ pub fn save(
 
     let state_path = dir.join(STATE_FILE);
     let tmp = with_suffix(&state_path, ".tmp");
-    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?).with_context(|| format!("cannot write {}", tmp.display()))?;
+    std::fs::write(&tmp, serde_json::to_vec_pretty(state)?)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
     sync_file(&tmp)?;
     std::fs::rename(&tmp, &state_path).with_context(|| format!("cannot rename {}", tmp.display()))?;
 
@@ -94,7 +95,10 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
     let Some(state) = read_state(dir)? else { return Ok(None) };
     let path = dir.join(&state.tensors_file);
     let tensors = candle_core::safetensors::load(&path, &Device::Cpu).with_context(|| {
-        format!("the checkpoint {} cannot be read; delete the checkpoints directory to start over", path.display())
+        format!(
+            "the checkpoint {} cannot be read; delete the checkpoints directory to start over",
+            path.display()
+        )
     })?;
     let (mut weights, mut optimizer) = (HashMap::new(), HashMap::new());
     for (name, tensor) in tensors {
@@ -103,14 +107,21 @@ pub fn load(dir: &Path) -> Result<Option<Checkpoint>> {
             None => weights.insert(name, tensor),
         };
     }
-    Ok(Some(Checkpoint { state, weights, optimizer }))
+    Ok(Some(Checkpoint {
+        state,
+        weights,
+        optimizer,
+    }))
 }
 
 fn read_state(dir: &Path) -> Result<Option<CheckpointState>> {
     let path = dir.join(STATE_FILE);
     match std::fs::read(&path) {
         Ok(bytes) => serde_json::from_slice(&bytes).map(Some).with_context(|| {
-            format!("the checkpoint {} is not valid; delete the checkpoints directory to start over", path.display())
+            format!(
+                "the checkpoint {} is not valid; delete the checkpoints directory to start over",
+                path.display()
+            )
         }),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
         Err(e) => Err(e).with_context(|| format!("cannot read {}", path.display())),
@@ -162,8 +173,10 @@ mod tests {
         let w: Vec<f32> = loaded.weights["w"].flatten_all().unwrap().to_vec1().unwrap();
         let m: Vec<f32> = loaded.optimizer["w"].flatten_all().unwrap().to_vec1().unwrap();
         assert_eq!((w[0], m[0]), (2.0, 20.0));
-        let mut files: Vec<String> =
-            std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
         files.sort();
         assert_eq!(files, ["checkpoint-2.safetensors", "checkpoint.json"]);
     }
@@ -174,7 +187,11 @@ mod tests {
         save(dir.path(), &state(1), &tensors(1.0), &tensors(10.0)).unwrap();
         // A crash after writing the new tensors but before the JSON rename: leftovers of every stage.
         std::fs::write(dir.path().join("checkpoint-2.safetensors.tmp"), b"half").unwrap();
-        std::fs::write(dir.path().join("checkpoint-2.safetensors"), b"complete but unreferenced").unwrap();
+        std::fs::write(
+            dir.path().join("checkpoint-2.safetensors"),
+            b"complete but unreferenced",
+        )
+        .unwrap();
         std::fs::write(dir.path().join("checkpoint.json.tmp"), b"{\"epochs_d").unwrap();
         let loaded = load(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.state.epochs_done, 1);

@@ -16,13 +16,22 @@ pub fn load(channel_dir: &Path, hp: &Hyperparameters, varmap: &VarMap, scratch: 
     let (meta, tensors) = artifact::read(&dir).context("the model channel does not hold a semseg model")?;
     let mut differences = Vec::new();
     if meta.backbone != hp.backbone {
-        differences.push(format!("backbone: the model has {}, the job has {}", meta.backbone, hp.backbone));
+        differences.push(format!(
+            "backbone: the model has {}, the job has {}",
+            meta.backbone, hp.backbone
+        ));
     }
     if meta.algorithm != hp.algorithm {
-        differences.push(format!("algorithm: the model has {}, the job has {}", meta.algorithm, hp.algorithm));
+        differences.push(format!(
+            "algorithm: the model has {}, the job has {}",
+            meta.algorithm, hp.algorithm
+        ));
     }
     if meta.num_classes != hp.num_classes as usize {
-        differences.push(format!("num_classes: the model has {}, the job has {}", meta.num_classes, hp.num_classes));
+        differences.push(format!(
+            "num_classes: the model has {}, the job has {}",
+            meta.num_classes, hp.num_classes
+        ));
     }
     if let Some(crop) = meta.crop_size.filter(|&c| c != hp.crop_size) {
         differences.push(format!("crop_size: the model has {crop}, the job has {}", hp.crop_size));
@@ -46,7 +55,11 @@ pub fn load(channel_dir: &Path, hp: &Hyperparameters, varmap: &VarMap, scratch: 
     let loaded = weights::load_into_varmap(varmap, &tensors, "the model channel's model", |name| {
         (has_aux || !name.starts_with("aux_classifier.")).then(|| name.to_string())
     })?;
-    tracing::info!(tensors = loaded, "incremental training: weights loaded from {}", dir.display());
+    tracing::info!(
+        tensors = loaded,
+        "incremental training: weights loaded from {}",
+        dir.display()
+    );
     Ok(())
 }
 

@@ -34,10 +34,18 @@ pub const DEFAULT_PRETRAINED_DIR: &str = "/opt/semseg/pretrained";
 /// How the job ended.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Outcome {
-    Completed { epochs: u32, best_miou: f64 },
-    EarlyStopped { epochs: u32, best_miou: f64 },
+    Completed {
+        epochs: u32,
+        best_miou: f64,
+    },
+    EarlyStopped {
+        epochs: u32,
+        best_miou: f64,
+    },
     /// SIGTERM: the last completed epoch is checkpointed and the best model so far is in `model/`.
-    Interrupted { epochs: u32 },
+    Interrupted {
+        epochs: u32,
+    },
 }
 
 /// Run the training job under `ml`. `stop` is raised by SIGTERM.
@@ -71,7 +79,11 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
             }
             weights::load_into_varmap(&varmap, &found.weights, "the checkpoint", |n| Some(n.to_string()))?;
             optimizer.load_state(&found.optimizer, found.state.optimizer_steps);
-            tracing::info!(epochs_done = found.state.epochs_done, "resuming from the checkpoint in {}", checkpoints.display());
+            tracing::info!(
+                epochs_done = found.state.epochs_done,
+                "resuming from the checkpoint in {}",
+                checkpoints.display()
+            );
             found.state
         }
         None => {
@@ -137,7 +149,9 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         for batch in loader {
             if stop.load(Ordering::SeqCst) {
                 tracing::warn!("SIGTERM: abandoning epoch {epoch_number}; the checkpoint of the previous epoch stands");
-                return Ok(Outcome::Interrupted { epochs: state.epochs_done });
+                return Ok(Outcome::Interrupted {
+                    epochs: state.epochs_done,
+                });
             }
             let batch = batch?;
             let (h, w) = (batch.height as usize, batch.width as usize);
@@ -169,9 +183,18 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         let scores = validate(&model, &validation_samples, &validation_lut, &hp, &device, stop)?;
         let Some(scores) = scores else {
             tracing::warn!("SIGTERM during validation of epoch {epoch_number}; the previous checkpoint stands");
-            return Ok(Outcome::Interrupted { epochs: state.epochs_done });
+            return Ok(Outcome::Interrupted {
+                epochs: state.epochs_done,
+            });
         };
-        log_metrics(epoch_number, train_loss, throughput, learning_rate, &scores, started.elapsed().as_secs_f64());
+        log_metrics(
+            epoch_number,
+            train_loss,
+            throughput,
+            learning_rate,
+            &scores,
+            started.elapsed().as_secs_f64(),
+        );
 
         let improved = state.best_miou.is_none_or(|best| scores.miou > best);
         if improved {
@@ -179,7 +202,12 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
             state.best_epoch = Some(epoch_number);
             artifact::save_varmap(&ml.model_dir(), &meta, &varmap)?;
             write_class_iou(ml, epoch_number, &scores)?;
-            tracing::info!(epoch = epoch_number, miou = scores.miou, "best model so far saved to {}", ml.model_dir().display());
+            tracing::info!(
+                epoch = epoch_number,
+                miou = scores.miou,
+                "best model so far saved to {}",
+                ml.model_dir().display()
+            );
         }
         let stop_early = early_stopping.should_stop(epoch_number, scores.miou);
         state.epochs_without_improvement = early_stopping.state().1;
@@ -198,11 +226,20 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         checkpoint::save(&checkpoints, &state, &varmap_tensors(&varmap), &optimizer_state)?;
         write_history(ml, &state)?;
         if stop_early {
-            tracing::info!(epoch = epoch_number, "early stopping: validation mIOU stopped improving");
-            return Ok(Outcome::EarlyStopped { epochs: epoch_number, best_miou: state.best_miou.unwrap_or(0.0) });
+            tracing::info!(
+                epoch = epoch_number,
+                "early stopping: validation mIOU stopped improving"
+            );
+            return Ok(Outcome::EarlyStopped {
+                epochs: epoch_number,
+                best_miou: state.best_miou.unwrap_or(0.0),
+            });
         }
     }
-    Ok(Outcome::Completed { epochs: state.epochs_done, best_miou: state.best_miou.unwrap_or(0.0) })
+    Ok(Outcome::Completed {
+        epochs: state.epochs_done,
+        best_miou: state.best_miou.unwrap_or(0.0),
+    })
 }
 
 /// Score the network on the whole validation channel; `None` when SIGTERM arrived meanwhile.
@@ -282,21 +319,34 @@ fn initialise_weights(ml: &MlRoot, inputs: &TrainingInputs, varmap: &VarMap) -> 
     }
     let file_name = format!("{}.safetensors", hp.backbone);
     let channel_dir = inputs.channels.get(ChannelName::Pretrained).map(|c| c.path.clone());
-    let baked_dir = std::env::var_os("SEMSEG_PRETRAINED_DIR").map_or_else(|| PathBuf::from(DEFAULT_PRETRAINED_DIR), PathBuf::from);
-    let candidates: Vec<PathBuf> = channel_dir.iter().map(|d| d.join(&file_name)).chain([baked_dir.join(&file_name)]).collect();
+    let baked_dir =
+        std::env::var_os("SEMSEG_PRETRAINED_DIR").map_or_else(|| PathBuf::from(DEFAULT_PRETRAINED_DIR), PathBuf::from);
+    let candidates: Vec<PathBuf> = channel_dir
+        .iter()
+        .map(|d| d.join(&file_name))
+        .chain([baked_dir.join(&file_name)])
+        .collect();
     let Some(path) = candidates.iter().find(|p| p.is_file()) else {
         bail!(
             "use_pretrained_model=True needs ImageNet weights for {} but none were found (looked for {}); add a \
              'pretrained' channel holding {file_name} (torchvision's resnet weights as safetensors; see \
              scripts/fetch-pretrained.sh), use a training image built with them, or set use_pretrained_model=False",
             hp.backbone,
-            candidates.iter().map(|p| p.display().to_string()).collect::<Vec<_>>().join(", ")
+            candidates
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     };
     let tensors = artifact::read_safetensors(path)?;
     let loaded = weights::load_backbone_into_varmap(varmap, &tensors, hp.backbone)
         .with_context(|| format!("loading ImageNet weights from {}", path.display()))?;
-    tracing::info!(tensors = loaded, "ImageNet backbone weights loaded from {}", path.display());
+    tracing::info!(
+        tensors = loaded,
+        "ImageNet backbone weights loaded from {}",
+        path.display()
+    );
     Ok(())
 }
 
@@ -305,7 +355,9 @@ fn varmap_tensors(varmap: &VarMap) -> HashMap<String, Tensor> {
         Ok(data) => data,
         Err(poisoned) => poisoned.into_inner(),
     };
-    data.iter().map(|(name, var)| (name.clone(), var.as_tensor().clone())).collect()
+    data.iter()
+        .map(|(name, var)| (name.clone(), var.as_tensor().clone()))
+        .collect()
 }
 
 /// `output/data/class_iou.json`: per-class IoU of the best epoch, for people.
@@ -325,7 +377,10 @@ fn write_class_iou(ml: &MlRoot, epoch: u32, scores: &Scores) -> Result<()> {
 fn write_history(ml: &MlRoot, state: &CheckpointState) -> Result<()> {
     let dir = ml.output_data_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
-    write_json(&dir.join("history.json"), &serde_json::json!({ "epochs": state.history }))
+    write_json(
+        &dir.join("history.json"),
+        &serde_json::json!({ "epochs": state.history }),
+    )
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {

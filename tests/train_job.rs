@@ -1,0 +1,278 @@
+//! `semseg train` end to end: the real binary on a synthetic dataset in a temporary ml-root, on the CPU.
+//!
+//! Trainings are serialised (one at a time) so each gets the machine's cores; sizes are small enough for CI.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::sync::Mutex;
+
+use common::{text, Job, BIN};
+
+/// One training at a time: they each use every core.
+static CORES: Mutex<()> = Mutex::new(());
+
+const SYNTH: &[&str] = &[
+    "--train-count",
+    "16",
+    "--validation-count",
+    "6",
+    "--width",
+    "64",
+    "--height",
+    "48",
+];
+
+fn small_job(algorithm: &str, epochs: u32, extra: &str) -> Job {
+    let job = Job::empty();
+    let mut args = vec!["--seed", "5"];
+    args.extend(SYNTH);
+    job.synth(&args);
+    job.write_hyperparameters(&format!(
+        r#"{{"num_classes": "4", "num_training_samples": "16", "backbone": "resnet-18", "algorithm": "{algorithm}",
+            "use_pretrained_model": "False", "crop_size": "48", "base_size": "64", "epochs": "{epochs}",
+            "mini_batch_size": "4", "validation_mini_batch_size": "1", "learning_rate": "0.02",
+            "output_stride": "16", "seed": "1"{extra}}}"#
+    ));
+    job
+}
+
+fn train(job: &Job) -> String {
+    let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
+    let out = job.run(&["train"]);
+    let log = text(&out);
+    assert!(
+        out.status.success(),
+        "train failed: {log}\nfailure: {:?}",
+        job.failure()
+    );
+    assert!(job.failure().is_none());
+    log
+}
+
+/// The README's MetricDefinitions, applied to a real log: (name, values matched).
+fn scrape(log: &str) -> Vec<(String, Vec<f64>)> {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    let start = readme
+        .find("<!-- metric-definitions -->")
+        .expect("README has metric definitions");
+    let block = &readme[start..];
+    let json = &block[block.find("```json").unwrap() + 7..];
+    let json = &json[..json.find("```").unwrap()];
+    let definitions: serde_json::Value = serde_json::from_str(json).unwrap();
+    definitions
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| {
+            let re = regex::Regex::new(d["Regex"].as_str().unwrap()).unwrap();
+            let values = re.captures_iter(log).map(|c| c[1].parse::<f64>().unwrap()).collect();
+            (d["Name"].as_str().unwrap().to_string(), values)
+        })
+        .collect()
+}
+
+fn best_miou(log: &str) -> f64 {
+    let scraped = scrape(log);
+    let (_, values) = scraped.iter().find(|(name, _)| name == "validation:mIOU").unwrap();
+    values.iter().copied().fold(0.0, f64::max)
+}
+
+fn assert_artifacts(job: &Job) {
+    let model_dir = job.root().join("model");
+    let model = semseg::model::artifact::InferenceModel::load(&model_dir, &candle_core::Device::Cpu)
+        .expect("the trained artifact loads for inference");
+    assert_eq!(model.meta().num_classes, 4);
+    assert_eq!(model.meta().crop_size, Some(48));
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job.root().join("output/data/history.json")).unwrap()).unwrap();
+    assert!(!history["epochs"].as_array().unwrap().is_empty());
+    assert!(job.root().join("output/data/class_iou.json").is_file());
+    assert!(job.root().join("checkpoints/checkpoint.json").is_file());
+}
+
+#[test]
+fn fcn_trains_to_a_good_miou_and_logs_scrapable_metrics() {
+    let epochs = 8;
+    let job = small_job("fcn", epochs, "");
+    let log = train(&job);
+    for (name, values) in scrape(&log) {
+        assert_eq!(values.len(), epochs as usize, "{name} matched {values:?} in:\n{log}");
+        assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}: {values:?}");
+    }
+    let miou = best_miou(&log);
+    assert!(miou >= 0.80, "FCN reached validation mIOU {miou}:\n{log}");
+    assert_artifacts(&job);
+}
+
+#[test]
+fn deeplab_trains_to_a_good_miou() {
+    let job = small_job("deeplab", 8, "");
+    let log = train(&job);
+    let miou = best_miou(&log);
+    assert!(miou >= 0.80, "DeepLabV3 reached validation mIOU {miou}:\n{log}");
+    assert_artifacts(&job);
+}
+
+#[test]
+fn psp_trains_to_a_good_miou() {
+    let job = small_job("psp", 8, "");
+    let log = train(&job);
+    let miou = best_miou(&log);
+    assert!(miou >= 0.80, "PSPNet reached validation mIOU {miou}:\n{log}");
+    assert_artifacts(&job);
+}
+
+#[test]
+fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two() {
+    let job = small_job("fcn", 3, "");
+    let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
+    let mut child = Command::new(BIN)
+        .args(["--ml-root", job.root().to_str().unwrap(), "train"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let mut first_log = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.unwrap();
+        first_log.push_str(&line);
+        first_log.push('\n');
+        if line.contains("#metrics epoch=1 validation:mIOU") {
+            // SIGTERM once epoch 1 is validated; the checkpoint follows right after, before epoch 2's first step.
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
+        }
+    }
+    let status = child.wait().unwrap();
+    assert!(
+        status.success(),
+        "a SIGTERM'd job exits cleanly: {status:?}\n{first_log}"
+    );
+    assert!(
+        !first_log.contains("#metrics epoch=3"),
+        "the job ran on after SIGTERM:\n{first_log}"
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job.root().join("checkpoints/checkpoint.json")).unwrap())
+            .unwrap();
+    let done = state["epochs_done"].as_u64().unwrap();
+    assert!(
+        (1..3).contains(&done),
+        "checkpoint after SIGTERM has epochs_done={done}"
+    );
+
+    let out = job.run(&["train"]);
+    let second_log = text(&out);
+    assert!(out.status.success(), "{second_log}");
+    assert!(second_log.contains("resuming from the checkpoint"), "{second_log}");
+    assert!(
+        !second_log.contains("#metrics epoch=1 "),
+        "epoch 1 ran again:\n{second_log}"
+    );
+    assert!(second_log.contains("#metrics epoch=3 validation:mIOU"), "{second_log}");
+    let history: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(job.root().join("output/data/history.json")).unwrap()).unwrap();
+    let epochs: Vec<u64> = history["epochs"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|e| e["epoch"].as_u64().unwrap())
+        .collect();
+    assert_eq!(epochs, [1, 2, 3]);
+}
+
+/// Pack a trained model/ directory as the model channel's model.tar.gz.
+fn model_channel_from(trained: &Job, job: &Job) {
+    let channel = job.channel("model");
+    std::fs::create_dir_all(&channel).unwrap();
+    let file = std::fs::File::create(channel.join("model.tar.gz")).unwrap();
+    let mut archive = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()));
+    archive.append_dir_all(".", trained.root().join("model")).unwrap();
+    archive.into_inner().unwrap().finish().unwrap();
+}
+
+#[test]
+fn incremental_training_starts_from_the_model_channel_and_names_mismatches() {
+    let trained = small_job("fcn", 1, "");
+    train(&trained);
+
+    let job = small_job("fcn", 1, "");
+    model_channel_from(&trained, &job);
+    let log = train(&job);
+    assert!(log.contains("incremental training: weights loaded"), "{log}");
+
+    for (extra, field) in [
+        (
+            r#", "algorithm": "psp""#,
+            "algorithm: the model has fcn, the job has psp",
+        ),
+        (
+            r#", "backbone": "resnet-34""#,
+            "backbone: the model has resnet-18, the job has resnet-34",
+        ),
+        (r#", "crop_size": "56""#, "crop_size: the model has 48, the job has 56"),
+    ] {
+        let job = small_job("fcn", 1, extra);
+        // small_job sets algorithm/backbone/crop_size first; a later duplicate key wins in serde_json.
+        model_channel_from(&trained, &job);
+        let out = job.run(&["train"]);
+        assert!(!out.status.success(), "{extra}: {}", text(&out));
+        let failure = job.failure().expect("failure file");
+        assert!(failure.contains(field), "{extra}: {failure}");
+    }
+    let job = small_job("fcn", 1, "");
+    job.write_hyperparameters(
+        r#"{"num_classes": "5", "num_training_samples": "16", "backbone": "resnet-18", "algorithm": "fcn",
+            "use_pretrained_model": "False", "crop_size": "48", "base_size": "64", "epochs": "1",
+            "output_stride": "16"}"#,
+    );
+    model_channel_from(&trained, &job);
+    let out = job.run(&["train"]);
+    assert!(!out.status.success());
+    assert!(
+        job.failure()
+            .unwrap()
+            .contains("num_classes: the model has 4, the job has 5"),
+        "{:?}",
+        job.failure()
+    );
+}
+
+#[test]
+fn pretrained_weights_load_from_a_channel_or_the_job_says_how_to_provide_them() {
+    let job = small_job("fcn", 1, r#", "use_pretrained_model": "True""#);
+    let out = Command::new(BIN)
+        .args(["--ml-root", job.root().to_str().unwrap(), "train"])
+        .env("SEMSEG_PRETRAINED_DIR", job.root().join("nowhere"))
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    let failure = job.failure().expect("failure file");
+    assert!(
+        failure.contains("use_pretrained_model=True needs ImageNet weights for resnet-18"),
+        "{failure}"
+    );
+    assert!(failure.contains("set use_pretrained_model=False"), "{failure}");
+
+    // torchvision-named ResNet-18 weights (random here: no downloads in tests) in a `pretrained` channel.
+    let specs = semseg::model::weights::expected_backbone_tensors(semseg::model::config::Backbone::Resnet18).unwrap();
+    let mut tensors = std::collections::HashMap::new();
+    for spec in specs {
+        let tensor = if spec.name.ends_with("running_var") {
+            candle_core::Tensor::ones(spec.shape, candle_core::DType::F32, &candle_core::Device::Cpu)
+        } else {
+            candle_core::Tensor::randn(0f32, 0.05, spec.shape, &candle_core::Device::Cpu)
+        };
+        tensors.insert(spec.name, tensor.unwrap());
+    }
+    let channel = job.channel("pretrained");
+    std::fs::create_dir_all(&channel).unwrap();
+    candle_core::safetensors::save(&tensors, channel.join("resnet-18.safetensors")).unwrap();
+    let log = train(&job);
+    assert!(log.contains("ImageNet backbone weights loaded"), "{log}");
+}
