@@ -425,6 +425,13 @@ mod tests {
     }
 
     #[test]
+    fn inference_model_can_be_shared_between_server_workers() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<InferenceModel>();
+        assert_send_sync::<Segmenter>();
+    }
+
+    #[test]
     fn bad_metadata_is_refused() -> anyhow::Result<()> {
         let dir = tempfile::tempdir()?;
         fs::write(
