@@ -178,6 +178,18 @@ pub fn save(dir: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> 
         path: weights_path.clone(),
         source,
     })?;
+    // The safetensors crate writes through a private (0600) temporary file; give the weights the same
+    // permissions as model.json so a server running as another user can read them.
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&weights_path, fs::Permissions::from_mode(0o644)).map_err(
+            |source| ArtifactError::Io {
+                path: weights_path.clone(),
+                source,
+            },
+        )?;
+    }
     let meta_path = dir.join(META_FILE);
     let json = serde_json::to_string_pretty(meta).map_err(|source| ArtifactError::Json {
         path: meta_path.clone(),
@@ -312,6 +324,18 @@ mod tests {
         let got = model.logits(&x)?;
         let rel = ((&want - &got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
         assert!(rel < 1e-5, "{rel}");
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            let mode = fs::metadata(dir.path().join(WEIGHTS_FILE))?
+                .permissions()
+                .mode();
+            assert_eq!(
+                mode & 0o044,
+                0o044,
+                "weights readable by group and others: {mode:o}"
+            );
+        }
         let json = fs::read_to_string(dir.path().join(META_FILE))?;
         assert!(
             json.contains("\"algorithm\": \"deeplab\"") && json.contains("\"format_version\": 1"),
@@ -362,6 +386,13 @@ mod tests {
             "{err}"
         );
         Ok(())
+    }
+
+    #[test]
+    fn inference_model_can_be_shared_between_server_workers() {
+        fn assert_send_sync<T: Send + Sync + 'static>() {}
+        assert_send_sync::<InferenceModel>();
+        assert_send_sync::<Segmenter>();
     }
 
     #[test]

@@ -180,12 +180,12 @@ impl BatchNorm2d {
             .sum_keepdim(0)?
             .affine(1.0 / n as f64, 0.0)?; // [1, C, 1, 1]
         let centred = xs.broadcast_sub(&mean)?;
-        let var = centred
+        let sq_sum = centred
             .sqr()?
             .sum_keepdim(3)?
             .sum_keepdim(2)?
-            .sum_keepdim(0)?
-            .affine(1.0 / n as f64, 0.0)?;
+            .sum_keepdim(0)?; // [1, C, 1, 1]
+        let var = sq_sum.affine(1.0 / n as f64, 0.0)?; // biased, for normalising (as PyTorch)
         let inv_std = (var + self.eps)?.sqrt()?.recip()?; // differentiable: var depends on x
         let scale = self.weight.to_dtype(xs.dtype())?.reshape((1, c, 1, 1))?;
         let shift = self.bias.to_dtype(xs.dtype())?.reshape((1, c, 1, 1))?;
@@ -198,12 +198,9 @@ impl BatchNorm2d {
         let m = self.momentum;
         let rm_dtype = self.running_mean.dtype();
         let batch_mean = mean.detach().flatten_all()?.to_dtype(rm_dtype)?;
-        let batch_var = centred
+        // PyTorch stores the unbiased variance.
+        let batch_var = sq_sum
             .detach()
-            .sqr()?
-            .sum_keepdim(3)?
-            .sum_keepdim(2)?
-            .sum_keepdim(0)?
             .flatten_all()?
             .affine(1.0 / (n - 1) as f64, 0.0)?
             .to_dtype(rm_dtype)?;

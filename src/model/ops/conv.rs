@@ -6,7 +6,8 @@
 //! bottom or right edge with zeros until both remainders are equal leaves the output unchanged (the extra rows or
 //! columns are never reached by a window) and makes Candle's single `output_padding` right for both axes.
 
-use candle_core::{Result, Tensor};
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
 /// Remainder of the last window's reach along one axis: rows past the last window that the output never uses.
 fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) -> Option<usize> {
@@ -29,7 +30,189 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilati
         }
         _ => x.clone(),
     };
+    if x.device().is_cpu() && (x.track_op() || weight.track_op()) {
+        return conv2d_im2col(&x, weight, padding, stride, dilation);
+    }
     x.conv2d(weight, padding, stride, dilation, 1)
+}
+
+/// Geometry shared by [`Im2Col`] and [`Col2Im`]: input `[B, C, H, W]` ↔ columns `[B, C·k·k, oh·ow]`, row
+/// `c·k² + ky·k + kx` (the order of a `[Cout, C, k, k]` weight flattened to `[Cout, C·k²]`).
+#[derive(Clone, Copy, Debug)]
+struct Geometry {
+    b: usize,
+    c: usize,
+    h: usize,
+    w: usize,
+    k: usize,
+    stride: usize,
+    padding: usize,
+    dilation: usize,
+    oh: usize,
+    ow: usize,
+}
+
+impl Geometry {
+    /// Calls `f(image_index, column_index)` for every (channel, tap, output pixel) whose input pixel is inside.
+    fn for_each(&self, mut f: impl FnMut(usize, usize)) {
+        let (k, l) = (self.k, self.oh * self.ow);
+        for b in 0..self.b {
+            for c in 0..self.c {
+                let img = (b * self.c + c) * self.h * self.w;
+                for ky in 0..k {
+                    for kx in 0..k {
+                        let row = ((b * self.c + c) * k * k + ky * k + kx) * l;
+                        for oy in 0..self.oh {
+                            let iy = (oy * self.stride + ky * self.dilation) as isize
+                                - self.padding as isize;
+                            if iy < 0 || iy >= self.h as isize {
+                                continue;
+                            }
+                            for ox in 0..self.ow {
+                                let ix = (ox * self.stride + kx * self.dilation) as isize
+                                    - self.padding as isize;
+                                if ix >= 0 && ix < self.w as isize {
+                                    f(
+                                        img + iy as usize * self.w + ix as usize,
+                                        row + oy * self.ow + ox,
+                                    );
+                                }
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn col_shape(&self) -> Shape {
+        Shape::from((self.b, self.c * self.k * self.k, self.oh * self.ow))
+    }
+}
+
+fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
+
+/// `[B, C, H, W]` → columns `[B, C·k², oh·ow]`; backward is [`Col2Im`].
+struct Im2Col(Geometry);
+
+impl CustomOp1 for Im2Col {
+    fn name(&self) -> &'static str {
+        "semseg-im2col"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let n = g.col_shape().elem_count();
+        let out = match s {
+            CpuStorage::F32(v) => {
+                let v = contiguous_slice(v, l, "im2col")?;
+                let mut o = vec![0f32; n];
+                g.for_each(|i, j| o[j] = v[i]);
+                CpuStorage::F32(o)
+            }
+            CpuStorage::F64(v) => {
+                let v = contiguous_slice(v, l, "im2col")?;
+                let mut o = vec![0f64; n];
+                g.for_each(|i, j| o[j] = v[i]);
+                CpuStorage::F64(o)
+            }
+            other => candle_core::bail!("im2col: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, g.col_shape()))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Col2Im(self.0))?))
+    }
+}
+
+/// Columns `[B, C·k², oh·ow]` → `[B, C, H, W]`, summing where windows overlap; backward is [`Im2Col`].
+struct Col2Im(Geometry);
+
+impl CustomOp1 for Col2Im {
+    fn name(&self) -> &'static str {
+        "semseg-col2im"
+    }
+
+    fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
+        let g = self.0;
+        let n = g.b * g.c * g.h * g.w;
+        let out = match s {
+            CpuStorage::F32(v) => {
+                let v = contiguous_slice(v, l, "col2im")?;
+                let mut o = vec![0f32; n];
+                g.for_each(|i, j| o[i] += v[j]);
+                CpuStorage::F32(o)
+            }
+            CpuStorage::F64(v) => {
+                let v = contiguous_slice(v, l, "col2im")?;
+                let mut o = vec![0f64; n];
+                g.for_each(|i, j| o[i] += v[j]);
+                CpuStorage::F64(o)
+            }
+            other => candle_core::bail!("col2im: unsupported dtype {:?}", other.dtype()),
+        };
+        Ok((out, Shape::from((g.b, g.c, g.h, g.w))))
+    }
+
+    fn bwd(&self, _arg: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(grad.contiguous()?.apply_op1(Im2Col(self.0))?))
+    }
+}
+
+/// The convolution as `W[Cout, C·k²] · im2col(x)[B, C·k², L]`, differentiable through the matmul and
+/// im2col/col2im. 1×1 stride-1 convolutions skip im2col (the input already is the column matrix).
+fn conv2d_im2col(
+    x: &Tensor,
+    weight: &Tensor,
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (cout, cin, k, k2) = weight.dims4()?;
+    if cin != c || k != k2 {
+        candle_core::bail!(
+            "conv2d: input {:?} and weight {:?} do not fit",
+            x.dims(),
+            weight.dims()
+        )
+    }
+    let span = dilation * (k - 1) + 1;
+    if h + 2 * padding < span || w + 2 * padding < span {
+        candle_core::bail!(
+            "conv2d: input {:?} smaller than the kernel span {span}",
+            x.dims()
+        )
+    }
+    let oh = (h + 2 * padding - span) / stride + 1;
+    let ow = (w + 2 * padding - span) / stride + 1;
+    let cols = if k == 1 && stride == 1 && padding == 0 {
+        x.reshape((b, c, h * w))?
+    } else {
+        let g = Geometry {
+            b,
+            c,
+            h,
+            w,
+            k,
+            stride,
+            padding,
+            dilation,
+            oh,
+            ow,
+        };
+        x.contiguous()?.apply_op1(Im2Col(g))?
+    };
+    let wm = weight.reshape((cout, c * k * k))?;
+    wm.broadcast_left(b)?
+        .matmul(&cols)?
+        .reshape((b, cout, oh, ow))
 }
 
 #[cfg(test)]
@@ -51,6 +234,28 @@ mod tests {
             }
         });
         assert!(broken.is_err(), "Candle's conv2d backward now handles mixed parity");
+        Ok(())
+    }
+
+    #[test]
+    fn im2col_path_matches_candle_and_has_correct_gradients() -> Result<()> {
+        for &(h, w, k, p, s, d) in &[
+            (5, 6, 3, 1, 2, 1),
+            (7, 7, 3, 2, 1, 2),
+            (6, 5, 1, 0, 1, 1),
+            (9, 8, 7, 3, 2, 1),
+            (4, 5, 1, 0, 2, 1),
+        ] {
+            let x = seeded(&[2, 3, h, w], 3)?;
+            let wt = seeded(&[4, 3, k, k], 4)?;
+            let want = x.conv2d(&wt, p, s, d, 1)?;
+            let got = conv2d_im2col(&x, &wt, p, s, d)?;
+            assert_eq!(want.dims(), got.dims());
+            assert!((want - got)?.abs()?.max_all()?.to_scalar::<f64>()? < 1e-12);
+            check_gradients(&[&[2, 3, h, w], &[4, 3, k, k]], |t| {
+                conv2d_im2col(&t[0], &t[1], p, s, d)
+            })?;
+        }
         Ok(())
     }
 

@@ -1,0 +1,81 @@
+//! CPU (or default-device) training-step time: forward in train mode, a mean-squared stand-in loss on the logits
+//! (and the aux logits), backward, plain SGD on the trainable variables. Shaped like the peer's `torch_train.py`
+//! lines (`../shared/bench/peer`), for comparison. Threads: `RAYON_NUM_THREADS`.
+//! Usage: bench_train [--size H W] [--batch N] [--steps N] [--models fcn,deeplab,psp] [--backbone resnet-50] [--aux]
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_nn::{Optimizer, VarBuilder, VarMap, SGD};
+use semseg::model::{weights, Algorithm, Backbone, ModelConfig, OutputStride, Segmenter};
+
+fn main() -> Result<()> {
+    let mut args = std::env::args().skip(1);
+    let (mut h, mut w, mut batch, mut steps, mut aux) = (256usize, 256usize, 2usize, 3usize, false);
+    let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
+    let mut backbone = Backbone::Resnet50;
+    while let Some(a) = args.next() {
+        let mut num = |what: &str| -> Result<usize> {
+            args.next()
+                .with_context(|| format!("{what} needs a value"))?
+                .parse()
+                .with_context(|| what.to_string())
+        };
+        match a.as_str() {
+            "--size" => {
+                h = num("--size")?;
+                w = num("--size")?;
+            }
+            "--batch" => batch = num("--batch")?,
+            "--steps" => steps = num("--steps")?.max(1),
+            "--aux" => aux = true,
+            "--models" => {
+                models = args
+                    .next()
+                    .context("--models needs a value")?
+                    .split(',')
+                    .map(str::parse)
+                    .collect::<Result<_, _>>()?
+            }
+            "--backbone" => backbone = args.next().context("--backbone needs a value")?.parse()?,
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    let dev = Device::Cpu;
+    let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &dev)?;
+    for algorithm in models {
+        let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, aux)?;
+        let vm = VarMap::new();
+        let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let vars = weights::trainable_vars(&vm)
+            .into_iter()
+            .map(|(_, v)| v)
+            .collect();
+        let mut sgd = SGD::new(vars, 1e-3)?;
+        let mut ts = Vec::new();
+        for step in 0..=steps {
+            let t0 = Instant::now();
+            let y = net.forward_t(&x, true)?;
+            let mut loss = y.out.sqr()?.mean_all()?;
+            if let Some(a) = &y.aux {
+                loss = (loss + (a.sqr()?.mean_all()? * 0.4)?)?;
+            }
+            sgd.backward_step(&loss)?;
+            if step > 0 {
+                ts.push(t0.elapsed().as_secs_f64() * 1e3); // step 0 is the warm-up
+            }
+        }
+        ts.sort_by(f64::total_cmp);
+        let median = ts[ts.len() / 2];
+        println!(
+            "{{\"model\": \"{cfg}\", \"engine\": \"semseg-candle\", \"batch\": {batch}, \"size\": [{h}, {w}], \
+             \"steps\": {steps}, \"images_per_s\": {:.3}, \"step_ms_median\": {median:.1}, \"step_ms_min\": {:.1}, \
+             \"step_ms_max\": {:.1}}}",
+            batch as f64 / (median / 1e3),
+            ts[0],
+            ts[ts.len() - 1]
+        );
+    }
+    Ok(())
+}
