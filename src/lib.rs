@@ -2,8 +2,13 @@
 //!
 //! The folders follow the two journeys through the program:
 //! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
-//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator.
+//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator;
+//! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and validation;
+//! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files.
 
 pub mod data;
+pub mod infer;
+pub mod predict;
 pub mod sagemaker;
+pub mod serve;
 pub mod train;
