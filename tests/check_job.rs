@@ -1,0 +1,215 @@
+//! The training-job contract end to end: the real binary against temporary ml-roots. A valid job passes `check`;
+//! every kind of bad input writes `output/failure` naming the problem and exits non-zero.
+
+mod common;
+
+use common::{files, semseg, text, write_gray_png, Job};
+
+#[test]
+fn a_synthetic_job_is_valid() {
+    let job = Job::with_synth(&[]);
+    assert_eq!(files(&job.channel("train")).len(), 6);
+    job.check_passes();
+}
+
+#[test]
+fn missing_hyperparameters_file_fails() {
+    let job = Job::with_synth(&[]);
+    std::fs::remove_file(job.root().join("input/config/hyperparameters.json")).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains("hyperparameters.json does not exist"), "{failure}");
+    assert!(failure.contains("num_classes and num_training_samples"), "{failure}");
+}
+
+#[test]
+fn bad_and_unknown_hyperparameters_fail_with_the_name_value_and_fix() {
+    let job = Job::with_synth(&[]);
+    job.write_hyperparameters(r#"{"num_classes": "1", "num_training_samples": "6"}"#);
+    let failure = job.check_fails();
+    assert!(failure.starts_with("hyperparameter 'num_classes' has the value '1'"), "{failure}");
+    assert!(failure.contains("from 2 to 254"), "{failure}");
+
+    job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6", "optimiser": "adam"}"#);
+    let failure = job.check_fails();
+    assert!(failure.contains("unknown hyperparameter 'optimiser' (did you mean 'optimizer'?)"), "{failure}");
+
+    job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6", "sagemaker_program": "x"}"#);
+    job.check_passes();
+}
+
+#[test]
+fn a_missing_channel_fails_naming_it() {
+    let job = Job::with_synth(&[]);
+    std::fs::remove_dir_all(job.channel("validation_annotation")).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains("required channel 'validation_annotation' is missing"), "{failure}");
+}
+
+#[test]
+fn an_empty_channel_fails_naming_it() {
+    let job = Job::with_synth(&[]);
+    for name in files(&job.channel("train")) {
+        std::fs::remove_file(job.channel("train").join(name)).unwrap();
+    }
+    let failure = job.check_fails();
+    assert!(failure.contains("channel 'train' has no image files"), "{failure}");
+}
+
+#[test]
+fn images_without_annotations_are_named_with_a_count() {
+    let job = Job::with_synth(&[]);
+    let annotations = files(&job.channel("train_annotation"));
+    for name in &annotations[..3] {
+        std::fs::remove_file(job.channel("train_annotation").join(name)).unwrap();
+    }
+    let failure = job.check_fails();
+    assert!(failure.contains("3 of 6 images in channel 'train' have no annotation"), "{failure}");
+    let first = annotations[0].replace(".png", ".jpg");
+    assert!(failure.contains(&first), "{failure}");
+}
+
+#[test]
+fn size_mismatches_are_named() {
+    let job = Job::with_synth(&[]);
+    let name = files(&job.channel("validation_annotation"))[1].clone();
+    write_gray_png(&job.channel("validation_annotation").join(&name), 10, 10, &[0; 100]);
+    let failure = job.check_fails();
+    assert!(failure.contains("differ in size"), "{failure}");
+    assert!(failure.contains(&format!("is 64x48 but {name} is 10x10")), "{failure}");
+}
+
+#[test]
+fn labels_beyond_num_classes_are_named() {
+    let job = Job::with_synth(&[]);
+    job.write_hyperparameters(r#"{"num_classes": "3", "num_training_samples": "6"}"#);
+    let failure = job.check_fails();
+    assert!(failure.contains("hold labels >= num_classes (3) that are not 255"), "{failure}");
+    assert!(failure.contains("labels 3 in"), "{failure}");
+}
+
+#[test]
+fn corrupt_images_and_annotations_are_named() {
+    let job = Job::with_synth(&[]);
+    let image = files(&job.channel("train"))[0].clone();
+    std::fs::write(job.channel("train").join(&image), b"\xff\xd8\xff garbage").unwrap();
+    let annotation = files(&job.channel("validation_annotation"))[0].clone();
+    std::fs::write(job.channel("validation_annotation").join(&annotation), b"not a png").unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains("cannot be read") && failure.contains(&image), "{failure}");
+    assert!(failure.contains(&annotation), "{failure}");
+}
+
+#[test]
+fn rgb_colour_masks_are_rejected_with_advice() {
+    let job = Job::with_synth(&[]);
+    let name = files(&job.channel("train_annotation"))[0].clone();
+    image::RgbImage::from_pixel(64, 48, image::Rgb([128, 0, 0])).save(job.channel("train_annotation").join(&name)).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains(&name), "{failure}");
+    assert!(failure.to_lowercase().contains("palette"), "{failure}");
+}
+
+#[test]
+fn scale_label_maps_are_applied() {
+    let job = Job::with_synth(&["--label-map", "scale", "--label-scale", "10"]);
+    job.check_passes();
+    // Without the label map the raw values (0, 10, 20, 30) are not labels of 4 classes.
+    std::fs::remove_dir_all(job.channel("label_map")).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains("labels 10, 20, 30 in"), "{failure}");
+}
+
+#[test]
+fn map_label_maps_are_applied_and_unmapped_values_fail() {
+    let job = Job::with_synth(&["--label-map", "map"]);
+    job.check_passes();
+    let path = job.channel("label_map").join("train_label_map.json");
+    let map: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+    let mut entries = map["map"].as_object().unwrap().clone();
+    entries.remove("3");
+    std::fs::write(&path, serde_json::json!({ "map": entries }).to_string()).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.contains("the label map does not map"), "{failure}");
+}
+
+#[test]
+fn malformed_label_maps_fail() {
+    let job = Job::with_synth(&[]);
+    std::fs::write(job.channel("label_map").join("train_label_map.json"), r#"{"scale": "zero"}"#).unwrap();
+    let failure = job.check_fails();
+    assert!(failure.starts_with("the label_map channel is invalid"), "{failure}");
+    assert!(failure.contains("zero"), "{failure}");
+}
+
+#[test]
+fn several_hosts_and_bad_input_modes_fail() {
+    let job = Job::with_synth(&[]);
+    job.write_config("resourceconfig.json", r#"{"current_host": "algo-1", "hosts": ["algo-1", "algo-2"]}"#);
+    let failure = job.check_fails();
+    assert!(failure.contains("set InstanceCount to 1"), "{failure}");
+
+    let job = Job::with_synth(&[]);
+    job.write_config("inputdataconfig.json", r#"{"train": {"TrainingInputMode": "Stream"}}"#);
+    let failure = job.check_fails();
+    assert!(failure.contains("TrainingInputMode 'Stream'"), "{failure}");
+}
+
+#[test]
+fn sagemaker_local_mode_configs_are_accepted() {
+    // What the SageMaker Python SDK's local mode writes: only TrainingInputMode, and a resourceconfig.
+    let job = Job::with_synth(&[]);
+    job.write_config(
+        "inputdataconfig.json",
+        r#"{"train": {"TrainingInputMode": "File"}, "validation": {"TrainingInputMode": "File"},
+            "train_annotation": {"TrainingInputMode": "File"}, "validation_annotation": {"TrainingInputMode": "File"},
+            "label_map": {"TrainingInputMode": "File"}}"#,
+    );
+    job.write_config("resourceconfig.json", r#"{"current_host": "algo-1", "hosts": ["algo-1"]}"#);
+    job.check_passes();
+}
+
+#[test]
+fn ml_root_comes_from_the_environment_too() {
+    let job = Job::with_synth(&[]);
+    let out = std::process::Command::new(common::BIN)
+        .arg("check")
+        .env("SEMSEG_ML_ROOT", job.root())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", text(&out));
+}
+
+#[test]
+fn help_documents_every_command_and_option() {
+    let out = semseg(&["--help"]);
+    let help = text(&out);
+    for word in ["check", "synth", "--ml-root", "SEMSEG_ML_ROOT"] {
+        assert!(help.contains(word), "--help lacks {word}: {help}");
+    }
+    let help = text(&semseg(&["synth", "--help"]));
+    for option in [
+        "--out",
+        "--seed",
+        "--train-count",
+        "--validation-count",
+        "--width",
+        "--height",
+        "--num-classes",
+        "--label-map",
+        "--label-scale",
+        "--border",
+        "--jpeg-quality",
+        "--force",
+    ] {
+        assert!(help.contains(option), "synth --help lacks {option}: {help}");
+    }
+}
+
+#[test]
+fn readme_documents_every_hyperparameter() {
+    let readme = std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/README.md")).unwrap();
+    for spec in semseg::sagemaker::hyperparameters::SPECS {
+        let row = format!("| {}{} |", spec.name, if spec.extension { " +" } else { "" });
+        assert!(readme.contains(&row), "README's hyperparameter table lacks {}", spec.name);
+    }
+}

@@ -1,0 +1,101 @@
+//! Helpers shared by the end-to-end tests: a temporary ml-root with a synthetic dataset, and the real binary.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_semseg");
+
+/// A temporary SageMaker ml-root.
+pub struct Job {
+    pub dir: tempfile::TempDir,
+}
+
+impl Job {
+    /// An ml-root holding a small synthetic dataset (`synth_args` added to the generator's) and hyperparameters
+    /// matching it.
+    pub fn with_synth(synth_args: &[&str]) -> Job {
+        let job = Job { dir: tempfile::tempdir().expect("tempdir") };
+        let data = job.data_dir();
+        let mut args = vec!["synth", "--out", data.to_str().expect("utf-8 path"), "--train-count", "6"];
+        args.extend(["--validation-count", "3", "--width", "64", "--height", "48", "--seed", "3"]);
+        args.extend(synth_args);
+        let out = semseg(&args);
+        assert!(out.status.success(), "synth failed: {}", text(&out));
+        job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6"}"#);
+        job
+    }
+
+    pub fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    pub fn data_dir(&self) -> PathBuf {
+        self.root().join("input/data")
+    }
+
+    pub fn channel(&self, name: &str) -> PathBuf {
+        self.data_dir().join(name)
+    }
+
+    pub fn write_config(&self, file: &str, contents: &str) {
+        let dir = self.root().join("input/config");
+        std::fs::create_dir_all(&dir).expect("config dir");
+        std::fs::write(dir.join(file), contents).expect("write config");
+    }
+
+    pub fn write_hyperparameters(&self, json: &str) {
+        self.write_config("hyperparameters.json", json);
+    }
+
+    /// Run `semseg --ml-root ROOT <args>`.
+    pub fn run(&self, args: &[&str]) -> Output {
+        let mut all = vec!["--ml-root", self.root().to_str().expect("utf-8 path")];
+        all.extend(args);
+        semseg(&all)
+    }
+
+    pub fn failure(&self) -> Option<String> {
+        std::fs::read_to_string(self.root().join("output/failure")).ok()
+    }
+
+    /// Run `check`, assert it fails, and return the failure file (which must exist).
+    pub fn check_fails(&self) -> String {
+        let out = self.run(&["check"]);
+        assert!(!out.status.success(), "check should fail but passed: {}", text(&out));
+        let failure = self.failure().unwrap_or_else(|| panic!("no output/failure written; log: {}", text(&out)));
+        assert!(!failure.trim().is_empty());
+        // The reason must also be in the log, where CloudWatch keeps it.
+        assert!(String::from_utf8_lossy(&out.stdout).contains("check failed"), "{}", text(&out));
+        failure
+    }
+
+    pub fn check_passes(&self) {
+        let out = self.run(&["check"]);
+        assert!(out.status.success(), "check failed: {}\nfailure: {:?}", text(&out), self.failure());
+        assert!(self.failure().is_none(), "a passing job left output/failure");
+    }
+}
+
+pub fn semseg(args: &[&str]) -> Output {
+    Command::new(BIN).args(args).env_remove("SEMSEG_ML_ROOT").output().expect("run semseg")
+}
+
+pub fn text(out: &Output) -> String {
+    format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr))
+}
+
+/// The sorted file names in a directory.
+pub fn files(dir: &Path) -> Vec<String> {
+    let mut names: Vec<String> = std::fs::read_dir(dir)
+        .expect("read dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    names.sort();
+    names
+}
+
+/// Write an 8-bit grayscale PNG.
+pub fn write_gray_png(path: &Path, width: u32, height: u32, pixels: &[u8]) {
+    image::GrayImage::from_raw(width, height, pixels.to_vec()).expect("size").save(path).expect("save png");
+}
