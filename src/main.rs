@@ -6,14 +6,18 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use semseg::data::synth::{self, SynthOptions};
-use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::infer::Segmenter;
+use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::sagemaker::MlRoot;
 use semseg::{predict, serve, train};
 
 #[derive(Debug, Parser)]
-#[command(name = "semseg", version, about = "Train and serve semantic-segmentation networks (FCN, PSPNet, DeepLabV3) \
-    following Amazon SageMaker's container contract.")]
+#[command(
+    name = "semseg",
+    version,
+    about = "Train and serve semantic-segmentation networks (FCN, PSPNet, DeepLabV3) \
+    following Amazon SageMaker's container contract."
+)]
 struct Cli {
     /// Root of the SageMaker directory layout (input/, model/, output/, checkpoints/). Point it at any directory to
     /// run the container contract outside a container.

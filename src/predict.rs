@@ -9,8 +9,8 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::data::image_io;
 use crate::infer::{encode, Inference, InferenceLimits, DEFAULT_MAX_MODEL_PIXELS};
-use crate::serve::codec::decode_image;
 use crate::serve::{model_dir, LoadModel, DEFAULT_MAX_IMAGE_PIXELS};
 
 #[derive(Clone, Debug, clap::Args)]
@@ -67,8 +67,7 @@ pub fn predict_files(
     let mut done = Vec::with_capacity(images.len());
     for (path, stem) in images.iter().zip(stems) {
         let started = std::time::Instant::now();
-        let bytes = fs::read(path).with_context(|| format!("cannot read {}", path.display()))?;
-        let image = decode_image(&bytes, DEFAULT_MAX_IMAGE_PIXELS).with_context(|| path.display().to_string())?;
+        let image = image_io::read_rgb_with_budget(path, DEFAULT_MAX_IMAGE_PIXELS)?;
         let mask_path = out.join(format!("{stem}.png"));
         let npy_path = out.join(format!("{stem}.npy"));
         let mask = if probabilities {
@@ -155,7 +154,10 @@ mod tests {
         let mask = image::open(&done[0].mask)?;
         assert_eq!((mask.width(), mask.height()), (8, 4));
         let npy = fs::read(out.join("a.npy"))?;
-        assert_eq!(npy.len() - usize::from(u16::from_le_bytes([npy[8], npy[9]])) - 10, 2 * 8 * 4 * 4);
+        assert_eq!(
+            npy.len() - usize::from(u16::from_le_bytes([npy[8], npy[9]])) - 10,
+            2 * 8 * 4 * 4
+        );
         Ok(())
     }
 

@@ -30,7 +30,10 @@ fn serve_without_a_model_exits_with_the_reason() -> anyhow::Result<()> {
     assert!(!out.status.success());
     let log = String::from_utf8_lossy(&out.stdout);
     assert!(log.contains("listening"), "{log}");
-    assert!(log.contains("model directory") && log.contains("does not exist"), "{log}");
+    assert!(
+        log.contains("model directory") && log.contains("does not exist"),
+        "{log}"
+    );
     Ok(())
 }
 

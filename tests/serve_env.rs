@@ -38,7 +38,10 @@ fn sagemaker_variables_configure_the_server() -> anyhow::Result<()> {
     );
 
     std::env::set_var("SAGEMAKER_MAX_PAYLOAD_IN_MB", "101");
-    assert!(Cli::try_parse_from(["serve"]).is_err(), "SageMaker allows at most 100 MB");
+    assert!(
+        Cli::try_parse_from(["serve"]).is_err(),
+        "SageMaker allows at most 100 MB"
+    );
     std::env::set_var("SAGEMAKER_MAX_PAYLOAD_IN_MB", "6");
     assert!(Cli::try_parse_from(["serve", "--request-timeout", "60"])
         .map_err(anyhow::Error::from)

@@ -183,7 +183,10 @@ async fn every_content_type_pair() -> TestResult {
         (None, "image/png"),
         (Some("*/*"), "image/png"),
         (Some("image/png"), "image/png"),
-        (Some("application/x-recordio-protobuf"), "application/x-recordio-protobuf"),
+        (
+            Some("application/x-recordio-protobuf"),
+            "application/x-recordio-protobuf",
+        ),
         (Some("application/x-protobuf"), "application/x-protobuf"),
         (Some("application/json"), "application/json"),
         (Some("text/html, application/json;q=0.5"), "application/json"),
@@ -192,7 +195,11 @@ async fn every_content_type_pair() -> TestResult {
         for (accept, expected_type) in accepts {
             let response = server.invoke(Some(content_type), accept, body.clone()).await?;
             assert_eq!(response.status(), StatusCode::OK, "{content_type} → {accept:?}");
-            let got_type = response.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).map(str::to_owned);
+            let got_type = response
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
             assert_eq!(got_type.as_deref(), Some(expected_type));
             let bytes = response.bytes().await?;
             match expected_type {
@@ -233,11 +240,17 @@ async fn client_errors_are_json_and_the_server_keeps_serving() -> TestResult {
 
     let r = server.invoke(Some("image/jpeg"), None, Vec::new()).await?;
     expect_error(r, StatusCode::BAD_REQUEST, "empty_body").await?;
-    let r = server.invoke(Some("image/jpeg"), None, b"definitely not an image".to_vec()).await?;
+    let r = server
+        .invoke(Some("image/jpeg"), None, b"definitely not an image".to_vec())
+        .await?;
     expect_error(r, StatusCode::BAD_REQUEST, "bad_image").await?;
-    let r = server.invoke(Some("image/jpeg"), None, jpeg[..jpeg.len() / 2].to_vec()).await?;
+    let r = server
+        .invoke(Some("image/jpeg"), None, jpeg[..jpeg.len() / 2].to_vec())
+        .await?;
     expect_error(r, StatusCode::BAD_REQUEST, "bad_image").await?;
-    let r = server.invoke(Some("image/png"), None, png[..png.len() - 20].to_vec()).await?;
+    let r = server
+        .invoke(Some("image/png"), None, png[..png.len() - 20].to_vec())
+        .await?;
     expect_error(r, StatusCode::BAD_REQUEST, "bad_image").await?;
     let gif = b"GIF89a\x01\x00\x01\x00\x00\x00\x00;".to_vec();
     let r = server.invoke(Some("image/jpeg"), None, gif).await?;
@@ -249,7 +262,9 @@ async fn client_errors_are_json_and_the_server_keeps_serving() -> TestResult {
     expect_error(r, StatusCode::UNSUPPORTED_MEDIA_TYPE, "unsupported_media_type").await?;
     let r = server.invoke(Some("image/png"), Some("text/csv"), png.clone()).await?;
     expect_error(r, StatusCode::NOT_ACCEPTABLE, "not_acceptable").await?;
-    let r = server.invoke(Some("image/png"), Some("image/png;q=0"), png.clone()).await?;
+    let r = server
+        .invoke(Some("image/png"), Some("image/png;q=0"), png.clone())
+        .await?;
     expect_error(r, StatusCode::NOT_ACCEPTABLE, "not_acceptable").await?;
 
     let r = server.invoke(Some("image/png"), None, vec![0u8; 100_001]).await?;
@@ -262,7 +277,9 @@ async fn client_errors_are_json_and_the_server_keeps_serving() -> TestResult {
     let r = server.invoke(Some("image/png"), None, bomb).await?;
     expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "image_too_large").await?;
     let big = encode(&test_image(200, 100), ImageFormat::Png)?;
-    let r = server.invoke(Some("image/png"), Some("application/x-recordio-protobuf"), big.clone()).await?;
+    let r = server
+        .invoke(Some("image/png"), Some("application/x-recordio-protobuf"), big.clone())
+        .await?;
     expect_error(r, StatusCode::PAYLOAD_TOO_LARGE, "probabilities_too_large").await?;
     let r = server.invoke(Some("image/png"), Some("image/png"), big).await?;
     assert_eq!(r.status(), StatusCode::OK, "the mask of the same image is fine");
@@ -283,7 +300,7 @@ async fn custom_attributes_are_echoed() -> TestResult {
     let server = Server::start(config(), colours()).await?.ready().await?;
     let png = encode(&test_image(30, 10), ImageFormat::Png)?;
     let url = format!("{}/invocations", server.base);
-    let attrs = "trace_id=abc-123,c000b4f9-df62-4c85-a0bf-7c525f9104a4; v=1 ";
+    let attrs = "trace_id=abc-123,c000b4f9-df62-4c85-a0bf-7c525f9104a4; v=1";
     let r = server
         .client
         .post(&url)
@@ -351,14 +368,20 @@ async fn ping_is_503_while_loading_then_200() -> TestResult {
     .await?;
     let started = Instant::now();
     let r = server.get("/ping").await?;
-    assert!(started.elapsed() < Duration::from_millis(500), "accepts and answers at once");
+    assert!(
+        started.elapsed() < Duration::from_millis(500),
+        "accepts and answers at once"
+    );
     assert!(r.headers().contains_key(RETRY_AFTER));
     expect_error(r, StatusCode::SERVICE_UNAVAILABLE, "model_loading").await?;
     let png = encode(&test_image(30, 10), ImageFormat::Png)?;
     let r = server.invoke(Some("image/png"), None, png.clone()).await?;
     expect_error(r, StatusCode::SERVICE_UNAVAILABLE, "model_loading").await?;
     let server = server.ready().await?;
-    assert_eq!(server.invoke(Some("image/png"), None, png).await?.status(), StatusCode::OK);
+    assert_eq!(
+        server.invoke(Some("image/png"), None, png).await?.status(),
+        StatusCode::OK
+    );
     server.stop().await
 }
 
@@ -368,7 +391,10 @@ async fn a_failed_load_stops_the_server_with_the_reason() -> TestResult {
     let mut server = server;
     let running = server.running.take().ok_or_else(|| anyhow::anyhow!("not started"))?;
     let result = tokio::time::timeout(Duration::from_secs(10), running.wait()).await?;
-    let message = format!("{:#}", result.err().ok_or_else(|| anyhow::anyhow!("expected an error"))?);
+    let message = format!(
+        "{:#}",
+        result.err().ok_or_else(|| anyhow::anyhow!("expected an error"))?
+    );
     assert!(message.contains("weights are corrupt"), "{message}");
     Ok(())
 }
@@ -397,7 +423,11 @@ async fn full_queue_gets_503_and_ping_stays_fast() -> TestResult {
     for _ in 0..5 {
         let started = Instant::now();
         assert_eq!(server.get("/ping").await?.status(), StatusCode::OK);
-        assert!(started.elapsed() < Duration::from_millis(500), "ping took {:?}", started.elapsed());
+        assert!(
+            started.elapsed() < Duration::from_millis(500),
+            "ping took {:?}",
+            started.elapsed()
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let (mut ok, mut busy) = (0, 0);
@@ -413,7 +443,11 @@ async fn full_queue_gets_503_and_ping_stays_fast() -> TestResult {
             other => anyhow::bail!("unexpected status {other}"),
         }
     }
-    assert_eq!((ok, busy), (2, 3), "one running + one queued succeed, the rest are refused");
+    assert_eq!(
+        (ok, busy),
+        (2, 3),
+        "one running + one queued succeed, the rest are refused"
+    );
     match Arc::try_unwrap(server) {
         Ok(server) => server.stop().await,
         Err(_) => anyhow::bail!("server still shared"),
@@ -475,7 +509,12 @@ async fn shutdown_drains_in_flight_requests() -> TestResult {
     let client = server.client.clone();
     let url = format!("{}/invocations", server.base);
     let in_flight = tokio::spawn(async move {
-        client.post(url).header(CONTENT_TYPE, "image/png").body(png).send().await
+        client
+            .post(url)
+            .header(CONTENT_TYPE, "image/png")
+            .body(png)
+            .send()
+            .await
     });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
@@ -503,12 +542,22 @@ async fn drain_gives_up_after_the_drain_timeout() -> TestResult {
     let png = encode(&test_image(30, 10), ImageFormat::Png)?;
     let client = server.client.clone();
     let url = format!("{}/invocations", server.base);
-    let in_flight =
-        tokio::spawn(async move { client.post(url).header(CONTENT_TYPE, "image/png").body(png).send().await });
+    let in_flight = tokio::spawn(async move {
+        client
+            .post(url)
+            .header(CONTENT_TYPE, "image/png")
+            .body(png)
+            .send()
+            .await
+    });
     tokio::time::sleep(Duration::from_millis(200)).await;
     let started = Instant::now();
     server.stop().await?;
-    assert!(started.elapsed() < Duration::from_millis(2800), "stopped after {:?}", started.elapsed());
+    assert!(
+        started.elapsed() < Duration::from_millis(2800),
+        "stopped after {:?}",
+        started.elapsed()
+    );
     in_flight.abort();
     Ok(())
 }
@@ -523,12 +572,16 @@ async fn large_images_are_answered_at_full_size() -> TestResult {
         let body = encode(&test_image(w, h), format)?;
         assert!(body.len() < 6 << 20, "{} bytes", body.len());
         let started = Instant::now();
-        let r = server.invoke(Some(content_type), Some("image/png"), body.clone()).await?;
+        let r = server
+            .invoke(Some(content_type), Some("image/png"), body.clone())
+            .await?;
         assert_eq!(r.status(), StatusCode::OK);
         let (mw, mh, labels) = mask_indices(&r.bytes().await?)?;
         assert_eq!((mw, mh), (w, h));
         check_mask(w, h, &labels);
-        let r = server.invoke(Some(content_type), Some("application/json"), body).await?;
+        let r = server
+            .invoke(Some(content_type), Some("application/json"), body)
+            .await?;
         let counts: ClassCounts = r.json().await?;
         assert_eq!(counts.class_pixel_counts.iter().sum::<u64>(), u64::from(w * h));
         eprintln!("{w}x{h}: mask + counts in {:?}", started.elapsed());
@@ -570,7 +623,10 @@ async fn python_decodes_the_recordio_protobuf_answer() -> TestResult {
         }
         for decoder in decoders {
             let out = std::process::Command::new("python3")
-                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/decode_recordio_protobuf.py"))
+                .arg(concat!(
+                    env!("CARGO_MANIFEST_DIR"),
+                    "/scripts/decode_recordio_protobuf.py"
+                ))
                 .arg(&path)
                 .args(["--classes", "3", "--height", &h.to_string(), "--width", &w.to_string()])
                 .args(["--decoder", decoder])

@@ -42,6 +42,8 @@ async fn sigterm_drains_in_flight_requests() -> anyhow::Result<()> {
     let response = in_flight.await??;
     assert_eq!(response.status(), reqwest::StatusCode::OK);
     assert!(started.elapsed() < Duration::from_secs(5));
-    assert!(tokio::net::TcpStream::connect(base.trim_start_matches("http://")).await.is_err());
+    assert!(tokio::net::TcpStream::connect(base.trim_start_matches("http://"))
+        .await
+        .is_err());
     Ok(())
 }

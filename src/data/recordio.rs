@@ -119,7 +119,10 @@ impl<W: Write> RecordWriter<W> {
         if part.len() > MAX_PART_LEN {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("a RecordIO record holds at most {MAX_PART_LEN} bytes, got {}", part.len()),
+                format!(
+                    "a RecordIO record holds at most {MAX_PART_LEN} bytes, got {}",
+                    part.len()
+                ),
             ));
         }
         self.inner.write_all(&header(cflag, part.len()))?;
@@ -344,7 +347,12 @@ mod tests {
         let mut out = Vec::new();
         let mut at = 0;
         while at + 8 <= bytes.len() {
-            let (c, len) = decode_lrec(u32::from_le_bytes([bytes[at + 4], bytes[at + 5], bytes[at + 6], bytes[at + 7]]));
+            let (c, len) = decode_lrec(u32::from_le_bytes([
+                bytes[at + 4],
+                bytes[at + 5],
+                bytes[at + 6],
+                bytes[at + 7],
+            ]));
             out.push((c, len));
             at += 8 + len + padding(len);
         }
@@ -375,11 +383,17 @@ mod tests {
         bad[0] ^= 1;
         assert!(matches!(read_all(&bad), Err(RecordIoError::BadMagic { offset: 0, .. })));
         let lone_last = [MAGIC.to_le_bytes(), encode_lrec(3, 0).to_le_bytes()].concat();
-        assert!(matches!(read_all(&lone_last), Err(RecordIoError::BadSequence { cflag: 3, .. })));
+        assert!(matches!(
+            read_all(&lone_last),
+            Err(RecordIoError::BadSequence { cflag: 3, .. })
+        ));
         let unfinished = [MAGIC.to_le_bytes(), encode_lrec(1, 0).to_le_bytes()].concat();
         assert!(matches!(read_all(&unfinished), Err(RecordIoError::Truncated { .. })));
         let restart = [unfinished.clone(), unfinished].concat();
-        assert!(matches!(read_all(&restart), Err(RecordIoError::BadSequence { cflag: 1, .. })));
+        assert!(matches!(
+            read_all(&restart),
+            Err(RecordIoError::BadSequence { cflag: 1, .. })
+        ));
         let huge = [MAGIC.to_le_bytes(), encode_lrec(0, MAX_PART_LEN).to_le_bytes()].concat();
         assert!(matches!(
             RecordReader::new(&huge[..]).with_max_record_len(1024).next_record(),

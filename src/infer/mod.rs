@@ -46,7 +46,11 @@ pub struct Probabilities {
 
 impl fmt::Debug for Probabilities {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Probabilities[{}, {}, {}]", self.num_classes, self.height, self.width)
+        write!(
+            f,
+            "Probabilities[{}, {}, {}]",
+            self.num_classes, self.height, self.width
+        )
     }
 }
 
@@ -79,7 +83,12 @@ impl Probabilities {
     }
 
     /// Softmax over the class axis of logits laid out `[C, H, W]`, in place (numerically stable).
-    pub fn from_logits(num_classes: usize, height: usize, width: usize, mut logits: Vec<f32>) -> Result<Self, ShapeError> {
+    pub fn from_logits(
+        num_classes: usize,
+        height: usize,
+        width: usize,
+        mut logits: Vec<f32>,
+    ) -> Result<Self, ShapeError> {
         let plane = height * width;
         if logits.len() == num_classes * plane && num_classes > 0 {
             let mut max = vec![f32::NEG_INFINITY; plane];
@@ -370,7 +379,13 @@ impl Inference {
         let input = if (mw, mh) == (width, height) {
             image
         } else {
-            tracing::debug!(width, height, model_width = mw, model_height = mh, "downscaling a large image");
+            tracing::debug!(
+                width,
+                height,
+                model_width = mw,
+                model_height = mh,
+                "downscaling a large image"
+            );
             resized = imageops::resize(image, mw, mh, FilterType::Triangle);
             &resized
         };
@@ -457,7 +472,9 @@ impl Segmenter for NearestColour {
         let mut logits = vec![0f32; self.colours.len() * plane];
         for (i, pixel) in image.pixels().enumerate() {
             for (class, colour) in self.colours.iter().enumerate() {
-                let d2: f32 = (0..3).map(|c| (f32::from(pixel.0[c]) - f32::from(colour[c])).powi(2)).sum();
+                let d2: f32 = (0..3)
+                    .map(|c| (f32::from(pixel.0[c]) - f32::from(colour[c])).powi(2))
+                    .sum();
                 logits[class * plane + i] = -d2 / self.temperature;
             }
         }

@@ -2,17 +2,19 @@
 //!
 //! Requests: `image/jpeg`, `image/png` or `application/x-image` (the format is then taken from the bytes). The image
 //! header is checked against the pixel budget before any pixel is decoded (decompression bombs), and decoding runs
-//! under an allocation limit. Responses: the class-index mask as a palette PNG (`image/png`, the default for a missing
-//! Accept or `*/*`), probabilities as recordio-protobuf (`application/x-recordio-protobuf` or
-//! `application/x-protobuf`), or per-class pixel counts as JSON (`application/json`).
+//! under an allocation limit ([`crate::data::image_io`], the decoder training uses). Responses: the class-index mask
+//! as a palette PNG (`image/png`, the default for a missing Accept or `*/*`), probabilities as recordio-protobuf
+//! (`application/x-recordio-protobuf` or `application/x-protobuf`), or per-class pixel counts as JSON
+//! (`application/json`).
 
-use std::io::Cursor;
+use std::time::Instant;
 
-use image::{DynamicImage, ImageDecoder, RgbImage};
+use image::RgbImage;
 use serde::Serialize;
 
 use super::error::ServeError;
 use super::protobuf;
+use crate::data::image_io::{self, ImageDecodeError};
 use crate::infer::{encode, Inference};
 
 /// Accepted request content types.
@@ -92,7 +94,7 @@ pub fn negotiate(accept: Option<&str>) -> Result<Output, ServeError> {
             .filter_map(|q| q.trim().parse::<f32>().ok())
             .next()
             .unwrap_or(1.0);
-        if !(q > 0.0) {
+        if q.is_nan() || q <= 0.0 {
             continue;
         }
         if let Some(output) = Output::from_media_type(&media) {
@@ -115,66 +117,23 @@ pub struct DecodeLimits {
     pub max_probability_values: u64,
 }
 
-/// Decode a JPEG or PNG body to RGB, refusing images over the pixel budget before decoding them.
+/// Decode a JPEG or PNG body to RGB, refusing images over the pixel budget (from the header) before decoding them.
 pub fn decode_image(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ServeError> {
-    if bytes.is_empty() {
-        return Err(ServeError::EmptyBody);
-    }
-    let bad = |detail: String| ServeError::BadImage { detail };
-    let image = match image::guess_format(bytes) {
-        Ok(image::ImageFormat::Jpeg) => {
-            let decoder = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
-                .map_err(|e| bad(format!("not a valid JPEG: {e}")))?;
-            decode_within(decoder, max_pixels, "JPEG")?
-        }
-        Ok(image::ImageFormat::Png) => {
-            let decoder = image::codecs::png::PngDecoder::new(Cursor::new(bytes))
-                .map_err(|e| bad(format!("not a valid PNG: {e}")))?;
-            decode_within(decoder, max_pixels, "PNG")?
-        }
-        Ok(other) => {
-            return Err(bad(format!(
-                "{other:?} images are not supported; send JPEG or PNG"
-            )))
-        }
-        Err(_) => {
-            let head: Vec<String> = bytes.iter().take(8).map(|b| format!("{b:02x}")).collect();
-            return Err(bad(format!(
-                "the body is not a JPEG or PNG image (it starts with {})",
-                head.join(" ")
-            )));
-        }
-    };
-    Ok(image.into_rgb8())
-}
-
-fn decode_within(mut decoder: impl ImageDecoder, max_pixels: u64, format: &str) -> Result<DynamicImage, ServeError> {
-    let (width, height) = decoder.dimensions();
-    let pixels = u64::from(width) * u64::from(height);
-    if width == 0 || height == 0 {
-        return Err(ServeError::BadImage {
-            detail: format!("the {format} image has a zero dimension ({width}x{height})"),
-        });
-    }
-    if pixels > max_pixels {
-        return Err(ServeError::ImageTooLarge {
+    image_io::decode_rgb_with_budget(bytes, max_pixels).map_err(|error| match error {
+        ImageDecodeError::Empty { .. } => ServeError::EmptyBody,
+        ImageDecodeError::TooLarge {
             width,
             height,
             max_pixels,
-        });
-    }
-    let mut limits = image::Limits::default();
-    limits.max_image_width = Some(width);
-    limits.max_image_height = Some(height);
-    // The decoded image at up to 16 bits per sample and 4 channels, plus slack for the decoder's own buffers.
-    limits.max_alloc = Some(pixels.saturating_mul(8).saturating_add(64 << 20));
-    decoder
-        .set_limits(limits)
-        .map_err(|e| ServeError::BadImage {
-            detail: format!("the {format} image is too large to decode: {e}"),
-        })?;
-    DynamicImage::from_decoder(decoder).map_err(|e| ServeError::BadImage {
-        detail: format!("corrupt or truncated {format} data: {e}"),
+            ..
+        } => ServeError::ImageTooLarge {
+            width,
+            height,
+            max_pixels,
+        },
+        other => ServeError::BadImage {
+            detail: other.to_string(),
+        },
     })
 }
 
@@ -196,23 +155,32 @@ pub struct Encoded {
 }
 
 /// Decode the body, run inference and encode the answer: everything an invocation does off the async runtime.
+/// Logs the time of each step at debug level (target `semseg::serve::timing`; `scripts/bench-serve` reads it).
 pub fn invoke(inference: &Inference, body: &[u8], output: Output, limits: DecodeLimits) -> Result<Encoded, ServeError> {
+    let started = Instant::now();
     let image = decode_image(body, limits.max_image_pixels)?;
+    let decoded = Instant::now();
     let content_type = output.content_type();
-    let body = match output {
+    let internal =
+        |what: &str, e: &dyn std::fmt::Display| ServeError::Internal(anyhow::anyhow!("cannot encode {what}: {e}"));
+    let (inferred, body) = match output {
         Output::MaskPng => {
             let mask = inference.mask(&image).map_err(ServeError::Internal)?;
-            encode::mask_png(&mask).map_err(|e| ServeError::Internal(anyhow::anyhow!("cannot encode the mask: {e}")))?
+            let inferred = Instant::now();
+            (inferred, encode::mask_png(&mask).map_err(|e| internal("the mask", &e))?)
         }
         Output::Json => {
             let mask = inference.mask(&image).map_err(ServeError::Internal)?;
+            let inferred = Instant::now();
             let counts = ClassCounts {
                 shape: [mask.height(), mask.width()],
                 num_classes: inference.num_classes(),
                 class_pixel_counts: mask.class_pixel_counts(inference.num_classes()),
             };
-            serde_json::to_vec(&counts)
-                .map_err(|e| ServeError::Internal(anyhow::anyhow!("cannot encode the JSON answer: {e}")))?
+            (
+                inferred,
+                serde_json::to_vec(&counts).map_err(|e| internal("the JSON answer", &e))?,
+            )
         }
         Output::Probabilities { .. } => {
             let values = inference.num_classes() as u64 * u64::from(image.width()) * u64::from(image.height());
@@ -223,9 +191,24 @@ pub fn invoke(inference: &Inference, body: &[u8], output: Output, limits: Decode
                 });
             }
             let probabilities = inference.probabilities(&image).map_err(ServeError::Internal)?;
-            protobuf::encode_probabilities(probabilities).map_err(|e| ServeError::Internal(e.into()))?
+            let inferred = Instant::now();
+            (
+                inferred,
+                protobuf::encode_probabilities(probabilities).map_err(|e| internal("the probabilities", &e))?,
+            )
         }
     };
+    let ms = |from: Instant, to: Instant| (to - from).as_secs_f64() * 1e3;
+    tracing::debug!(
+        target: "semseg::serve::timing",
+        width = image.width(),
+        height = image.height(),
+        decode_ms = ms(started, decoded),
+        model_ms = ms(decoded, inferred),
+        encode_ms = ms(inferred, Instant::now()),
+        content_type,
+        "invocation"
+    );
     Ok(Encoded { content_type, body })
 }
 
@@ -249,10 +232,22 @@ mod tests {
                 content_type: "application/x-protobuf"
             }
         );
-        assert_eq!(negotiate(Some("text/html, application/json;q=0.9, */*;q=0.1"))?, Output::Json);
-        assert_eq!(negotiate(Some("image/png;q=0.5, application/x-recordio-protobuf"))?, probs);
-        assert!(matches!(negotiate(Some("text/csv")), Err(ServeError::NotAcceptable { .. })));
-        assert!(matches!(negotiate(Some("image/png;q=0")), Err(ServeError::NotAcceptable { .. })));
+        assert_eq!(
+            negotiate(Some("text/html, application/json;q=0.9, */*;q=0.1"))?,
+            Output::Json
+        );
+        assert_eq!(
+            negotiate(Some("image/png;q=0.5, application/x-recordio-protobuf"))?,
+            probs
+        );
+        assert!(matches!(
+            negotiate(Some("text/csv")),
+            Err(ServeError::NotAcceptable { .. })
+        ));
+        assert!(matches!(
+            negotiate(Some("image/png;q=0")),
+            Err(ServeError::NotAcceptable { .. })
+        ));
         Ok(())
     }
 
@@ -265,19 +260,29 @@ mod tests {
             check_content_type(Some("text/csv")),
             Err(ServeError::UnsupportedMediaType { .. })
         ));
-        assert!(matches!(check_content_type(None), Err(ServeError::UnsupportedMediaType { .. })));
+        assert!(matches!(
+            check_content_type(None),
+            Err(ServeError::UnsupportedMediaType { .. })
+        ));
     }
 
     #[test]
     fn image_decoding_errors() {
+        use std::io::Cursor;
         assert!(matches!(decode_image(b"", 100), Err(ServeError::EmptyBody)));
-        assert!(matches!(decode_image(b"hello world", 100), Err(ServeError::BadImage { .. })));
+        assert!(matches!(
+            decode_image(b"hello world", 100),
+            Err(ServeError::BadImage { .. })
+        ));
         let mut png = Vec::new();
         let img = RgbImage::from_pixel(20, 10, image::Rgb([1, 2, 3]));
         img.write_to(&mut Cursor::new(&mut png), image::ImageFormat::Png)
             .expect("encoding a PNG in memory");
         assert!(matches!(decode_image(&png, 199), Err(ServeError::ImageTooLarge { .. })));
         assert_eq!(decode_image(&png, 200).map(|i| i.dimensions()).ok(), Some((20, 10)));
-        assert!(matches!(decode_image(&png[..png.len() / 2], 200), Err(ServeError::BadImage { .. })));
+        assert!(matches!(
+            decode_image(&png[..png.len() / 2], 200),
+            Err(ServeError::BadImage { .. })
+        ));
     }
 }

@@ -20,10 +20,9 @@ pub mod protobuf;
 mod routes;
 pub mod workers;
 
-use std::future::Future;
+use std::future::{Future, IntoFuture};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::AtomicBool;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -205,7 +204,6 @@ struct Engine {
 struct AppState {
     config: ServeConfig,
     engine: OnceLock<Engine>,
-    shutting_down: AtomicBool,
 }
 
 /// A server started by [`start`].
@@ -241,7 +239,6 @@ where
     let state = Arc::new(AppState {
         config,
         engine: OnceLock::new(),
-        shutting_down: AtomicBool::new(false),
     });
     let app = routes::router(Arc::clone(&state));
     tracing::info!(%addr, workers = state.config.workers, queue = state.config.queue, "listening");
@@ -262,7 +259,11 @@ where
                 if loader_state.engine.set(engine).is_err() {
                     tracing::error!("the model was loaded twice");
                 }
-                tracing::info!(classes, seconds = started.elapsed().as_secs_f64(), "model loaded; /ping is healthy");
+                tracing::info!(
+                    classes,
+                    seconds = started.elapsed().as_secs_f64(),
+                    "model loaded; /ping is healthy"
+                );
             }
             Err(error) => {
                 let _ = load_failed_tx.send(error);
@@ -288,10 +289,9 @@ where
                     let _ = load_error_tx.send(error);
                 }
             }
-            signal_state.shutting_down.store(true, std::sync::atomic::Ordering::SeqCst);
             notify.notify_one();
         };
-        let server = axum::serve(listener, app).with_graceful_shutdown(stop);
+        let server = axum::serve(listener, app).with_graceful_shutdown(stop).into_future();
         let drain_limit = state.config.drain_timeout;
         let served = tokio::select! {
             result = server => result.context("the HTTP server failed"),
@@ -301,7 +301,11 @@ where
             }
         };
         if let Some(engine) = state.engine.get() {
-            tracing::info!(busy = engine.pool.busy(), queued = engine.pool.queued(), "stopping the inference workers");
+            tracing::info!(
+                busy = engine.pool.busy(),
+                queued = engine.pool.queued(),
+                "stopping the inference workers"
+            );
         }
         let pool_state = Arc::clone(&state);
         let stopping = tokio::task::spawn_blocking(move || {
@@ -309,7 +313,7 @@ where
                 engine.pool.shutdown();
             }
         });
-        if tokio::time::timeout(Duration::from_secs(2), stopping).await.is_err() {
+        if tokio::time::timeout(Duration::from_secs(1), stopping).await.is_err() {
             tracing::warn!("inference workers still busy at exit");
         }
         if let Ok(error) = load_error_rx.try_recv() {

@@ -137,7 +137,9 @@ pub fn encode_framed(record: &Record) -> Result<Vec<u8>, ProtobufError> {
     }
     let mut out = Vec::with_capacity(recordio::framed_len(len));
     out.extend_from_slice(&recordio::header(0, len));
-    record.encode(&mut out).map_err(|e| ProtobufError::Encode(e.to_string()))?;
+    record
+        .encode(&mut out)
+        .map_err(|e| ProtobufError::Encode(e.to_string()))?;
     out.extend_from_slice(recordio::padding_bytes(len));
     Ok(out)
 }
@@ -151,7 +153,10 @@ pub fn encode_probabilities(probabilities: Probabilities) -> Result<Vec<u8>, Pro
 pub fn decode_probabilities(body: &[u8]) -> Result<(Vec<usize>, Vec<f32>), ProtobufError> {
     let records = recordio::read_all(body).map_err(|e| ProtobufError::Decode(e.to_string()))?;
     let [record] = records.as_slice() else {
-        return Err(ProtobufError::Decode(format!("expected one record, found {}", records.len())));
+        return Err(ProtobufError::Decode(format!(
+            "expected one record, found {}",
+            records.len()
+        )));
     };
     let record = Record::decode(record.as_slice()).map_err(|e| ProtobufError::Decode(e.to_string()))?;
     let shape = match record.features.get("shape").and_then(|v| v.kind.as_ref()) {
