@@ -1,7 +1,7 @@
 // NOT COMPILED ON BRANCH `serve`: it needs `crate::model` (branch `model`). When both are merged, wire it with
 //   src/infer/mod.rs:  `pub mod model_adapter;`
 //   src/main.rs:       `fn load_model(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> { semseg::infer::model_adapter::load(dir) }`
-// Checked against `model` at 2e2ef04 (src/model copied in): builds clippy-clean enough, and its test below passes.
+// Checked against `model` at 2e2ef04 (src/model copied in): it builds and its test below passes (clippy not run).
 //! The trained networks behind [`Segmenter`]: [`crate::model::artifact::InferenceModel`] (BatchNorm folded, eval
 //! mode) fed with normalised `[1, 3, H, W]` tensors; its logits become probabilities with the same softmax as every
 //! other segmenter ([`Probabilities::from_logits`]).
