@@ -48,10 +48,7 @@ fn main() -> Result<()> {
         let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, aux)?;
         let vm = VarMap::new();
         let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
-        let vars = weights::trainable_vars(&vm)
-            .into_iter()
-            .map(|(_, v)| v)
-            .collect();
+        let vars = weights::trainable_vars(&vm).into_iter().map(|(_, v)| v).collect();
         let mut sgd = SGD::new(vars, 1e-3)?;
         let mut ts = Vec::new();
         for step in 0..=steps {

@@ -3,9 +3,15 @@
 //! The folders follow the two journeys through the program:
 //! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
 //! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator;
-//! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact.
+//! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact;
+//! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and validation;
+//! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
+//! - [`train`]: the training job.
 
 pub mod data;
+pub mod infer;
 pub mod model;
+pub mod predict;
 pub mod sagemaker;
+pub mod serve;
 pub mod train;

@@ -1,15 +1,16 @@
 //! The `semseg` command line: one binary for SageMaker's `train` and `serve` and for local use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use semseg::data::synth::{self, SynthOptions};
+use semseg::infer::Segmenter;
 use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::sagemaker::MlRoot;
-use semseg::train;
+use semseg::{predict, serve, train};
 
 #[derive(Debug, Parser)]
 #[command(
@@ -41,6 +42,12 @@ enum Command {
     /// Generate a seeded synthetic dataset in the SageMaker channel layout (train, validation, train_annotation,
     /// validation_annotation, label_map). `--out <ml-root>/input/data` makes a ready training job.
     Synth(SynthOptions),
+    /// Serve a trained model with SageMaker's inference-container contract: GET /ping, POST /invocations,
+    /// GET /execution-parameters on port 8080 (or SAGEMAKER_BIND_TO_PORT). Loads <ml-root>/model.
+    Serve(serve::ServeArgs),
+    /// Segment image files with a trained model: OUT/<stem>.png masks (as the endpoint returns them) and, with
+    /// --probabilities, OUT/<stem>.npy float32 [C, H, W] softmax probabilities.
+    Predict(predict::PredictArgs),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +74,24 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Serve(args) => report("serve", serve::run(&args, &ml, load_model)),
+        Command::Predict(args) => report("predict", predict::run(&args, load_model).map(|_| ())),
+    }
+}
+
+/// The networks behind `serve` and `predict`: the one place a model directory becomes a [`Segmenter`].
+fn load_model(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> {
+    semseg::infer::model_adapter::load(dir)
+}
+
+/// Log a command's error and map it to the exit code.
+fn report(command: &str, result: anyhow::Result<()>) -> ExitCode {
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(error) => {
+            tracing::error!("{command} failed: {error:#}");
+            ExitCode::FAILURE
+        }
     }
 }
 

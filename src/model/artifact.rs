@@ -183,12 +183,10 @@ pub fn save(dir: &Path, meta: &ModelMeta, tensors: &HashMap<String, Tensor>) -> 
     #[cfg(unix)]
     {
         use std::os::unix::fs::PermissionsExt;
-        fs::set_permissions(&weights_path, fs::Permissions::from_mode(0o644)).map_err(
-            |source| ArtifactError::Io {
-                path: weights_path.clone(),
-                source,
-            },
-        )?;
+        fs::set_permissions(&weights_path, fs::Permissions::from_mode(0o644)).map_err(|source| ArtifactError::Io {
+            path: weights_path.clone(),
+            source,
+        })?;
     }
     let meta_path = dir.join(META_FILE);
     let json = serde_json::to_string_pretty(meta).map_err(|source| ArtifactError::Json {
@@ -327,14 +325,8 @@ mod tests {
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            let mode = fs::metadata(dir.path().join(WEIGHTS_FILE))?
-                .permissions()
-                .mode();
-            assert_eq!(
-                mode & 0o044,
-                0o044,
-                "weights readable by group and others: {mode:o}"
-            );
+            let mode = fs::metadata(dir.path().join(WEIGHTS_FILE))?.permissions().mode();
+            assert_eq!(mode & 0o044, 0o044, "weights readable by group and others: {mode:o}");
         }
         let json = fs::read_to_string(dir.path().join(META_FILE))?;
         assert!(

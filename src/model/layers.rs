@@ -180,11 +180,7 @@ impl BatchNorm2d {
             .sum_keepdim(0)?
             .affine(1.0 / n as f64, 0.0)?; // [1, C, 1, 1]
         let centred = xs.broadcast_sub(&mean)?;
-        let sq_sum = centred
-            .sqr()?
-            .sum_keepdim(3)?
-            .sum_keepdim(2)?
-            .sum_keepdim(0)?; // [1, C, 1, 1]
+        let sq_sum = centred.sqr()?.sum_keepdim(3)?.sum_keepdim(2)?.sum_keepdim(0)?; // [1, C, 1, 1]
         let var = sq_sum.affine(1.0 / n as f64, 0.0)?; // biased, for normalising (as PyTorch)
         let inv_std = (var + self.eps)?.sqrt()?.recip()?; // differentiable: var depends on x
         let scale = self.weight.to_dtype(xs.dtype())?.reshape((1, c, 1, 1))?;

@@ -15,32 +15,38 @@ impl Job {
     /// An ml-root holding a small synthetic dataset (`synth_args` added to the generator's) and hyperparameters
     /// matching it.
     pub fn with_synth(synth_args: &[&str]) -> Job {
-        let job = Job {
-            dir: tempfile::tempdir().expect("tempdir"),
-        };
-        let data = job.data_dir();
+        let job = Job::empty();
         let mut args = vec![
-            "synth",
-            "--out",
-            data.to_str().expect("utf-8 path"),
             "--train-count",
             "6",
-        ];
-        args.extend([
             "--validation-count",
             "3",
             "--width",
             "64",
             "--height",
             "48",
-            "--seed",
-            "3",
-        ]);
+        ];
+        args.extend(["--seed", "3"]);
         args.extend(synth_args);
-        let out = semseg(&args);
-        assert!(out.status.success(), "synth failed: {}", text(&out));
+        job.synth(&args);
         job.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "6"}"#);
         job
+    }
+
+    /// An ml-root with nothing in it.
+    pub fn empty() -> Job {
+        Job {
+            dir: tempfile::tempdir().expect("tempdir"),
+        }
+    }
+
+    /// `semseg synth --out <ml-root>/input/data <args>`.
+    pub fn synth(&self, args: &[&str]) {
+        let data = self.data_dir();
+        let mut all = vec!["synth", "--out", data.to_str().expect("utf-8 path")];
+        all.extend(args);
+        let out = semseg(&all);
+        assert!(out.status.success(), "synth failed: {}", text(&out));
     }
 
     pub fn root(&self) -> &Path {

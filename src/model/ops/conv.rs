@@ -63,19 +63,14 @@ impl Geometry {
                     for kx in 0..k {
                         let row = ((b * self.c + c) * k * k + ky * k + kx) * l;
                         for oy in 0..self.oh {
-                            let iy = (oy * self.stride + ky * self.dilation) as isize
-                                - self.padding as isize;
+                            let iy = (oy * self.stride + ky * self.dilation) as isize - self.padding as isize;
                             if iy < 0 || iy >= self.h as isize {
                                 continue;
                             }
                             for ox in 0..self.ow {
-                                let ix = (ox * self.stride + kx * self.dilation) as isize
-                                    - self.padding as isize;
+                                let ix = (ox * self.stride + kx * self.dilation) as isize - self.padding as isize;
                                 if ix >= 0 && ix < self.w as isize {
-                                    f(
-                                        img + iy as usize * self.w + ix as usize,
-                                        row + oy * self.ow + ox,
-                                    );
+                                    f(img + iy as usize * self.w + ix as usize, row + oy * self.ow + ox);
                                 }
                             }
                         }
@@ -167,28 +162,15 @@ impl CustomOp1 for Col2Im {
 
 /// The convolution as `W[Cout, C·k²] · im2col(x)[B, C·k², L]`, differentiable through the matmul and
 /// im2col/col2im. 1×1 stride-1 convolutions skip im2col (the input already is the column matrix).
-fn conv2d_im2col(
-    x: &Tensor,
-    weight: &Tensor,
-    padding: usize,
-    stride: usize,
-    dilation: usize,
-) -> Result<Tensor> {
+fn conv2d_im2col(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
     let (b, c, h, w) = x.dims4()?;
     let (cout, cin, k, k2) = weight.dims4()?;
     if cin != c || k != k2 {
-        candle_core::bail!(
-            "conv2d: input {:?} and weight {:?} do not fit",
-            x.dims(),
-            weight.dims()
-        )
+        candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims())
     }
     let span = dilation * (k - 1) + 1;
     if h + 2 * padding < span || w + 2 * padding < span {
-        candle_core::bail!(
-            "conv2d: input {:?} smaller than the kernel span {span}",
-            x.dims()
-        )
+        candle_core::bail!("conv2d: input {:?} smaller than the kernel span {span}", x.dims())
     }
     let oh = (h + 2 * padding - span) / stride + 1;
     let ow = (w + 2 * padding - span) / stride + 1;
@@ -210,9 +192,7 @@ fn conv2d_im2col(
         x.contiguous()?.apply_op1(Im2Col(g))?
     };
     let wm = weight.reshape((cout, c * k * k))?;
-    wm.broadcast_left(b)?
-        .matmul(&cols)?
-        .reshape((b, cout, oh, ow))
+    wm.broadcast_left(b)?.matmul(&cols)?.reshape((b, cout, oh, ow))
 }
 
 #[cfg(test)]

@@ -1,0 +1,106 @@
+//! The trained networks behind [`Segmenter`]: [`crate::model::artifact::InferenceModel`] (BatchNorm folded, eval
+//! mode) fed with normalised `[1, 3, H, W]` tensors; its logits become probabilities with the same softmax as every
+//! other segmenter ([`Probabilities::from_logits`]).
+
+use std::path::Path;
+use std::sync::Arc;
+
+use anyhow::Context;
+use candle_core::{Device, Tensor};
+use image::RgbImage;
+
+use super::{normalised_chw, Probabilities, Segmenter};
+use crate::model::artifact::InferenceModel;
+
+/// An artifact loaded for inference on one device.
+pub struct ModelSegmenter {
+    model: InferenceModel,
+    device: Device,
+}
+
+impl ModelSegmenter {
+    pub fn new(model: InferenceModel, device: Device) -> Self {
+        Self { model, device }
+    }
+
+    /// Load the artifact in `dir` onto `device`.
+    pub fn load(dir: &Path, device: Device) -> anyhow::Result<Self> {
+        let model = InferenceModel::load(dir, &device)
+            .with_context(|| format!("cannot load the model artifact in {}", dir.display()))?;
+        Ok(Self { model, device })
+    }
+
+    pub fn model(&self) -> &InferenceModel {
+        &self.model
+    }
+}
+
+impl Segmenter for ModelSegmenter {
+    fn num_classes(&self) -> usize {
+        self.model.meta().num_classes
+    }
+
+    fn probabilities(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        let (width, height) = (image.width() as usize, image.height() as usize);
+        let norm = &self.model.meta().normalization;
+        let input = normalised_chw(image, norm.mean, norm.std);
+        let x = Tensor::from_vec(input, (1, 3, height, width), &self.device).context("cannot build the input")?;
+        let logits = self.model.logits(&x).context("the network failed")?;
+        let classes = self.num_classes();
+        anyhow::ensure!(
+            logits.dims() == [1, classes, height, width],
+            "the network returned logits of shape {:?} for a {width}x{height} image and {classes} classes",
+            logits.dims()
+        );
+        let logits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        Ok(Probabilities::from_logits(classes, height, width, logits)?)
+    }
+}
+
+/// `semseg serve` / `predict`'s model loader: the artifact in `dir` on the first CUDA GPU when there is one (and the
+/// build has CUDA), else on the CPU.
+pub fn load(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> {
+    let device = Device::cuda_if_available(0).context("cannot open the GPU")?;
+    tracing::info!(device = ?device, "inference device");
+    Ok(Arc::new(ModelSegmenter::load(dir, device)?))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::infer::{Inference, InferenceLimits};
+    use crate::model::artifact::{save_varmap, ModelMeta};
+    use crate::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
+    use candle_core::DType;
+    use candle_nn::{VarBuilder, VarMap};
+
+    #[test]
+    fn a_saved_artifact_serves_probabilities_at_the_image_size() -> anyhow::Result<()> {
+        let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false)?;
+        let varmap = VarMap::new();
+        crate::model::segmenter::Segmenter::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        let dir = tempfile::tempdir()?;
+        save_varmap(dir.path(), &ModelMeta::new(&config), &varmap)?;
+        let segmenter = load(dir.path())?;
+        assert_eq!(segmenter.num_classes(), 3);
+        let inference = Inference::new(
+            segmenter,
+            InferenceLimits {
+                max_model_pixels: 2000,
+                min_model_side: 32,
+            },
+        );
+        for (w, h) in [(61, 47), (5, 3), (120, 90)] {
+            let image = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 77]));
+            let p = inference.probabilities(&image)?;
+            assert_eq!(p.shape(), [3, h as usize, w as usize]);
+            let plane = (w * h) as usize;
+            for i in 0..plane {
+                let sum: f32 = (0..3).map(|c| p.as_slice()[c * plane + i]).sum();
+                assert!((sum - 1.0).abs() < 1e-4, "{sum}");
+            }
+            assert_eq!(inference.mask(&image)?.labels().len(), plane);
+        }
+        Ok(())
+    }
+}
