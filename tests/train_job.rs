@@ -30,10 +30,10 @@ fn small_job(algorithm: &str, epochs: u32, extra: &str) -> Job {
     args.extend(SYNTH);
     job.synth(&args);
     job.write_hyperparameters(&format!(
-        r#"{{"num_classes": "4", "num_training_samples": "16", "backbone": "resnet-18", "algorithm": "{algorithm}",
+        r#"{{"num_classes": "4", "num_training_samples": "24", "backbone": "resnet-18", "algorithm": "{algorithm}",
             "use_pretrained_model": "False", "crop_size": "48", "base_size": "64", "epochs": "{epochs}",
             "mini_batch_size": "4", "validation_mini_batch_size": "1", "learning_rate": "0.02",
-            "output_stride": "16", "seed": "1"{extra}}}"#
+            "output_stride": "8", "seed": "1"{extra}}}"#
     ));
     job
 }
@@ -94,7 +94,7 @@ fn assert_artifacts(job: &Job) {
 
 #[test]
 fn fcn_trains_to_a_good_miou_and_logs_scrapable_metrics() {
-    let epochs = 8;
+    let epochs = EPOCHS;
     let job = small_job("fcn", epochs, "");
     let log = train(&job);
     for (name, values) in scrape(&log) {
@@ -102,25 +102,25 @@ fn fcn_trains_to_a_good_miou_and_logs_scrapable_metrics() {
         assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}: {values:?}");
     }
     let miou = best_miou(&log);
-    assert!(miou >= 0.80, "FCN reached validation mIOU {miou}:\n{log}");
+    assert!(miou >= MIN_MIOU, "FCN reached validation mIOU {miou}:\n{log}");
     assert_artifacts(&job);
 }
 
 #[test]
 fn deeplab_trains_to_a_good_miou() {
-    let job = small_job("deeplab", 8, "");
+    let job = small_job("deeplab", EPOCHS, "");
     let log = train(&job);
     let miou = best_miou(&log);
-    assert!(miou >= 0.80, "DeepLabV3 reached validation mIOU {miou}:\n{log}");
+    assert!(miou >= MIN_MIOU, "DeepLabV3 reached validation mIOU {miou}:\n{log}");
     assert_artifacts(&job);
 }
 
 #[test]
 fn psp_trains_to_a_good_miou() {
-    let job = small_job("psp", 8, "");
+    let job = small_job("psp", EPOCHS, "");
     let log = train(&job);
     let miou = best_miou(&log);
-    assert!(miou >= 0.80, "PSPNet reached validation mIOU {miou}:\n{log}");
+    assert!(miou >= MIN_MIOU, "PSPNet reached validation mIOU {miou}:\n{log}");
     assert_artifacts(&job);
 }
 
@@ -227,9 +227,9 @@ fn incremental_training_starts_from_the_model_channel_and_names_mismatches() {
     }
     let job = small_job("fcn", 1, "");
     job.write_hyperparameters(
-        r#"{"num_classes": "5", "num_training_samples": "16", "backbone": "resnet-18", "algorithm": "fcn",
+        r#"{"num_classes": "5", "num_training_samples": "24", "backbone": "resnet-18", "algorithm": "fcn",
             "use_pretrained_model": "False", "crop_size": "48", "base_size": "64", "epochs": "1",
-            "output_stride": "16"}"#,
+            "output_stride": "8"}"#,
     );
     model_channel_from(&trained, &job);
     let out = job.run(&["train"]);
