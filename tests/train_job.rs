@@ -15,14 +15,19 @@ static CORES: Mutex<()> = Mutex::new(());
 
 const SYNTH: &[&str] = &[
     "--train-count",
-    "16",
+    "24",
     "--validation-count",
-    "6",
+    "8",
     "--width",
     "64",
     "--height",
     "48",
 ];
+
+/// Validation mIOU the short CI trainings must reach. Predicting background everywhere scores about 0.2 on this
+/// data; the target of 0.80 needs many more steps than CI's CPU budget allows at today's training speed.
+const MIN_MIOU: f64 = 0.35;
+const EPOCHS: u32 = 12;
 
 fn small_job(algorithm: &str, epochs: u32, extra: &str) -> Job {
     let job = Job::empty();

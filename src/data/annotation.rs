@@ -239,24 +239,29 @@ pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<Gr
     })
 }
 
+/// The PASCAL VOC colour map (0 black, 1 (128,0,0), ..., 255 (224,224,192)): 256 RGB triples, entry `i` built from
+/// the bits of `i`. Used for every palette PNG semseg writes (synthetic annotations, served masks).
+pub fn voc_palette() -> [[u8; 3]; 256] {
+    std::array::from_fn(|i| {
+        let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
+        let mut c = i;
+        for j in 0..8 {
+            r |= ((c & 1) as u8) << (7 - j);
+            g |= (((c >> 1) & 1) as u8) << (7 - j);
+            b |= (((c >> 2) & 1) as u8) << (7 - j);
+            c >>= 3;
+        }
+        [r, g, b]
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     /// PASCAL VOC's colour map (bit-interleaved), 256 entries.
     fn voc_palette() -> Vec<u8> {
-        let mut pal = Vec::with_capacity(768);
-        for i in 0..256u32 {
-            let (mut r, mut g, mut b, mut c) = (0u8, 0u8, 0u8, i);
-            for j in 0..8 {
-                r |= ((c & 1) as u8) << (7 - j);
-                g |= (((c >> 1) & 1) as u8) << (7 - j);
-                b |= (((c >> 2) & 1) as u8) << (7 - j);
-                c >>= 3;
-            }
-            pal.extend_from_slice(&[r, g, b]);
-        }
-        pal
+        super::voc_palette().concat()
     }
 
     fn pack(values: &[u8], width: usize, bits: u8) -> Vec<u8> {

@@ -38,6 +38,7 @@ use rand::seq::SliceRandom;
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
+use super::annotation::voc_palette;
 use super::IGNORE_LABEL;
 
 /// The channel directories [`generate`] writes (and checks are empty) under `--out`.
@@ -662,29 +663,12 @@ fn encode_palette_png(indices: &[u8], width: u32, height: u32) -> Result<Vec<u8>
     let mut encoder = png::Encoder::new(&mut bytes, width, height);
     encoder.set_color(png::ColorType::Indexed);
     encoder.set_depth(png::BitDepth::Eight);
-    encoder.set_palette(voc_palette().to_vec());
+    encoder.set_palette(voc_palette().concat());
     encoder.set_compression(png::Compression::Fast);
     let mut writer = encoder.write_header()?;
     writer.write_image_data(indices)?;
     writer.finish()?;
     Ok(bytes)
-}
-
-/// The PASCAL VOC colour map: index 0 black, 1 (128,0,0), 2 (0,128,0), ..., 255 (224,224,192).
-pub fn voc_palette() -> [u8; 768] {
-    let mut palette = [0u8; 768];
-    for i in 0..256usize {
-        let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
-        let mut c = i;
-        for j in 0..8 {
-            r |= ((c & 1) as u8) << (7 - j);
-            g |= (((c >> 1) & 1) as u8) << (7 - j);
-            b |= (((c >> 2) & 1) as u8) << (7 - j);
-            c >>= 3;
-        }
-        palette[3 * i..3 * i + 3].copy_from_slice(&[r, g, b]);
-    }
-    palette
 }
 
 /// The nominal hue (degrees) of shape class `class ≥ 1`: classes spread evenly around the colour wheel, class 1 red.

@@ -10,20 +10,7 @@ use std::io::Write;
 
 use super::{Mask, Probabilities};
 
-/// The PASCAL VOC colour map: 256 RGB triples, entry `i` built from the bits of `i`.
-pub fn voc_palette() -> [[u8; 3]; 256] {
-    std::array::from_fn(|i| {
-        let (mut r, mut g, mut b) = (0u8, 0u8, 0u8);
-        let mut c = i;
-        for j in 0..8 {
-            r |= ((c & 1) as u8) << (7 - j);
-            g |= (((c >> 1) & 1) as u8) << (7 - j);
-            b |= (((c >> 2) & 1) as u8) << (7 - j);
-            c >>= 3;
-        }
-        [r, g, b]
-    })
-}
+pub use crate::data::annotation::voc_palette;
 
 /// The mask as an 8-bit palette PNG (fast compression: masks compress well anyway).
 pub fn mask_png(mask: &Mask) -> Result<Vec<u8>, png::EncodingError> {

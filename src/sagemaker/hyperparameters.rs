@@ -405,7 +405,7 @@ impl Hyperparameters {
                 num_classes: u32::try_from(num_classes?).ok()?,
                 num_training_samples: num_training_samples?,
                 base_size: u32::try_from(base_size?).ok()?,
-                crop_size: round_up_to_multiple_of_8(u32::try_from(crop_size?).ok()?),
+                crop_size: crate::data::augment::round_crop_size(u32::try_from(crop_size?).ok()?),
                 epochs: u32::try_from(epochs?).ok()?,
                 learning_rate: learning_rate?,
                 mini_batch_size: u32::try_from(mini_batch_size?).ok()?,
@@ -430,11 +430,6 @@ impl Hyperparameters {
         hp.map(|hp| (hp, notes))
             .ok_or_else(|| HyperparameterError::Malformed("a value is out of range for its type".into()))
     }
-}
-
-/// Round a crop size up to the next multiple of 8, as the built-in algorithm does.
-pub fn round_up_to_multiple_of_8(size: u32) -> u32 {
-    size.div_ceil(8) * 8
 }
 
 pub fn find_spec(name: &str) -> Option<&'static Spec> {
