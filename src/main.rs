@@ -39,6 +39,10 @@ enum Command {
     /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
     /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
     Check,
+    /// Turn a torchvision-named state dict (safetensors, e.g. a model trained in PyTorch) into a semseg model
+    /// artifact that `serve`, `predict` and incremental training load. Every tensor is checked; missing or mis-shaped
+    /// ones are named.
+    Import(ImportArgs),
     /// Generate a seeded synthetic dataset in the SageMaker channel layout (train, validation, train_annotation,
     /// validation_annotation, label_map). `--out <ml-root>/input/data` makes a ready training job.
     Synth(SynthOptions),
@@ -48,6 +52,46 @@ enum Command {
     /// Segment image files with a trained model: OUT/<stem>.png masks (as the endpoint returns them) and, with
     /// --probabilities, OUT/<stem>.npy float32 [C, H, W] softmax probabilities.
     Predict(predict::PredictArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct ImportArgs {
+    /// The state dict as safetensors with torchvision's names (`backbone.layer1.0.conv1.weight`, `classifier.4.weight`).
+    #[arg(long, value_name = "FILE")]
+    torchvision: PathBuf,
+    /// Segmentation head: fcn, psp or deeplab.
+    #[arg(long)]
+    algorithm: semseg::model::config::Algorithm,
+    /// Backbone: resnet-18, resnet-34, resnet-50 or resnet-101.
+    #[arg(long)]
+    backbone: semseg::model::config::Backbone,
+    /// Number of classes of the classifier.
+    #[arg(long)]
+    num_classes: usize,
+    /// Backbone output stride the model was trained with (torchvision's segmentation models use 8).
+    #[arg(long, default_value_t = 8)]
+    output_stride: u32,
+    /// Output directory for model.safetensors + model.json.
+    #[arg(long, value_name = "DIR")]
+    out: PathBuf,
+}
+
+fn import(args: &ImportArgs) -> anyhow::Result<()> {
+    use semseg::model::config::{ModelConfig, OutputStride};
+    let config = ModelConfig::new(
+        args.algorithm,
+        args.backbone,
+        args.num_classes,
+        OutputStride::try_from(args.output_stride)?,
+        false,
+    )?;
+    let meta = semseg::model::artifact::import_torchvision(
+        &args.torchvision,
+        semseg::model::artifact::ModelMeta::new(&config),
+        &args.out,
+    )?;
+    tracing::info!(model = %config, aux = meta.aux, "imported {} into {}", args.torchvision.display(), args.out.display());
+    Ok(())
 }
 
 fn main() -> ExitCode {
@@ -64,6 +108,7 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Check => run_job(&ml, "check", || train::inputs::TrainingInputs::prepare(&ml).map(|_| ())),
+        Command::Import(args) => report("import", import(&args)),
         Command::Synth(options) => match synth::generate(&options) {
             Ok(summary) => {
                 tracing::info!(?summary, out = %options.out.display(), "synthetic dataset written");

@@ -247,3 +247,18 @@ fn readme_documents_every_hyperparameter() {
         );
     }
 }
+
+#[test]
+fn train_runs_the_same_checks_before_its_first_step() {
+    let job = Job::with_synth(&[]);
+    let name = files(&job.channel("train_annotation"))[0].clone();
+    std::fs::remove_file(job.channel("train_annotation").join(&name)).unwrap();
+    let out = job.run(&["train"]);
+    assert!(!out.status.success(), "{}", text(&out));
+    let failure = job.failure().expect("train writes output/failure");
+    assert!(
+        failure.contains("1 of 6 images in channel 'train' have no annotation"),
+        "{failure}"
+    );
+    assert!(!job.root().join("model/model.safetensors").exists());
+}

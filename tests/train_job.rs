@@ -281,3 +281,38 @@ fn pretrained_weights_load_from_a_channel_or_the_job_says_how_to_provide_them() 
     let log = train(&job);
     assert!(log.contains("ImageNet backbone weights loaded"), "{log}");
 }
+
+#[test]
+fn import_turns_a_torchvision_state_dict_into_a_servable_artifact_and_names_bad_tensors() {
+    let trained = small_job("fcn", 1, "");
+    train(&trained);
+    // A torchvision-named state dict: the trained weights plus PyTorch's num_batches_tracked counters.
+    let (_, mut tensors) = semseg::model::artifact::read(&trained.root().join("model")).unwrap();
+    tensors.insert(
+        "backbone.bn1.num_batches_tracked".into(),
+        candle_core::Tensor::zeros((), candle_core::DType::I64, &candle_core::Device::Cpu).unwrap(),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let state_dict = dir.path().join("fcn.safetensors");
+    candle_core::safetensors::save(&tensors, &state_dict).unwrap();
+    let out = dir.path().join("imported");
+    let args = [
+        "import",
+        "--torchvision",
+        state_dict.to_str().unwrap(),
+        "--algorithm",
+        "fcn",
+        "--backbone",
+    ];
+    let mut all: Vec<&str> = args.to_vec();
+    all.extend(["resnet-18", "--num-classes", "4", "--out", out.to_str().unwrap()]);
+    let result = common::semseg(&all);
+    assert!(result.status.success(), "{}", text(&result));
+    semseg::model::artifact::InferenceModel::load(&out, &candle_core::Device::Cpu).expect("imported artifact loads");
+
+    tensors.remove("classifier.4.weight");
+    candle_core::safetensors::save(&tensors, &state_dict).unwrap();
+    let result = common::semseg(&all);
+    assert!(!result.status.success());
+    assert!(text(&result).contains("classifier.4.weight"), "{}", text(&result));
+}
