@@ -8,8 +8,9 @@ ML_ROOT="${ML_ROOT:-$PWD/demo-ml}"
 PORT="${PORT:-8080}"
 
 cargo build --release --locked
-BIN=$PWD/target/release/semseg
-[ -x "$BIN" ] || BIN=$(cargo metadata --format-version 1 --no-deps | python3 -c 'import json,sys; print(json.load(sys.stdin)["target_directory"])')/release/semseg
+# Wherever cargo put it (CARGO_TARGET_DIR and .cargo/config.toml may move the target directory).
+TARGET_DIR=$(cargo metadata --format-version 1 --no-deps | sed -n 's/.*"target_directory":"\([^"]*\)".*/\1/p')
+BIN=$TARGET_DIR/release/semseg
 
 rm -rf "$ML_ROOT"
 "$BIN" synth --out "$ML_ROOT/input/data" --seed 7 --train-count 24 --validation-count 8 --width 64 --height 48
