@@ -316,3 +316,99 @@ fn import_turns_a_torchvision_state_dict_into_a_servable_artifact_and_names_bad_
     assert!(!result.status.success());
     assert!(text(&result).contains("classifier.4.weight"), "{}", text(&result));
 }
+
+/// One HTTP/1.1 request over a plain socket: (status, content type, body).
+fn http(port: u16, request: &[u8]) -> (u16, String, Vec<u8>) {
+    use std::io::{Read, Write};
+    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+    stream.write_all(request).unwrap();
+    let mut response = Vec::new();
+    stream.read_to_end(&mut response).unwrap();
+    let split = response
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .expect("a header block");
+    let head = String::from_utf8_lossy(&response[..split]).to_string();
+    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
+    let content_type = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("content-type:")
+                .map(|v| v.trim().to_string())
+        })
+        .unwrap_or_default();
+    (status, content_type, response[split + 4..].to_vec())
+}
+
+#[test]
+fn the_real_server_serves_a_trained_model_tar_gz_and_stops_on_sigterm() {
+    let trained = small_job("fcn", 1, "");
+    train(&trained);
+    // What SageMaker hosting gives the container: model.tar.gz extracted... or not; serve extracts it itself.
+    let serving = Job::empty();
+    let model_dir = serving.root().join("model");
+    std::fs::create_dir_all(&model_dir).unwrap();
+    let file = std::fs::File::create(model_dir.join("model.tar.gz")).unwrap();
+    let mut archive = tar::Builder::new(flate2::write::GzEncoder::new(file, flate2::Compression::fast()));
+    archive.append_dir_all(".", trained.root().join("model")).unwrap();
+    archive.into_inner().unwrap().finish().unwrap();
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut server = Command::new(BIN)
+        .args(["--ml-root", serving.root().to_str().unwrap(), "serve"])
+        .env("SAGEMAKER_BIND_TO_PORT", port.to_string())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(60);
+    loop {
+        let ping = std::net::TcpStream::connect(("127.0.0.1", port))
+            .ok()
+            .map(|_| http(port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0);
+        if ping == Some(200) {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "/ping never became healthy (last: {ping:?})"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(200));
+    }
+    let image = std::fs::read(
+        common::files(&trained.channel("validation"))
+            .first()
+            .map(|n| trained.channel("validation").join(n))
+            .unwrap(),
+    )
+    .unwrap();
+    let mut request = format!(
+        "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nAccept: image/png\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        image.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(&image);
+    let (status, content_type, body) = http(port, &request);
+    assert_eq!((status, content_type.as_str()), (200, "image/png"));
+    let mask = semseg::data::annotation::decode_annotation(&body).expect("a palette PNG of class indices");
+    assert_eq!(mask.dimensions(), (64, 48));
+    assert!(mask.as_raw().iter().all(|&l| l < 4));
+
+    Command::new("kill")
+        .args(["-TERM", &server.id().to_string()])
+        .status()
+        .unwrap();
+    let stopped = std::time::Instant::now();
+    let status = server.wait().unwrap();
+    assert!(
+        stopped.elapsed() < std::time::Duration::from_secs(30),
+        "took {:?} to stop",
+        stopped.elapsed()
+    );
+    assert!(status.success(), "{status:?}");
+}
