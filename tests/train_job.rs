@@ -94,6 +94,8 @@ fn assert_artifacts(job: &Job) {
         serde_json::from_str(&std::fs::read_to_string(job.root().join("output/data/history.json")).unwrap()).unwrap();
     assert!(!history["epochs"].as_array().unwrap().is_empty());
     assert!(job.root().join("output/data/class_iou.json").is_file());
+    let plot = image::open(job.root().join("output/data/training.png")).expect("training.png is a picture");
+    assert_eq!((plot.width(), plot.height()), (640, 400));
     assert!(job.root().join("checkpoints/checkpoint.json").is_file());
 }
 

@@ -373,7 +373,7 @@ fn write_class_iou(ml: &MlRoot, epoch: u32, scores: &Scores) -> Result<()> {
     write_json(&dir.join("class_iou.json"), &report)
 }
 
-/// `output/data/history.json`: every epoch's figures.
+/// `output/data/history.json` (every epoch's figures) and `training.png` (the same as curves).
 fn write_history(ml: &MlRoot, state: &CheckpointState) -> Result<()> {
     let dir = ml.output_data_dir();
     std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;

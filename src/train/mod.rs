@@ -10,4 +10,5 @@ pub mod job;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod report;
 pub mod schedule;
