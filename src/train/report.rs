@@ -43,17 +43,19 @@ pub fn plot(history: &[EpochRecord]) -> RgbImage {
         let v = if value.is_finite() { value.clamp(0.0, 1.0) } else { 0.0 };
         bottom - ((bottom - top) as f64 * v).round() as u32
     };
-    let series: [(Rgb<u8>, Box<dyn Fn(&EpochRecord) -> f64>); 3] = [
-        (LOSS_COLOUR, Box::new(move |e| e.train_loss / max_loss)),
-        (ACCURACY_COLOUR, Box::new(|e| e.validation_pixel_accuracy)),
-        (MIOU_COLOUR, Box::new(|e| e.validation_miou)),
+    let series = [
+        (
+            LOSS_COLOUR,
+            history.iter().map(|e| e.train_loss / max_loss).collect::<Vec<_>>(),
+        ),
+        (
+            ACCURACY_COLOUR,
+            history.iter().map(|e| e.validation_pixel_accuracy).collect(),
+        ),
+        (MIOU_COLOUR, history.iter().map(|e| e.validation_miou).collect()),
     ];
-    for (colour, value) in &series {
-        let points: Vec<(u32, u32)> = history
-            .iter()
-            .enumerate()
-            .map(|(i, e)| (x_of(i), y_of(value(e))))
-            .collect();
+    for (colour, values) in &series {
+        let points: Vec<(u32, u32)> = values.iter().enumerate().map(|(i, &v)| (x_of(i), y_of(v))).collect();
         for pair in points.windows(2) {
             thick_line(&mut img, pair[0], pair[1], *colour);
         }
