@@ -380,7 +380,11 @@ fn write_history(ml: &MlRoot, state: &CheckpointState) -> Result<()> {
     write_json(
         &dir.join("history.json"),
         &serde_json::json!({ "epochs": state.history }),
-    )
+    )?;
+    let plot = dir.join("training.png");
+    super::report::plot(&state.history)
+        .save(&plot)
+        .with_context(|| format!("cannot write {}", plot.display()))
 }
 
 fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
