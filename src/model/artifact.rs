@@ -124,6 +124,12 @@ pub enum ArtifactError {
         #[source]
         source: candle_core::Error,
     },
+    #[error("{path}: cannot read this PyTorch file: {source}")]
+    PyTorch {
+        path: PathBuf,
+        #[source]
+        source: candle_core::Error,
+    },
     #[error("model format version {0} is not supported (this build reads version {FORMAT_VERSION})")]
     Version(u32),
     #[error("invalid model description: {0}")]
@@ -234,6 +240,48 @@ pub fn read_safetensors(path: &Path) -> Result<HashMap<String, Tensor>, Artifact
     })
 }
 
+/// Reads a state dict saved by PyTorch (`torch.save`, the zip format of PyTorch ≥ 1.6, e.g. torchvision's published
+/// `resnet50-0676ba61.pth`) into CPU tensors. Tensors stored as f16/bf16/f64 are converted to f32.
+pub fn read_pytorch(path: &Path) -> Result<HashMap<String, Tensor>, ArtifactError> {
+    let to_error = |source| ArtifactError::PyTorch {
+        path: path.to_path_buf(),
+        source,
+    };
+    // Some checkpoints wrap the state dict (`{"state_dict": {...}}`, `{"model": {...}}`): try the plain one first.
+    let mut tensors = candle_core::pickle::read_all(path).map_err(to_error)?;
+    for key in ["state_dict", "model"] {
+        if !tensors.is_empty() {
+            break;
+        }
+        tensors = candle_core::pickle::read_all_with_key(path, Some(key)).unwrap_or_default();
+    }
+    if tensors.is_empty() {
+        return Err(ArtifactError::Invalid(format!(
+            "{}: no tensors found in this PyTorch file (expected a state dict saved with torch.save)",
+            path.display()
+        )));
+    }
+    tensors
+        .into_iter()
+        .map(|(name, t)| {
+            let t = if t.dtype() == candle_core::DType::F32 {
+                t
+            } else {
+                t.to_dtype(candle_core::DType::F32).map_err(to_error)?
+            };
+            Ok((name, t))
+        })
+        .collect()
+}
+
+/// Reads a state dict by its extension: `.pth`, `.pt` or `.bin` as a PyTorch file, anything else as safetensors.
+pub fn read_state_dict(path: &Path) -> Result<HashMap<String, Tensor>, ArtifactError> {
+    match path.extension().and_then(|e| e.to_str()) {
+        Some("pth" | "pt" | "bin") => read_pytorch(path),
+        _ => read_safetensors(path),
+    }
+}
+
 /// Reads both files of an artifact (tensors on the CPU, unchecked: see [`InferenceModel`] and
 /// [`weights::load_into_varmap`] for the checked uses).
 pub fn read(dir: &Path) -> Result<(ModelMeta, HashMap<String, Tensor>), ArtifactError> {
@@ -242,11 +290,11 @@ pub fn read(dir: &Path) -> Result<(ModelMeta, HashMap<String, Tensor>), Artifact
     Ok((meta, tensors))
 }
 
-/// Turns a torchvision-named state dict (e.g. from `torch.save` converted to safetensors) into an artifact. The
+/// Turns a torchvision-named state dict (safetensors, or a `torch.save` file: see [`read_state_dict`]) into an artifact. The
 /// auxiliary head is kept when the file has one (`meta.aux` is set from the file); `num_batches_tracked` is dropped;
 /// any other missing, mis-shaped or unexpected tensor is an error naming it.
 pub fn import_torchvision(src: &Path, mut meta: ModelMeta, out: &Path) -> Result<ModelMeta, ArtifactError> {
-    let tensors = read_safetensors(src)?;
+    let tensors = read_state_dict(src)?;
     meta.aux = tensors.keys().any(|k| k.starts_with("aux_classifier."));
     save(out, &meta, &tensors)?;
     Ok(meta)
@@ -297,6 +345,52 @@ impl InferenceModel {
 mod tests {
     use super::*;
     use candle_nn::VarBuilder;
+
+    fn pytorch_fixture(name: &str) -> std::path::PathBuf {
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/pytorch")
+            .join(name)
+    }
+
+    #[test]
+    fn pytorch_state_dicts_read_as_f32_with_their_values_plain_or_wrapped() -> anyhow::Result<()> {
+        for file in ["tiny_state_dict.pth", "tiny_wrapped_state_dict.pth"] {
+            let tensors = read_state_dict(&pytorch_fixture(file))?;
+            let mut names: Vec<_> = tensors.keys().cloned().collect();
+            names.sort();
+            assert_eq!(
+                names,
+                [
+                    "backbone.bn1.num_batches_tracked",
+                    "backbone.conv1.weight",
+                    "half",
+                    "view"
+                ],
+                "{file}"
+            );
+            let conv = &tensors["backbone.conv1.weight"];
+            assert_eq!(conv.dims(), [2, 3, 1, 1]);
+            assert_eq!(conv.flatten_all()?.to_vec1::<f32>()?, [0.0, 0.25, 0.5, 0.75, 1.0, 1.25]);
+            assert_eq!(tensors["half"].dtype(), DType::F32);
+            assert_eq!(tensors["half"].to_vec1::<f32>()?, [0.5, -1.25, 2.0]);
+            assert_eq!(
+                tensors["view"].to_vec1::<f32>()?,
+                [4.0, 5.0, 6.0, 7.0],
+                "storage offset honoured"
+            );
+            assert_eq!(tensors["backbone.bn1.num_batches_tracked"].to_scalar::<f32>()?, 7.0);
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn a_file_that_is_not_a_pytorch_checkpoint_is_an_error_naming_it() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("resnet-50.pth");
+        std::fs::write(&path, b"<html>404 Not Found</html>").expect("write");
+        let error = read_state_dict(&path).expect_err("not a checkpoint").to_string();
+        assert!(error.contains("resnet-50.pth"), "{error}");
+    }
 
     fn trained_varmap(cfg: &ModelConfig) -> candle_core::Result<(VarMap, Segmenter)> {
         let vm = VarMap::new();

@@ -317,29 +317,31 @@ fn initialise_weights(ml: &MlRoot, inputs: &TrainingInputs, varmap: &VarMap) -> 
         tracing::info!("use_pretrained_model=False: training from randomly initialised weights");
         return Ok(());
     }
-    let file_name = format!("{}.safetensors", hp.backbone);
+    // torchvision's checkpoint as downloaded (scripts/fetch-pretrained.sh), or the same tensors as safetensors.
+    let file_names = [format!("{}.safetensors", hp.backbone), format!("{}.pth", hp.backbone)];
     let channel_dir = inputs.channels.get(ChannelName::Pretrained).map(|c| c.path.clone());
     let baked_dir =
         std::env::var_os("SEMSEG_PRETRAINED_DIR").map_or_else(|| PathBuf::from(DEFAULT_PRETRAINED_DIR), PathBuf::from);
     let candidates: Vec<PathBuf> = channel_dir
         .iter()
-        .map(|d| d.join(&file_name))
-        .chain([baked_dir.join(&file_name)])
+        .chain([&baked_dir])
+        .flat_map(|dir| file_names.iter().map(move |name| dir.join(name)))
         .collect();
     let Some(path) = candidates.iter().find(|p| p.is_file()) else {
         bail!(
             "use_pretrained_model=True needs ImageNet weights for {} but none were found (looked for {}); add a \
-             'pretrained' channel holding {file_name} (torchvision's resnet weights as safetensors; see \
-             scripts/fetch-pretrained.sh), use a training image built with them, or set use_pretrained_model=False",
+             'pretrained' channel holding {} (torchvision's ResNet checkpoint, as scripts/fetch-pretrained.sh \
+             downloads it), use a training image built with them, or set use_pretrained_model=False",
             hp.backbone,
             candidates
                 .iter()
                 .map(|p| p.display().to_string())
                 .collect::<Vec<_>>()
-                .join(", ")
+                .join(", "),
+            file_names[1],
         );
     };
-    let tensors = artifact::read_safetensors(path)?;
+    let tensors = artifact::read_state_dict(path)?;
     let loaded = weights::load_backbone_into_varmap(varmap, &tensors, hp.backbone)
         .with_context(|| format!("loading ImageNet weights from {}", path.display()))?;
     tracing::info!(
