@@ -1,0 +1,432 @@
+//! The real containers: `Dockerfile.serve` and a CPU build of `Dockerfile.train`, built offline and run the way
+//! SageMaker runs them (`docker run -v ML:/opt/ml IMAGE train`, `docker run -p PORT:8080 IMAGE serve`), and driven by
+//! the SageMaker Python SDK's local mode.
+//!
+//! This machine's Docker engine cannot pull, so the public base images are replaced by local stand-ins that
+//! `scripts/make-offline-bases.sh` makes (a debootstrapped Debian with this machine's Rust toolchain and crates; a
+//! distroless/cc-like root) and passed as build arguments; everything else is the Dockerfiles as users build them.
+//! Building compiles semseg inside Docker, which takes minutes.
+//!
+//! Mandatory when `CI=true`. Elsewhere they run when Docker, debootstrap and root are available, and otherwise skip
+//! saying why; `SEMSEG_CONTAINER_TESTS=1` forces them on, `=0` off.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output, Stdio};
+use std::sync::{Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+use common::{text, Job, BIN};
+
+const TRAIN_IMAGE: &str = "semseg-train:ci-cpu";
+const SERVE_IMAGE: &str = "semseg-serve:ci";
+/// Dockerfile.serve's build stage (compiled crates included), the train image's build base in the tests.
+const BUILD_STAGE_IMAGE: &str = "semseg-build:ci";
+const SERVE_IMAGE_MAX_BYTES: u64 = 100_000_000;
+
+/// One container job at a time: each uses every core, and the timings they check stay meaningful.
+static ONE_AT_A_TIME: Mutex<()> = Mutex::new(());
+static IMAGES: OnceLock<Result<(), String>> = OnceLock::new();
+
+fn repo() -> &'static Path {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Why the container tests cannot run here, or None when they must.
+fn skip_reason() -> Option<String> {
+    match std::env::var("SEMSEG_CONTAINER_TESTS").as_deref() {
+        Ok("0") => return Some("SEMSEG_CONTAINER_TESTS=0".into()),
+        Ok("1") => return None,
+        _ => {}
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        return None;
+    }
+    let works = |cmd: &str, args: &[&str]| {
+        Command::new(cmd)
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    if !works("docker", &["info"]) {
+        return Some("no usable Docker engine".into());
+    }
+    if !works("sh", &["-c", "command -v debootstrap && [ \"$(id -u)\" = 0 ]"]) {
+        return Some("debootstrap and root are needed to make the offline base images".into());
+    }
+    None
+}
+
+fn run(cmd: &mut Command) -> Output {
+    cmd.output().unwrap_or_else(|e| panic!("cannot run {cmd:?}: {e}"))
+}
+
+fn tail(s: &str, chars: usize) -> &str {
+    let start = s.len().saturating_sub(chars);
+    let start = (start..s.len()).find(|&i| s.is_char_boundary(i)).unwrap_or(s.len());
+    &s[start..]
+}
+
+fn build_images() -> Result<(), String> {
+    let started = Instant::now();
+    let bases = run(Command::new("bash")
+        .arg(repo().join("scripts/make-offline-bases.sh"))
+        .current_dir(repo()));
+    if !bases.status.success() {
+        return Err(format!("make-offline-bases.sh failed:\n{}", tail(&text(&bases), 4000)));
+    }
+    // The serve image first, from the stand-in build base. Its build stage, tagged, then serves as the train image's
+    // build base: the crates are compiled once (a cold compile is most of the time), and Dockerfile.train's own
+    // steps all still run.
+    let builds: [(&str, &str, Option<&str>, &[&str]); 3] = [
+        (
+            "Dockerfile.serve",
+            SERVE_IMAGE,
+            None,
+            &[
+                "BUILDER_IMAGE=semseg-offline/build:bookworm",
+                "RUNTIME_IMAGE=semseg-offline/cc:bookworm",
+            ],
+        ),
+        (
+            "Dockerfile.serve",
+            BUILD_STAGE_IMAGE,
+            Some("build"),
+            &[
+                "BUILDER_IMAGE=semseg-offline/build:bookworm",
+                "RUNTIME_IMAGE=semseg-offline/cc:bookworm",
+            ],
+        ),
+        (
+            "Dockerfile.train",
+            TRAIN_IMAGE,
+            None,
+            &[
+                "BUILDER_IMAGE=semseg-build:ci",
+                "RUNTIME_IMAGE=semseg-offline/runtime:bookworm",
+                "FEATURES=",
+                "PRETRAINED=",
+            ],
+        ),
+    ];
+    for (dockerfile, tag, target, build_args) in builds {
+        let mut cmd = Command::new("docker");
+        cmd.current_dir(repo()).args(["build", "-f", dockerfile, "-t", tag]);
+        if let Some(stage) = target {
+            cmd.args(["--target", stage]);
+        }
+        for arg in build_args {
+            cmd.args(["--build-arg", arg]);
+        }
+        let out = run(cmd.arg("."));
+        if !out.status.success() {
+            return Err(format!(
+                "docker build -f {dockerfile} failed:\n{}",
+                tail(&text(&out), 6000)
+            ));
+        }
+        eprintln!(
+            "built {tag} from {dockerfile}: {} MB ({:.0} s since the start)",
+            image_size(tag) / 1_000_000,
+            started.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// Builds the images once per test run; None (after saying why) when container tests are off here.
+fn images() -> Option<std::sync::MutexGuard<'static, ()>> {
+    if let Some(reason) = skip_reason() {
+        eprintln!("skipping the container tests: {reason}");
+        return None;
+    }
+    let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
+    if let Err(e) = IMAGES.get_or_init(build_images) {
+        panic!("{e}");
+    }
+    Some(guard)
+}
+
+fn image_size(tag: &str) -> u64 {
+    let out = run(Command::new("docker").args(["image", "inspect", "-f", "{{.Size}}", tag]));
+    text(&out)
+        .trim()
+        .parse()
+        .unwrap_or_else(|_| panic!("no size for {tag}: {}", text(&out)))
+}
+
+/// A small job: a synthetic dataset and a ResNet-18 FCN recipe that trains in seconds.
+fn small_job(epochs: u32) -> Job {
+    let job = Job::empty();
+    job.synth(&[
+        "--seed",
+        "9",
+        "--train-count",
+        "8",
+        "--validation-count",
+        "2",
+        "--width",
+        "64",
+        "--height",
+        "48",
+    ]);
+    job.write_hyperparameters(&format!(
+        r#"{{"num_classes": "4", "num_training_samples": "8", "backbone": "resnet-18", "algorithm": "fcn",
+            "use_pretrained_model": "False", "crop_size": "48", "base_size": "64", "epochs": "{epochs}",
+            "mini_batch_size": "4", "validation_mini_batch_size": "1", "learning_rate": "0.02", "seed": "1"}}"#
+    ));
+    job
+}
+
+fn docker_run_train(ml: &Path) -> Output {
+    run(Command::new("docker").args([
+        "run",
+        "--rm",
+        "-v",
+        &format!("{}:/opt/ml", ml.display()),
+        TRAIN_IMAGE,
+        "train",
+    ]))
+}
+
+fn first_validation_jpeg(job: &Job) -> PathBuf {
+    let mut jpegs: Vec<PathBuf> = std::fs::read_dir(job.channel("validation"))
+        .expect("validation channel")
+        .map(|e| e.expect("entry").path())
+        .filter(|p| p.extension().is_some_and(|e| e == "jpg"))
+        .collect();
+    jpegs.sort();
+    jpegs.into_iter().next().expect("a validation JPEG")
+}
+
+fn png_size(png: &[u8]) -> Option<(u32, u32)> {
+    (png.len() >= 24 && png.starts_with(b"\x89PNG\r\n\x1a\n") && &png[12..16] == b"IHDR").then(|| {
+        let be = |b: &[u8]| u32::from_be_bytes([b[0], b[1], b[2], b[3]]);
+        (be(&png[16..20]), be(&png[20..24]))
+    })
+}
+
+#[test]
+fn train_image_trains_on_a_synth_dataset_and_fails_with_the_reason_on_a_bad_hyperparameter() {
+    let Some(_images) = images() else { return };
+
+    let job = small_job(2);
+    let out = docker_run_train(job.root());
+    let log = text(&out);
+    assert!(out.status.success(), "docker run train failed:\n{}", tail(&log, 6000));
+    assert!(job.failure().is_none(), "failure file left: {:?}", job.failure());
+    let model = job.root().join("model");
+    for file in ["model.json", "model.safetensors"] {
+        assert!(
+            model.join(file).is_file(),
+            "model/{file} missing after training:\n{}",
+            tail(&log, 3000)
+        );
+    }
+    assert!(
+        log.contains("#metrics epoch=2 validation:mIOU="),
+        "no epoch-2 metrics line:\n{}",
+        tail(&log, 3000)
+    );
+    // The artifact loads and predicts outside the container.
+    let predictions = tempfile::tempdir().expect("tempdir");
+    let jpeg = first_validation_jpeg(&job);
+    let predicted = run(Command::new(BIN).args([
+        "predict",
+        "--model",
+        model.to_str().expect("utf-8"),
+        jpeg.to_str().expect("utf-8"),
+        "--out",
+        predictions.path().to_str().expect("utf-8"),
+    ]));
+    assert!(
+        predicted.status.success(),
+        "predict on the container's model failed: {}",
+        text(&predicted)
+    );
+
+    let bad = small_job(1);
+    bad.write_hyperparameters(r#"{"num_classes": "4", "num_training_samples": "8", "algorithm": "unet"}"#);
+    let out = docker_run_train(bad.root());
+    assert!(
+        !out.status.success(),
+        "a bad hyperparameter must fail the job:\n{}",
+        text(&out)
+    );
+    let failure = bad.failure().expect("output/failure written by the container");
+    assert!(
+        failure.contains("algorithm"),
+        "the failure names the hyperparameter: {failure}"
+    );
+    assert!(!bad.root().join("model/model.safetensors").exists());
+}
+
+/// Stops and removes the named container even when the test fails half-way.
+struct Container(String);
+
+impl Drop for Container {
+    fn drop(&mut self) {
+        let _ = Command::new("docker")
+            .args(["rm", "-f", &self.0])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status();
+    }
+}
+
+fn curl(args: &[&str]) -> Output {
+    run(Command::new("curl").args(["-s", "--max-time", "60"]).args(args))
+}
+
+#[test]
+fn serve_image_answers_ping_turns_a_jpeg_into_a_png_mask_and_stops_quickly() {
+    let Some(_images) = images() else { return };
+
+    let size = image_size(SERVE_IMAGE);
+    eprintln!("{SERVE_IMAGE}: {} MB", size / 1_000_000);
+    assert!(
+        size <= SERVE_IMAGE_MAX_BYTES,
+        "the serve image is {size} bytes, over the 100 MB target"
+    );
+
+    // A model trained by the host binary (the container's own training is tested above).
+    let job = small_job(1);
+    let trained = job.run(&["train"]);
+    assert!(trained.status.success(), "host training failed: {}", text(&trained));
+
+    let name = format!("semseg-ci-serve-{}", std::process::id());
+    let container = Container(name.clone());
+    let started = Instant::now();
+    let out = run(Command::new("docker").args([
+        "run",
+        "-d",
+        "--name",
+        &name,
+        "-p",
+        "127.0.0.1::8080",
+        "-v",
+        &format!("{}:/opt/ml/model:ro", job.root().join("model").display()),
+        SERVE_IMAGE,
+        "serve",
+    ]));
+    assert!(out.status.success(), "docker run serve failed: {}", text(&out));
+    let port = text(&run(Command::new("docker").args(["port", &name, "8080/tcp"])));
+    let address = port.lines().next().expect("a published port").trim().to_string();
+
+    let ping = format!("http://{address}/ping");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let out = curl(&["-o", "/dev/null", "-w", "%{http_code}", &ping]);
+        if text(&out).trim() == "200" {
+            break;
+        }
+        let logs = text(&run(Command::new("docker").args(["logs", &name])));
+        assert!(Instant::now() < deadline, "no 200 on /ping within 60 s; logs:\n{logs}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    eprintln!(
+        "{SERVE_IMAGE}: container start to first 200 on /ping: {:.2} s",
+        started.elapsed().as_secs_f64()
+    );
+
+    let jpeg = first_validation_jpeg(&job);
+    let answer = tempfile::NamedTempFile::new().expect("tempfile");
+    let out = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: image/jpeg",
+        "-H",
+        "Accept: image/png",
+        "--data-binary",
+        &format!("@{}", jpeg.display()),
+        "-o",
+        answer.path().to_str().expect("utf-8"),
+        "-w",
+        "%{http_code} %{content_type}",
+        &format!("http://{address}/invocations"),
+    ]);
+    assert_eq!(text(&out).trim(), "200 image/png", "POST /invocations");
+    let png = std::fs::read(answer.path()).expect("answer");
+    let (width, height) = image::image_dimensions(&jpeg).expect("jpeg size");
+    assert_eq!(png_size(&png), Some((width, height)), "a PNG mask at the image's size");
+
+    // An undecodable body is a 400 and the container keeps serving.
+    let out = curl(&[
+        "-X",
+        "POST",
+        "-H",
+        "Content-Type: image/jpeg",
+        "--data-binary",
+        "not a jpeg",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        &format!("http://{address}/invocations"),
+    ]);
+    assert_eq!(text(&out).trim(), "400");
+    assert_eq!(
+        text(&curl(&["-o", "/dev/null", "-w", "%{http_code}", &ping])).trim(),
+        "200"
+    );
+
+    let stopping = Instant::now();
+    let out = run(Command::new("docker").args(["stop", "-t", "30", &name]));
+    let took = stopping.elapsed();
+    assert!(out.status.success(), "docker stop: {}", text(&out));
+    eprintln!("{SERVE_IMAGE}: docker stop took {:.2} s", took.as_secs_f64());
+    assert!(
+        took < Duration::from_secs(30),
+        "docker stop took {took:?}: SIGTERM was not handled"
+    );
+    let exit = text(&run(Command::new("docker").args([
+        "inspect",
+        "-f",
+        "{{.State.ExitCode}}",
+        &name,
+    ])));
+    assert_eq!(exit.trim(), "0", "serve exits 0 on SIGTERM");
+    drop(container);
+}
+
+#[test]
+fn sagemaker_sdk_local_mode_trains_deploys_and_predicts() {
+    let Some(_images) = images() else { return };
+    let has_sdk = Command::new("python3")
+        .args(["-c", "import sagemaker"])
+        .stderr(Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if !has_sdk {
+        assert!(
+            std::env::var("CI").as_deref() != Ok("true"),
+            "CI needs the SageMaker Python SDK (.ci/run installs it)"
+        );
+        eprintln!("skipping the SageMaker local mode test: pip install 'sagemaker>=2,<3'");
+        return;
+    }
+    let work = tempfile::tempdir().expect("tempdir");
+    let out = run(Command::new("python3")
+        .arg(repo().join("scripts/sagemaker-local-mode.py"))
+        .args([
+            "--train-image",
+            TRAIN_IMAGE,
+            "--serve-image",
+            SERVE_IMAGE,
+            "--semseg",
+            BIN,
+            "--work",
+        ])
+        .arg(work.path()));
+    let log = text(&out);
+    assert!(out.status.success(), "local mode failed:\n{}", tail(&log, 8000));
+    assert!(
+        log.contains("trained, deployed and predicted a PNG mask"),
+        "{}",
+        tail(&log, 3000)
+    );
+}
