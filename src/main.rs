@@ -39,7 +39,7 @@ enum Command {
     /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
     /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
     Check,
-    /// Turn a torchvision-named state dict (safetensors, e.g. a model trained in PyTorch) into a semseg model
+    /// Turn a torchvision-named state dict (a PyTorch `.pth` or safetensors, e.g. a model trained in PyTorch) into a semseg model
     /// artifact that `serve`, `predict` and incremental training load. Every tensor is checked; missing or mis-shaped
     /// ones are named.
     Import(ImportArgs),
@@ -56,7 +56,8 @@ enum Command {
 
 #[derive(Debug, clap::Args)]
 struct ImportArgs {
-    /// The state dict as safetensors with torchvision's names (`backbone.layer1.0.conv1.weight`, `classifier.4.weight`).
+    /// The state dict with torchvision's names (`backbone.layer1.0.conv1.weight`, `classifier.4.weight`): a file saved
+    /// by `torch.save` (`.pth`, `.pt`, `.bin`) or safetensors.
     #[arg(long, value_name = "FILE")]
     torchvision: PathBuf,
     /// Segmentation head: fcn, psp or deeplab.
