@@ -78,7 +78,9 @@ class Fcn(nn.Module):
 
 def load_pairs(data, split):
     images = sorted((data / split).glob("*.jpg"))
-    return [(Image.open(p).convert("RGB"), Image.open(data / f"{split}_annotation" / (p.stem + ".png"))) for p in images]
+    # Annotations are palette PNGs whose indices are the labels: keep the indices (mode L), not the colours.
+    label = lambda p: Image.fromarray(np.asarray(Image.open(data / f"{split}_annotation" / (p.stem + ".png"))))
+    return [(Image.open(p).convert("RGB"), label(p)) for p in images]
 
 
 def normalise(img):
