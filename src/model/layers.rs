@@ -7,6 +7,7 @@
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 
+use super::ops;
 use super::ops::conv::conv2d;
 
 /// How a convolution's weights start when the `VarBuilder` creates them (training from scratch).
@@ -167,6 +168,15 @@ impl BatchNorm2d {
                 x.dims()
             )
         }
+        if ops::batch_norm::supports(x, &self.weight) {
+            let (y, stats) = ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
+            let device = self.running_mean.device();
+            let batch_mean = Tensor::from_slice(&stats.mean, c, device)?;
+            let batch_var = (Tensor::from_slice(&stats.var, c, device)? * unbiased)?;
+            self.update_running(&batch_mean, &batch_var)?;
+            return Ok(y);
+        }
         let dtype = x.dtype();
         // Statistics in f32 at least, so half-precision activations do not lose the mean.
         let xs = if matches!(dtype, DType::F16 | DType::BF16) {
@@ -191,7 +201,6 @@ impl BatchNorm2d {
             .to_dtype(dtype)?;
 
         // Running statistics, outside the graph.
-        let m = self.momentum;
         let rm_dtype = self.running_mean.dtype();
         let batch_mean = mean.detach().flatten_all()?.to_dtype(rm_dtype)?;
         // PyTorch stores the unbiased variance.
@@ -200,11 +209,20 @@ impl BatchNorm2d {
             .flatten_all()?
             .affine(1.0 / (n - 1) as f64, 0.0)?
             .to_dtype(rm_dtype)?;
-        let new_mean = (self.running_mean.as_detached_tensor().affine(1.0 - m, 0.0)? + batch_mean.affine(m, 0.0)?)?;
-        let new_var = (self.running_var.as_detached_tensor().affine(1.0 - m, 0.0)? + batch_var.affine(m, 0.0)?)?;
-        self.running_mean.set(&new_mean)?;
-        self.running_var.set(&new_var)?;
+        self.update_running(&batch_mean, &batch_var)?;
         Ok(y)
+    }
+
+    /// `running = (1 − m)·running + m·batch`, outside the graph; the batch statistics are `[C]`.
+    fn update_running(&self, batch_mean: &Tensor, batch_var: &Tensor) -> Result<()> {
+        let m = self.momentum;
+        let dtype = self.running_mean.dtype();
+        let blend = |running: &Var, batch: &Tensor| -> Result<()> {
+            let batch = batch.to_dtype(dtype)?.affine(m, 0.0)?;
+            running.set(&(running.as_detached_tensor().affine(1.0 - m, 0.0)? + batch)?)
+        };
+        blend(&self.running_mean, batch_mean)?;
+        blend(&self.running_var, batch_var)
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {

@@ -9,6 +9,8 @@
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
 
+use super::contiguous_slice;
+
 /// Remainder of the last window's reach along one axis: rows past the last window that the output never uses.
 fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) -> Option<usize> {
     (size + 2 * padding)
@@ -82,13 +84,6 @@ impl Geometry {
 
     fn col_shape(&self) -> Shape {
         Shape::from((self.b, self.c * self.k * self.k, self.oh * self.ow))
-    }
-}
-
-fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(&v[start..end]),
-        None => candle_core::bail!("{what}: input must be contiguous"),
     }
 }
 

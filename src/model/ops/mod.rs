@@ -6,12 +6,15 @@
 //!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward);
 //! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride);
 //! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included;
+//! - [`batch_norm::batch_norm_train`]: training-mode BatchNorm2d fused into one op on the CPU (forward and backward
+//!   two passes each, instead of ten composed nodes with full-size intermediates);
 //! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity
 //!   (Candle's uses one `output_padding` for both axes), computed on the CPU as im2col + matmul when a gradient is
 //!   needed (Candle's CPU conv backward is about six forward passes; this one is about two).
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]).
 
+pub mod batch_norm;
 pub mod conv;
 pub mod pool;
 pub mod resize;
@@ -19,7 +22,15 @@ pub mod resize;
 #[cfg(test)]
 pub(crate) mod gradcheck;
 
-use candle_core::{DType, Device, Result, Tensor};
+use candle_core::{DType, Device, Layout, Result, Tensor};
+
+/// The part of a custom op's input storage that `l` covers, which must be contiguous.
+pub(crate) fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&v[start..end]),
+        None => candle_core::bail!("{what}: input must be contiguous"),
+    }
+}
 
 /// Applies `rows` (`[oh, h]`) along H and `cols_t` (`[w, ow]`) along W of `x` (`[B, C, h, w]`):
 /// `y[b, c] = rows · x[b, c] · cols_t`, giving `[B, C, oh, ow]`. Either matrix may be `None` (identity).

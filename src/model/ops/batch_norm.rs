@@ -1,0 +1,371 @@
+//! Training-mode BatchNorm2d on the CPU as one fused op. Composed from Candle's ops it is about ten autograd nodes,
+//! each materialising a full-size activation (sub, sqr, mul, add and their broadcast-sum backwards over strided
+//! axes); fused, the forward is two passes over the input (statistics, then the affine map) and the backward two
+//! (per-channel sums, then the input gradient), in parallel over channels / planes.
+//!
+//! Forward: `y = (x − μ_c)·s_c·γ_c + β_c` with `s_c = 1/√(σ²_c + ε)`, μ and the biased σ² over B·H·W.
+//! Backward (N = B·H·W, x̂ = (x − μ)·s): `∂β = Σ dy`, `∂γ = Σ dy·x̂`, `∂x = γ·s·(dy − ∂β/N − x̂·∂γ/N)`.
+
+use std::sync::{Arc, Mutex};
+
+use candle_core::{CpuStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, WithDType};
+use rayon::prelude::*;
+
+use super::contiguous_slice;
+
+/// Per-channel statistics of one training batch.
+#[derive(Debug, Clone, PartialEq)]
+pub struct BatchStats {
+    pub mean: Vec<f64>,
+    /// Biased (divided by N), as used for normalising.
+    pub var: Vec<f64>,
+    /// N = B·H·W, the count behind each statistic.
+    pub count: usize,
+}
+
+/// Whether [`batch_norm_train`] handles this input (CPU, f32 or f64, the same dtype as the parameters).
+pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype()
+}
+
+/// `x` `[B, C, H, W]`, `weight`/`bias` `[C]` → (`y` `[B, C, H, W]`, differentiable with respect to all three; the
+/// batch statistics, detached).
+pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+    let stats = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain {
+        eps,
+        stats: Arc::clone(&stats),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+    let stats = lock(&stats)
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch norm: the forward pass left no statistics".into()))?;
+    Ok((y, stats))
+}
+
+fn lock(m: &Mutex<Option<BatchStats>>) -> std::sync::MutexGuard<'_, Option<BatchStats>> {
+    m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+struct BatchNormTrain {
+    eps: f64,
+    /// Written by the forward pass, read by the caller (running statistics) and by the backward pass.
+    stats: Arc<Mutex<Option<BatchStats>>>,
+}
+
+fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
+    let (b, c, h, w) = l.shape().dims4()?;
+    Ok((b, c, h * w))
+}
+
+/// Mean and biased variance of every channel, two-pass for accuracy.
+fn channel_stats<T: WithDType>(x: &[T], (b, c, hw): (usize, usize, usize)) -> BatchStats {
+    let count = b * hw;
+    let planes = |ch: usize| (0..b).map(move |i| &x[(i * c + ch) * hw..][..hw]);
+    let (mean, var) = (0..c)
+        .into_par_iter()
+        .map(|ch| {
+            let sum: f64 = planes(ch).flatten().map(|v| v.to_f64()).sum();
+            let mean = sum / count as f64;
+            let sq: f64 = planes(ch)
+                .flatten()
+                .map(|v| {
+                    let d = v.to_f64() - mean;
+                    d * d
+                })
+                .sum();
+            (mean, sq / count as f64)
+        })
+        .unzip();
+    BatchStats { mean, var, count }
+}
+
+fn forward<T: WithDType>(
+    x: &[T],
+    weight: &[T],
+    bias: &[T],
+    shape: (usize, usize, usize),
+    eps: f64,
+) -> (Vec<T>, BatchStats) {
+    let (_, c, hw) = shape;
+    let stats = channel_stats(x, shape);
+    let affine: Vec<(f64, f64)> = (0..c)
+        .map(|ch| {
+            let scale = weight[ch].to_f64() / (stats.var[ch] + eps).sqrt();
+            (scale, bias[ch].to_f64() - stats.mean[ch] * scale)
+        })
+        .collect();
+    let mut y = vec![T::zero(); x.len()];
+    y.par_chunks_mut(hw)
+        .zip(x.par_chunks(hw))
+        .enumerate()
+        .for_each(|(plane, (out, input))| {
+            let (scale, shift) = affine[plane % c];
+            for (o, v) in out.iter_mut().zip(input) {
+                *o = T::from_f64(v.to_f64() * scale + shift);
+            }
+        });
+    (y, stats)
+}
+
+impl CustomOp3 for BatchNormTrain {
+    fn name(&self) -> &'static str {
+        "semseg-batch-norm-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        ws: &CpuStorage,
+        wl: &Layout,
+        bs: &CpuStorage,
+        bl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = dims(xl)?;
+        if wl.shape().elem_count() != shape.1 || bl.shape().elem_count() != shape.1 {
+            candle_core::bail!(
+                "batch norm: {} channels but parameters {:?}, {:?}",
+                shape.1,
+                wl.shape(),
+                bl.shape()
+            )
+        }
+        let (y, stats) = match (xs, ws, bs) {
+            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
+                let (y, stats) = forward(
+                    contiguous_slice(x, xl, "batch norm")?,
+                    contiguous_slice(w, wl, "batch norm")?,
+                    contiguous_slice(b, bl, "batch norm")?,
+                    shape,
+                    self.eps,
+                );
+                (CpuStorage::F32(y), stats)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
+                let (y, stats) = forward(
+                    contiguous_slice(x, xl, "batch norm")?,
+                    contiguous_slice(w, wl, "batch norm")?,
+                    contiguous_slice(b, bl, "batch norm")?,
+                    shape,
+                    self.eps,
+                );
+                (CpuStorage::F64(y), stats)
+            }
+            _ => candle_core::bail!("batch norm: input and parameters must all be f32 or all f64"),
+        };
+        *lock(&self.stats) = Some(stats);
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        weight: &Tensor,
+        _bias: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = lock(&self.stats)
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm: backward before forward".into()))?;
+        let grad = grad.contiguous()?;
+        let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
+        // [2, C]: Σ dy and Σ dy·x̂ per channel.
+        let sums = grad
+            .apply_op2_no_bwd(
+                x,
+                &GradSums {
+                    mean: stats.mean.clone(),
+                    inv_std: inv_std.clone(),
+                },
+            )?
+            .to_dtype(DType::F64)?
+            .to_vec2::<f64>()?;
+        let (sum_dy, sum_dy_xhat) = (&sums[0], &sums[1]);
+        let gamma = weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+        let n = stats.count as f64;
+        // ∂x = α·dy + β·x + γ₀ per channel (the formula above, expanded).
+        let coefficients: Vec<[f64; 3]> = (0..gamma.len())
+            .map(|ch| {
+                let k = gamma[ch] * inv_std[ch];
+                let beta = -k * sum_dy_xhat[ch] * inv_std[ch] / n;
+                [k, beta, -k * sum_dy[ch] / n - beta * stats.mean[ch]]
+            })
+            .collect();
+        let dx = grad.apply_op2_no_bwd(x, &InputGrad { coefficients })?;
+        let channels = gamma.len();
+        let to_param = |v: &[f64]| Tensor::from_slice(v, channels, weight.device())?.to_dtype(weight.dtype());
+        Ok((Some(dx), Some(to_param(sum_dy_xhat)?), Some(to_param(sum_dy)?)))
+    }
+}
+
+/// (dy, x) → `[2, C]`: Σ dy and Σ dy·x̂ per channel.
+struct GradSums {
+    mean: Vec<f64>,
+    inv_std: Vec<f64>,
+}
+
+impl GradSums {
+    fn sums<T: WithDType>(&self, dy: &[T], x: &[T], (b, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let per_channel: Vec<(f64, f64)> = (0..c)
+            .into_par_iter()
+            .map(|ch| {
+                let (mut s, mut sx) = (0.0, 0.0);
+                for i in 0..b {
+                    let at = (i * c + ch) * hw;
+                    for (g, v) in dy[at..at + hw].iter().zip(&x[at..at + hw]) {
+                        let g = g.to_f64();
+                        s += g;
+                        sx += g * v.to_f64();
+                    }
+                }
+                // Σ dy·(x − μ)·s = s·(Σ dy·x − μ·Σ dy)
+                (s, self.inv_std[ch] * (sx - self.mean[ch] * s))
+            })
+            .collect();
+        per_channel
+            .iter()
+            .map(|p| T::from_f64(p.0))
+            .chain(per_channel.iter().map(|p| T::from_f64(p.1)))
+            .collect()
+    }
+}
+
+impl CustomOp2 for GradSums {
+    fn name(&self) -> &'static str {
+        "semseg-batch-norm-grad-sums"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = dims(xl)?;
+        let out = match (gs, xs) {
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(self.sums(
+                contiguous_slice(g, gl, "batch norm backward")?,
+                contiguous_slice(x, xl, "batch norm backward")?,
+                shape,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(self.sums(
+                contiguous_slice(g, gl, "batch norm backward")?,
+                contiguous_slice(x, xl, "batch norm backward")?,
+                shape,
+            )),
+            _ => candle_core::bail!("batch norm backward: gradient and input must both be f32 or f64"),
+        };
+        Ok((out, Shape::from((2, shape.1))))
+    }
+}
+
+/// (dy, x) → ∂x = α_c·dy + β_c·x + γ_c.
+struct InputGrad {
+    coefficients: Vec<[f64; 3]>,
+}
+
+impl InputGrad {
+    fn apply<T: WithDType>(&self, dy: &[T], x: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
+        let mut dx = vec![T::zero(); x.len()];
+        dx.par_chunks_mut(hw)
+            .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
+            .enumerate()
+            .for_each(|(plane, (out, (g, v)))| {
+                let [a, b, c0] = self.coefficients[plane % c];
+                for ((o, g), v) in out.iter_mut().zip(g).zip(v) {
+                    *o = T::from_f64(a * g.to_f64() + b * v.to_f64() + c0);
+                }
+            });
+        dx
+    }
+}
+
+impl CustomOp2 for InputGrad {
+    fn name(&self) -> &'static str {
+        "semseg-batch-norm-input-grad"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
+        let shape = dims(xl)?;
+        let out = match (gs, xs) {
+            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(self.apply(
+                contiguous_slice(g, gl, "batch norm backward")?,
+                contiguous_slice(x, xl, "batch norm backward")?,
+                shape,
+            )),
+            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(self.apply(
+                contiguous_slice(g, gl, "batch norm backward")?,
+                contiguous_slice(x, xl, "batch norm backward")?,
+                shape,
+            )),
+            _ => candle_core::bail!("batch norm backward: gradient and input must both be f32 or f64"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::gradcheck::{check_gradients, seeded};
+
+    /// The composed reference: what `BatchNorm2d` computed before this op.
+    fn composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {
+        let n = (x.dim(0)? * x.dim(2)? * x.dim(3)?) as f64;
+        let c = x.dim(1)?;
+        let mean = x.sum_keepdim(3)?.sum_keepdim(2)?.sum_keepdim(0)?.affine(1.0 / n, 0.0)?;
+        let centred = x.broadcast_sub(&mean)?;
+        let var = centred
+            .sqr()?
+            .sum_keepdim(3)?
+            .sum_keepdim(2)?
+            .sum_keepdim(0)?
+            .affine(1.0 / n, 0.0)?;
+        let inv = (var + eps)?.sqrt()?.recip()?;
+        centred
+            .broadcast_mul(&inv.broadcast_mul(&w.reshape((1, c, 1, 1))?)?)?
+            .broadcast_add(&b.reshape((1, c, 1, 1))?)
+    }
+
+    #[test]
+    fn gradients_match_finite_differences() -> Result<()> {
+        check_gradients(&[&[2, 3, 4, 5], &[3], &[3]], |t| {
+            Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0)
+        })
+    }
+
+    #[test]
+    fn forward_backward_and_statistics_match_the_composed_ops() -> Result<()> {
+        let x = seeded(&[3, 4, 5, 6], 1)?.affine(3.0, 0.7)?.to_dtype(DType::F32)?;
+        let w = seeded(&[4], 2)?.to_dtype(DType::F32)?;
+        let b = seeded(&[4], 3)?.to_dtype(DType::F32)?;
+        let r = seeded(&[3, 4, 5, 6], 4)?.to_dtype(DType::F32)?;
+        let vars: Vec<candle_core::Var> = [&x, &w, &b]
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t))
+            .collect::<Result<_>>()?;
+        let (fused, stats) = batch_norm_train(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
+        let reference = composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar() };
+        assert!(max_diff(&fused, &reference)? < 1e-5);
+        let g_fused = (&fused * &r)?.sum_all()?.backward()?;
+        let g_ref = (&reference * &r)?.sum_all()?.backward()?;
+        for v in &vars {
+            let (a, b) = (
+                g_fused.get(v.as_tensor()).expect("fused grad"),
+                g_ref.get(v.as_tensor()).expect("grad"),
+            );
+            assert!(max_diff(a, b)? < 1e-4, "{:?}", v.dims());
+        }
+        let mean = x
+            .mean_keepdim(3)?
+            .mean_keepdim(2)?
+            .mean_keepdim(0)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?;
+        for (got, want) in stats.mean.iter().zip(mean.to_vec1::<f64>()?) {
+            assert!((got - want).abs() < 1e-5);
+        }
+        assert_eq!(stats.count, 3 * 5 * 6);
+        Ok(())
+    }
+}
