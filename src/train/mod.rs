@@ -4,6 +4,7 @@
 
 pub mod checkpoint;
 pub mod early_stopping;
+mod fused_sgd;
 pub mod incremental;
 pub mod inputs;
 pub mod job;

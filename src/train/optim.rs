@@ -62,6 +62,11 @@ impl Optimizer {
         for (name, var) in &self.params {
             let Some(grad) = grads.get(var) else { continue };
             let weight = var.as_tensor();
+            if super::fused_sgd::applies(&self.config, weight) {
+                let state = self.state.entry(name.clone()).or_default();
+                super::fused_sgd::step(&self.config, weight, grad, state, lr)?;
+                continue;
+            }
             let grad = if self.config.weight_decay > 0.0 {
                 (grad + (weight * self.config.weight_decay)?)?
             } else {
@@ -201,6 +206,37 @@ mod tests {
     fn sgd_with_momentum_matches_hand_computed_steps() {
         // g1 = 2; buf = 2; w = 1 - 0.1·2 = 0.8. g2 = 1.6; buf = 0.9·2 + 1.6 = 3.4; w = 0.8 - 0.34 = 0.46.
         assert_close(&trajectory(config(OptimizerKind::Sgd), 0.1, 2), &[0.8, 0.46]);
+    }
+
+    /// The in-place f32 path (`fused_sgd`) against the composed one (run in f64 here, so not fused).
+    #[test]
+    fn fused_cpu_sgd_and_nag_match_the_composed_update() {
+        for kind in [OptimizerKind::Sgd, OptimizerKind::Nag] {
+            for momentum in [0.0, 0.9] {
+                let c = OptimizerConfig {
+                    weight_decay: 1e-2,
+                    momentum,
+                    ..config(kind)
+                };
+                let run = |dtype: DType| -> Vec<f64> {
+                    let start = Tensor::new(&[0.5f64, -1.5, 2.0, 0.25], &Device::Cpu).unwrap();
+                    let w = Var::from_tensor(&start.to_dtype(dtype).unwrap()).unwrap();
+                    let mut opt = Optimizer::new(c, vec![("w".into(), w.clone())]);
+                    for _ in 0..3 {
+                        let loss = (w.as_tensor().sqr().unwrap() * 1.5).unwrap().sum_all().unwrap();
+                        opt.step(&loss.backward().unwrap(), 0.1).unwrap();
+                    }
+                    w.as_tensor().to_dtype(DType::F64).unwrap().to_vec1().unwrap()
+                };
+                let (fused, composed) = (run(DType::F32), run(DType::F64));
+                for (a, b) in fused.iter().zip(&composed) {
+                    assert!(
+                        (a - b).abs() < 1e-6,
+                        "{kind:?} momentum {momentum}: {fused:?} vs {composed:?}"
+                    );
+                }
+            }
+        }
     }
 
     #[test]
