@@ -6,9 +6,11 @@
 //! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact;
 //! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and validation;
 //! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
-//! - [`train`]: the training job.
+//! - [`train`]: the training job;
+//! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
 pub mod data;
+pub mod demo;
 pub mod infer;
 pub mod model;
 pub mod predict;

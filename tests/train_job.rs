@@ -319,30 +319,6 @@ fn import_turns_a_torchvision_state_dict_into_a_servable_artifact_and_names_bad_
     assert!(text(&result).contains("classifier.4.weight"), "{}", text(&result));
 }
 
-/// One HTTP/1.1 request over a plain socket: (status, content type, body).
-fn http(port: u16, request: &[u8]) -> (u16, String, Vec<u8>) {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
-    stream.write_all(request).unwrap();
-    let mut response = Vec::new();
-    stream.read_to_end(&mut response).unwrap();
-    let split = response
-        .windows(4)
-        .position(|w| w == b"\r\n\r\n")
-        .expect("a header block");
-    let head = String::from_utf8_lossy(&response[..split]).to_string();
-    let status = head.split_whitespace().nth(1).unwrap().parse().unwrap();
-    let content_type = head
-        .lines()
-        .find_map(|l| {
-            l.to_ascii_lowercase()
-                .strip_prefix("content-type:")
-                .map(|v| v.trim().to_string())
-        })
-        .unwrap_or_default();
-    (status, content_type, response[split + 4..].to_vec())
-}
-
 #[test]
 fn the_real_server_serves_a_trained_model_tar_gz_and_stops_on_sigterm() {
     let trained = small_job("fcn", 1, "");
@@ -372,7 +348,7 @@ fn the_real_server_serves_a_trained_model_tar_gz_and_stops_on_sigterm() {
     loop {
         let ping = std::net::TcpStream::connect(("127.0.0.1", port))
             .ok()
-            .map(|_| http(port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0);
+            .map(|_| common::http(port, b"GET /ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").0);
         if ping == Some(200) {
             break;
         }
@@ -395,7 +371,7 @@ fn the_real_server_serves_a_trained_model_tar_gz_and_stops_on_sigterm() {
     )
     .into_bytes();
     request.extend_from_slice(&image);
-    let (status, content_type, body) = http(port, &request);
+    let (status, content_type, body) = common::http(port, &request);
     assert_eq!((status, content_type.as_str()), (200, "image/png"));
     let mask = semseg::data::annotation::decode_annotation(&body).expect("a palette PNG of class indices");
     assert_eq!(mask.dimensions(), (64, 48));

@@ -352,6 +352,20 @@ pub async fn shutdown_signal() {
 pub fn run(args: &ServeArgs, ml: &MlRoot, load_model: LoadModel) -> anyhow::Result<()> {
     let config = ServeConfig::from_args(args)?;
     let model_dir = args.model.clone().unwrap_or_else(|| ml.model_dir());
+    let load = move || {
+        let dir = model_dir::prepare(&model_dir)?;
+        tracing::info!(dir = %dir.display(), "loading the model");
+        load_model(&dir).with_context(|| format!("cannot load the model in {}", dir.display()))
+    };
+    run_until_signal(config, load, |_| {})
+}
+
+/// Serve on a runtime of its own until SIGTERM or Ctrl-C (blocking). `on_listening` gets the bound address (the real
+/// port when 0 was asked for) before the model has necessarily loaded; `semseg demo` prints its curl line there.
+pub fn run_until_signal<L>(config: ServeConfig, load: L, on_listening: impl FnOnce(SocketAddr)) -> anyhow::Result<()>
+where
+    L: FnOnce() -> anyhow::Result<Arc<dyn Segmenter>> + Send + 'static,
+{
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
@@ -359,12 +373,8 @@ pub fn run(args: &ServeArgs, ml: &MlRoot, load_model: LoadModel) -> anyhow::Resu
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(async move {
-        let load = move || {
-            let dir = model_dir::prepare(&model_dir)?;
-            tracing::info!(dir = %dir.display(), "loading the model");
-            load_model(&dir).with_context(|| format!("cannot load the model in {}", dir.display()))
-        };
         let server = start(config, load, shutdown_signal()).await?;
+        on_listening(server.addr());
         server.wait().await
     })
 }
