@@ -33,10 +33,14 @@ import_dir() { # import_dir DIR IMAGE [--change ...]
     log "imported $image ($(docker image inspect -f '{{.Size}}' "$image" | awk '{printf "%.0f MB", $1/1e6}'))"
 }
 
-for tool in docker debootstrap dpkg-deb chroot cargo rustc; do
+for tool in docker debootstrap dpkg-deb chroot cargo rustc flock; do
     command -v "$tool" >/dev/null || { echo "make-offline-bases: '$tool' is missing (apt-get install debootstrap)" >&2; exit 1; }
 done
 mkdir -p "$WORK"
+# One run at a time (.ci/run starts one in the background while cargo compiles; the tests then call it again and
+# wait here until the images exist).
+exec 9>"$WORK/lock"
+flock 9
 
 minbase=$WORK/minbase
 if ! have_image "$RUNTIME_IMAGE" || ! have_image "$BUILD_IMAGE"; then
