@@ -202,14 +202,42 @@ impl CustomOp3 for BatchNormTrain {
     }
 }
 
+/// A backward kernel over (dy, x), both `[B, C, H, W]` contiguous; the two ops below share the dtype dispatch.
+trait GradKernel {
+    fn run<T: WithDType>(&self, dy: &[T], x: &[T], shape: (usize, usize, usize)) -> Vec<T>;
+}
+
+fn run_grad_kernel(
+    k: &impl GradKernel,
+    gs: &CpuStorage,
+    gl: &Layout,
+    xs: &CpuStorage,
+    xl: &Layout,
+) -> Result<CpuStorage> {
+    let shape = dims(xl)?;
+    Ok(match (gs, xs) {
+        (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(k.run(
+            contiguous_slice(g, gl, "batch norm backward")?,
+            contiguous_slice(x, xl, "batch norm backward")?,
+            shape,
+        )),
+        (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(k.run(
+            contiguous_slice(g, gl, "batch norm backward")?,
+            contiguous_slice(x, xl, "batch norm backward")?,
+            shape,
+        )),
+        _ => candle_core::bail!("batch norm backward: gradient and input must both be f32 or f64"),
+    })
+}
+
 /// (dy, x) → `[2, C]`: Σ dy and Σ dy·x̂ per channel.
 struct GradSums {
     mean: Vec<f64>,
     inv_std: Vec<f64>,
 }
 
-impl GradSums {
-    fn sums<T: WithDType>(&self, dy: &[T], x: &[T], (b, c, hw): (usize, usize, usize)) -> Vec<T> {
+impl GradKernel for GradSums {
+    fn run<T: WithDType>(&self, dy: &[T], x: &[T], (b, c, hw): (usize, usize, usize)) -> Vec<T> {
         let per_channel: Vec<(f64, f64)> = (0..c)
             .into_par_iter()
             .map(|ch| {
@@ -240,21 +268,8 @@ impl CustomOp2 for GradSums {
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = dims(xl)?;
-        let out = match (gs, xs) {
-            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(self.sums(
-                contiguous_slice(g, gl, "batch norm backward")?,
-                contiguous_slice(x, xl, "batch norm backward")?,
-                shape,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(self.sums(
-                contiguous_slice(g, gl, "batch norm backward")?,
-                contiguous_slice(x, xl, "batch norm backward")?,
-                shape,
-            )),
-            _ => candle_core::bail!("batch norm backward: gradient and input must both be f32 or f64"),
-        };
-        Ok((out, Shape::from((2, shape.1))))
+        let out = run_grad_kernel(self, gs, gl, xs, xl)?;
+        Ok((out, Shape::from((2, dims(xl)?.1))))
     }
 }
 
@@ -263,8 +278,8 @@ struct InputGrad {
     coefficients: Vec<[f64; 3]>,
 }
 
-impl InputGrad {
-    fn apply<T: WithDType>(&self, dy: &[T], x: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
+impl GradKernel for InputGrad {
+    fn run<T: WithDType>(&self, dy: &[T], x: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
         let mut dx = vec![T::zero(); x.len()];
         dx.par_chunks_mut(hw)
             .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
@@ -285,20 +300,7 @@ impl CustomOp2 for InputGrad {
     }
 
     fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, xs: &CpuStorage, xl: &Layout) -> Result<(CpuStorage, Shape)> {
-        let shape = dims(xl)?;
-        let out = match (gs, xs) {
-            (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(self.apply(
-                contiguous_slice(g, gl, "batch norm backward")?,
-                contiguous_slice(x, xl, "batch norm backward")?,
-                shape,
-            )),
-            (CpuStorage::F64(g), CpuStorage::F64(x)) => CpuStorage::F64(self.apply(
-                contiguous_slice(g, gl, "batch norm backward")?,
-                contiguous_slice(x, xl, "batch norm backward")?,
-                shape,
-            )),
-            _ => candle_core::bail!("batch norm backward: gradient and input must both be f32 or f64"),
-        };
+        let out = run_grad_kernel(self, gs, gl, xs, xl)?;
         Ok((out, xl.shape().clone()))
     }
 }
