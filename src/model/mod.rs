@@ -5,6 +5,7 @@
 //! - [`heads`]: FCN, DeepLabV3 (ASPP) and PSPNet (pyramid pooling) heads, plus the auxiliary FCN head on layer3;
 //! - [`ops`]: the differentiable operations Candle 0.11 lacks for training (bilinear resize, 3×3 max-pool,
 //!   adaptive average pooling, a stride-2 convolution whose backward works for any input size);
+//! - [`seeded_init`]: reproducible random initialisation (the same seed gives the same weights);
 //! - [`weights`]: name/shape checking for state dicts, loading into a `VarMap`;
 //! - [`artifact`]: the on-disk model (`model.safetensors` + `model.json`) and the BatchNorm-folded inference model.
 //!
@@ -16,6 +17,7 @@ pub mod heads;
 pub mod layers;
 pub mod ops;
 pub mod resnet;
+pub mod seeded_init;
 pub mod segmenter;
 pub mod weights;
 

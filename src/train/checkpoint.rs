@@ -87,7 +87,24 @@ pub fn save(
     if let Some(old) = previous.filter(|old| *old != state.tensors_file) {
         let _ = std::fs::remove_file(dir.join(old));
     }
+    remove_leftovers(dir, &state.tensors_file);
     Ok(())
+}
+
+/// Delete what an earlier, killed save left behind (half-written `.tmp` files, tensors no JSON names), so SageMaker
+/// does not upload them with the checkpoint. Only our own file names are touched; failures are harmless.
+fn remove_leftovers(dir: &Path, current: &str) {
+    let Ok(entries) = std::fs::read_dir(dir) else { return };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(name) = name.to_str() else { continue };
+        let ours = name.starts_with("checkpoint-")
+            && (name.ends_with(".safetensors") || name.ends_with(".safetensors.tmp"))
+            || name == format!("{STATE_FILE}.tmp");
+        if ours && name != current {
+            let _ = std::fs::remove_file(entry.path());
+        }
+    }
 }
 
 /// The checkpoint in `dir`, if there is one.
@@ -193,8 +210,18 @@ mod tests {
         )
         .unwrap();
         std::fs::write(dir.path().join("checkpoint.json.tmp"), b"{\"epochs_d").unwrap();
+        std::fs::write(dir.path().join("notes.txt"), b"the user's").unwrap();
         let loaded = load(dir.path()).unwrap().unwrap();
         assert_eq!(loaded.state.epochs_done, 1);
+
+        // The next save clears the leftovers (and only them).
+        save(dir.path(), &state(3), &tensors(3.0), &tensors(30.0)).unwrap();
+        let mut files: Vec<String> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name().into_string().unwrap())
+            .collect();
+        files.sort();
+        assert_eq!(files, ["checkpoint-3.safetensors", "checkpoint.json", "notes.txt"]);
     }
 
     #[test]

@@ -10,7 +10,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 
 use super::checkpoint::{self, CheckpointState, EpochRecord};
 use super::early_stopping::EarlyStopping;
@@ -22,6 +22,7 @@ use super::schedule::Schedule;
 use crate::data::loader::{Loader, LoaderConfig};
 use crate::model::artifact::{self, ModelMeta};
 use crate::model::config::{ModelConfig, OutputStride};
+use crate::model::seeded_init::seeded_var_builder;
 use crate::model::segmenter::Segmenter;
 use crate::model::weights;
 use crate::sagemaker::{ChannelName, Hyperparameters, MlRoot};
@@ -62,7 +63,8 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         true,
     )?;
     let varmap = VarMap::new();
-    let model = Segmenter::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &device))?;
+    // Weights drawn from the job's seed, so the same hyperparameters train the same network.
+    let model = Segmenter::new(&config, seeded_var_builder(&varmap, hp.seed, DType::F32, &device))?;
     tracing::info!(model = %config, device = ?device, "network built");
 
     let mut optimizer = Optimizer::new(optimizer_config(&hp), weights::trainable_vars(&varmap));
