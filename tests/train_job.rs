@@ -7,6 +7,7 @@ mod common;
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
+use std::time::{Duration, Instant};
 
 use common::{text, Job, BIN};
 
@@ -191,6 +192,67 @@ fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two() {
         .map(|e| e["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, [1, 2, 3]);
+}
+
+/// SIGKILL while epoch 2's checkpoint is being written (its temporary tensor file exists, not yet synced and
+/// renamed): the directory still holds epoch 1's checkpoint, whole; the restarted job
+/// resumes from it, ends with every epoch, and its next save removes the half-written file.
+#[test]
+fn a_kill_during_the_checkpoint_write_leaves_the_previous_checkpoint_whole() {
+    let job = small_job("fcn", 3, "");
+    let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
+    let checkpoints = job.root().join("checkpoints");
+    let (first, partial) = (
+        checkpoints.join("checkpoint-1.safetensors"),
+        checkpoints.join("checkpoint-2.safetensors.tmp"),
+    );
+    let mut child = Command::new(BIN)
+        .args(["--ml-root", job.root().to_str().unwrap(), "train"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        // The temporary file appears when the write starts; kill as soon as it has any content.
+        if std::fs::metadata(&partial).is_ok_and(|m| m.len() > 0) {
+            child.kill().unwrap();
+            break;
+        }
+        if let Some(status) = child.try_wait().unwrap() {
+            panic!("the job ended ({status}) before epoch 2's checkpoint write was seen");
+        }
+        assert!(Instant::now() < deadline, "no checkpoint write within 10 minutes");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    let status = child.wait().unwrap();
+    assert!(!status.success(), "SIGKILL'd: {status:?}");
+    // Still there after the kill: the kill landed while the file was written or synced, before its rename.
+    let written = std::fs::metadata(&partial).map(|m| m.len());
+    assert!(written.is_ok(), "the kill should land before the write is committed");
+    let full_size = std::fs::metadata(&first)
+        .expect("epoch 1's tensors are still there")
+        .len();
+    eprintln!(
+        "killed with {} of {full_size} bytes of epoch 2's tensors written",
+        written.unwrap()
+    );
+    let state: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(checkpoints.join("checkpoint.json")).unwrap()).unwrap();
+    assert_eq!(state["epochs_done"], 1, "checkpoint.json still describes epoch 1");
+    assert_eq!(state["tensors_file"], "checkpoint-1.safetensors");
+    assert!(!checkpoints.join("checkpoint.json.tmp").exists());
+
+    let out = job.run(&["train"]);
+    let log = text(&out);
+    assert!(out.status.success(), "{log}");
+    assert!(log.contains("resuming from the checkpoint"), "{log}");
+    assert!(!log.contains("#metrics epoch=1 "), "epoch 1 ran again:\n{log}");
+    assert!(log.contains("#metrics epoch=3 validation:mIOU"), "{log}");
+    assert_eq!(
+        common::files(&checkpoints),
+        ["checkpoint-3.safetensors", "checkpoint.json"]
+    );
 }
 
 /// Pack a trained model/ directory as the model channel's model.tar.gz.
