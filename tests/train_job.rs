@@ -25,11 +25,39 @@ const SYNTH: &[&str] = &[
     "48",
 ];
 
-/// Validation mIOU the short CI trainings must reach. Predicting background everywhere scores about 0.2 on this
-/// data; the issue's target of 0.80 needs many more steps than CI's CPU budget allows at today's training speed.
-const MIN_MIOU: f64 = 0.35;
-const EPOCHS: u32 = 12;
+/// The issue's target for the three heads' validation mIOU.
+const MIN_MIOU: f64 = 0.80;
+/// The recipe that reaches it on the CPU in about two minutes per head (2 cores): 96×72 images, so the shapes span
+/// several output-stride-8 cells (on 64×48 images even a perfect stride-8 map, bilinearly upsampled, scores only
+/// about 0.83 on this data; on 96×72, 0.95), crops of 64, 30 epochs at learning rate 0.05.
+const QUALITY_SYNTH: &[&str] = &[
+    "--seed",
+    "5",
+    "--train-count",
+    "24",
+    "--validation-count",
+    "8",
+    "--width",
+    "96",
+    "--height",
+    "72",
+];
+const QUALITY_EPOCHS: u32 = 30;
 
+/// A job on the larger dataset with the recipe above.
+fn quality_job(algorithm: &str) -> Job {
+    let job = Job::empty();
+    job.synth(QUALITY_SYNTH);
+    job.write_hyperparameters(&format!(
+        r#"{{"num_classes": "4", "num_training_samples": "24", "backbone": "resnet-18", "algorithm": "{algorithm}",
+            "use_pretrained_model": "False", "crop_size": "64", "base_size": "96", "epochs": "{QUALITY_EPOCHS}",
+            "mini_batch_size": "4", "validation_mini_batch_size": "1", "learning_rate": "0.05",
+            "output_stride": "8", "seed": "1"}}"#
+    ));
+    job
+}
+
+/// A small, quick job (64×48 images, crop 48) for the tests of the job's mechanics.
 fn small_job(algorithm: &str, epochs: u32, extra: &str) -> Job {
     let job = Job::empty();
     let mut args = vec!["--seed", "5"];
@@ -85,15 +113,60 @@ fn best_miou(log: &str) -> f64 {
     values.iter().copied().fold(0.0, f64::max)
 }
 
-fn assert_artifacts(job: &Job) {
+/// model/ holds the best epoch, loadable, with its hyperparameters and figures in model.json, and scoring the
+/// validation channel with it through `semseg predict` gives that epoch's mIOU again; output/data has the reports.
+fn assert_artifacts(job: &Job, best_miou: f64) {
     let model_dir = job.root().join("model");
     let model = semseg::model::artifact::InferenceModel::load(&model_dir, &candle_core::Device::Cpu)
         .expect("the trained artifact loads for inference");
-    assert_eq!(model.meta().num_classes, 4);
-    assert_eq!(model.meta().crop_size, Some(48));
+    let meta = model.meta();
+    assert_eq!(meta.num_classes, 4);
+    assert_eq!(meta.crop_size, Some(64));
+    assert_eq!(
+        meta.hyperparameters.as_ref().unwrap()["algorithm"],
+        meta.algorithm.to_string()
+    );
+    let metrics = meta.metrics.as_ref().expect("model.json has the saved epoch's metrics");
+    assert!(
+        (metrics.validation_miou - best_miou).abs() < 1e-5,
+        "{metrics:?} vs best {best_miou}"
+    );
+    assert_eq!(metrics.class_iou.len(), 4);
+
+    let validation = job.channel("validation");
+    let mut images: Vec<String> = common::files(&validation);
+    images.retain(|name| name.ends_with(".jpg"));
+    let out = job.root().join("predicted");
+    let mut args = vec![
+        "predict".to_string(),
+        "--model".into(),
+        model_dir.display().to_string(),
+        "--out".into(),
+        out.display().to_string(),
+    ];
+    args.extend(images.iter().map(|name| validation.join(name).display().to_string()));
+    let predicted = common::semseg(&args.iter().map(String::as_str).collect::<Vec<_>>());
+    assert!(predicted.status.success(), "{}", text(&predicted));
+    let mut confusion = semseg::train::metrics::ConfusionMatrix::new(4);
+    for name in &images {
+        let stem = name.trim_end_matches(".jpg");
+        let truth = semseg::data::annotation::read_annotation(
+            &job.channel("validation_annotation").join(format!("{stem}.png")),
+        )
+        .unwrap();
+        let mask = semseg::data::annotation::read_annotation(&out.join(format!("{stem}.png"))).unwrap();
+        confusion.update(truth.as_raw(), mask.as_raw());
+    }
+    let rescored = confusion.scores().miou;
+    // Inference folds BatchNorm into the convolutions, so a few pixels may flip.
+    assert!(
+        (rescored - best_miou).abs() < 0.01,
+        "the saved model scores {rescored}, the best epoch {best_miou}"
+    );
+
     let history: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(job.root().join("output/data/history.json")).unwrap()).unwrap();
-    assert!(!history["epochs"].as_array().unwrap().is_empty());
+    assert_eq!(history["epochs"].as_array().unwrap().len(), QUALITY_EPOCHS as usize);
     assert!(job.root().join("output/data/class_iou.json").is_file());
     let plot = image::open(job.root().join("output/data/training.png")).expect("training.png is a picture");
     assert_eq!((plot.width(), plot.height()), (640, 400));
@@ -102,34 +175,37 @@ fn assert_artifacts(job: &Job) {
 
 #[test]
 fn fcn_trains_to_a_good_miou_and_logs_scrapable_metrics() {
-    let epochs = EPOCHS;
-    let job = small_job("fcn", epochs, "");
+    let job = quality_job("fcn");
     let log = train(&job);
     for (name, values) in scrape(&log) {
-        assert_eq!(values.len(), epochs as usize, "{name} matched {values:?} in:\n{log}");
+        assert_eq!(
+            values.len(),
+            QUALITY_EPOCHS as usize,
+            "{name} matched {values:?} in:\n{log}"
+        );
         assert!(values.iter().all(|v| v.is_finite() && *v >= 0.0), "{name}: {values:?}");
     }
     let miou = best_miou(&log);
     assert!(miou >= MIN_MIOU, "FCN reached validation mIOU {miou}:\n{log}");
-    assert_artifacts(&job);
+    assert_artifacts(&job, miou);
 }
 
 #[test]
 fn deeplab_trains_to_a_good_miou() {
-    let job = small_job("deeplab", EPOCHS, "");
+    let job = quality_job("deeplab");
     let log = train(&job);
     let miou = best_miou(&log);
     assert!(miou >= MIN_MIOU, "DeepLabV3 reached validation mIOU {miou}:\n{log}");
-    assert_artifacts(&job);
+    assert_artifacts(&job, miou);
 }
 
 #[test]
 fn psp_trains_to_a_good_miou() {
-    let job = small_job("psp", EPOCHS, "");
+    let job = quality_job("psp");
     let log = train(&job);
     let miou = best_miou(&log);
     assert!(miou >= MIN_MIOU, "PSPNet reached validation mIOU {miou}:\n{log}");
-    assert_artifacts(&job);
+    assert_artifacts(&job, miou);
 }
 
 #[test]

@@ -57,6 +57,23 @@ pub struct ModelMeta {
     /// One name per class index, when known.
     #[serde(default)]
     pub class_names: Option<Vec<String>>,
+    /// The hyperparameters of the training job that made these weights (absent for imported models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hyperparameters: Option<serde_json::Value>,
+    /// Figures of the epoch whose weights these are (absent for imported models).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub metrics: Option<TrainingMetrics>,
+}
+
+/// What the training job measured for the saved epoch (the best by validation mIOU).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TrainingMetrics {
+    pub epoch: u32,
+    pub train_loss: f64,
+    pub validation_miou: f64,
+    pub validation_pixel_accuracy: f64,
+    /// IoU per class; `null` for a class absent from both prediction and truth.
+    pub class_iou: Vec<Option<f64>>,
 }
 
 impl ModelMeta {
@@ -71,6 +88,8 @@ impl ModelMeta {
             crop_size: None,
             normalization: Normalization::default(),
             class_names: None,
+            hyperparameters: None,
+            metrics: None,
         }
     }
 

@@ -20,7 +20,7 @@ use super::metrics::{ConfusionMatrix, Scores};
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
 use crate::data::loader::{Loader, LoaderConfig};
-use crate::model::artifact::{self, ModelMeta};
+use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
 use crate::model::config::{ModelConfig, OutputStride};
 use crate::model::seeded_init::seeded_var_builder;
 use crate::model::segmenter::Segmenter;
@@ -134,6 +134,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
     let meta = {
         let mut meta = ModelMeta::new(&config);
         meta.crop_size = Some(hp.crop_size);
+        meta.hyperparameters = Some(serde_json::to_value(&hp)?);
         meta
     };
 
@@ -202,6 +203,16 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         if improved {
             state.best_miou = Some(scores.miou);
             state.best_epoch = Some(epoch_number);
+            let meta = ModelMeta {
+                metrics: Some(TrainingMetrics {
+                    epoch: epoch_number,
+                    train_loss,
+                    validation_miou: scores.miou,
+                    validation_pixel_accuracy: scores.pixel_accuracy,
+                    class_iou: scores.class_iou.clone(),
+                }),
+                ..meta.clone()
+            };
             artifact::save_varmap(&ml.model_dir(), &meta, &varmap)?;
             write_class_iou(ml, epoch_number, &scores)?;
             tracing::info!(
