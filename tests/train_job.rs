@@ -209,7 +209,7 @@ fn psp_trains_to_a_good_miou() {
 }
 
 #[test]
-fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two() {
+fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two_with_the_same_result() {
     let job = small_job("fcn", 3, "");
     let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
     let mut child = Command::new(BIN)
@@ -268,6 +268,26 @@ fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two() {
         .map(|e| e["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, [1, 2, 3]);
+
+    // Same seed, no interruption: the same weights, bit for bit (data order, augmentation, initial weights and
+    // dropout masks are all fixed by the seed, and the checkpoint carries the rest).
+    let uninterrupted = small_job("fcn", 3, "");
+    let out = uninterrupted.run(&["train"]); // this test already holds CORES
+    assert!(out.status.success(), "{}", text(&out));
+    let final_tensors = |job: &Job| {
+        candle_core::safetensors::load(
+            job.root().join("checkpoints/checkpoint-3.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (resumed, straight) = (final_tensors(&job), final_tensors(&uninterrupted));
+    assert_eq!(resumed.len(), straight.len());
+    for (name, tensor) in &resumed {
+        let a: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = straight[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "{name} differs between the resumed and the uninterrupted job");
+    }
 }
 
 /// SIGKILL while epoch 2's checkpoint is being written (its temporary tensor file exists, not yet synced and

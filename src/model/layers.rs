@@ -4,8 +4,12 @@
 //! Each constructor takes a `VarBuilder` already scoped to the torchvision module path, so parameter names come
 //! from the structure (`vb.pp("layer1").pp(0).pp("conv1")` → `layer1.0.conv1.weight`).
 
+use std::cell::RefCell;
+
 use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
 
 use super::ops;
 use super::ops::conv::conv2d;
@@ -321,18 +325,67 @@ pub fn conv_bn_relu(unit: &ConvBn, x: &Tensor, train: bool) -> Result<Tensor> {
     unit.forward_t(x, train)?.relu()
 }
 
-/// `nn.Dropout(p)`: active only in training.
+thread_local! {
+    /// The dropout masks' random stream on this thread, when a training loop set one ([`seed_dropout`]).
+    static DROPOUT_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
+}
+
+/// Draw this thread's dropout masks from a stream fixed by the job's `seed` and the training `step`, so a job, and a
+/// job resumed from a checkpoint, drops the same units as an uninterrupted run with the same seed. Without it,
+/// masks come from Candle's unseeded generator.
+pub fn seed_dropout(seed: u64, step: u64) {
+    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6472_6f70_6f75_7421); // "dropout!": apart from other streams
+    rng.set_stream(step);
+    DROPOUT_RNG.with(|cell| *cell.borrow_mut() = Some(rng));
+}
+
+/// `nn.Dropout(p)`: active only in training; zeroes each element with probability `p`, scales the rest by 1/(1 − p).
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
-    if train && p > 0.0 {
-        candle_nn::ops::dropout(x, p)
-    } else {
-        Ok(x.clone())
+    if !train || p <= 0.0 {
+        return Ok(x.clone());
+    }
+    if p >= 1.0 {
+        return x.zeros_like();
+    }
+    let scale = 1.0 / (1.0 - p);
+    let mask = DROPOUT_RNG.with(|cell| {
+        cell.borrow_mut().as_mut().map(|rng| {
+            (0..x.elem_count())
+                .map(|_| if rng.random::<f32>() >= p { scale } else { 0.0 })
+                .collect::<Vec<f32>>()
+        })
+    });
+    match mask {
+        Some(mask) => x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?),
+        None => candle_nn::ops::dropout(x, p),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn seeded_dropout_repeats_per_step_and_keeps_the_expectation() -> Result<()> {
+        let x = Tensor::ones((4, 64, 8, 8), DType::F32, &candle_core::Device::Cpu)?;
+        let masks = |seed, step| -> Result<Vec<f32>> {
+            seed_dropout(seed, step);
+            dropout(&x, 0.25, true)?.flatten_all()?.to_vec1()
+        };
+        let a = masks(3, 10)?;
+        assert_eq!(a, masks(3, 10)?);
+        assert_ne!(a, masks(3, 11)?);
+        assert_ne!(a, masks(4, 10)?);
+        assert!(a.iter().all(|&v| v == 0.0 || (v - 4.0 / 3.0).abs() < 1e-6));
+        let dropped = a.iter().filter(|&&v| v == 0.0).count() as f64 / a.len() as f64;
+        assert!((dropped - 0.25).abs() < 0.02, "dropped {dropped}");
+        // Evaluation passes through.
+        assert_eq!(
+            dropout(&x, 0.25, false)?.flatten_all()?.to_vec1::<f32>()?,
+            vec![1.0; a.len()]
+        );
+        Ok(())
+    }
     use crate::model::ops::gradcheck::{check_gradients, seeded};
     use candle_core::Device;
     use candle_nn::VarMap;
