@@ -6,7 +6,7 @@
 
 use std::cell::RefCell;
 
-use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
 use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
@@ -330,13 +330,20 @@ thread_local! {
     static DROPOUT_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
 }
 
-/// Draw this thread's dropout masks from a stream fixed by the job's `seed` and the training `step`, so a job, and a
-/// job resumed from a checkpoint, drops the same units as an uninterrupted run with the same seed. Without it,
-/// masks come from Candle's unseeded generator.
-pub fn seed_dropout(seed: u64, step: u64) {
+/// Draw the dropout masks of training `step` from a stream fixed by the job's `seed`, so a job, and a job resumed
+/// from a checkpoint, drops the same units as an uninterrupted run with the same seed. On the CPU the masks come from
+/// this thread's seeded ChaCha stream; on a GPU from the device's own generator, reseeded for the step (no host-side
+/// mask, no copy). Without a call, masks come from Candle's unseeded generator.
+pub fn seed_dropout(seed: u64, step: u64, device: &Device) -> Result<()> {
     let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6472_6f70_6f75_7421); // "dropout!": apart from other streams
     rng.set_stream(step);
-    DROPOUT_RNG.with(|cell| *cell.borrow_mut() = Some(rng));
+    if device.is_cpu() {
+        DROPOUT_RNG.with(|cell| *cell.borrow_mut() = Some(rng));
+        Ok(())
+    } else {
+        DROPOUT_RNG.with(|cell| *cell.borrow_mut() = None);
+        device.set_seed(rng.random())
+    }
 }
 
 /// `nn.Dropout(p)`: active only in training; zeroes each element with probability `p`, scales the rest by 1/(1 − p).
@@ -367,9 +374,9 @@ mod tests {
 
     #[test]
     fn seeded_dropout_repeats_per_step_and_keeps_the_expectation() -> Result<()> {
-        let x = Tensor::ones((4, 64, 8, 8), DType::F32, &candle_core::Device::Cpu)?;
+        let x = Tensor::ones((4, 64, 8, 8), DType::F32, &Device::Cpu)?;
         let masks = |seed, step| -> Result<Vec<f32>> {
-            seed_dropout(seed, step);
+            seed_dropout(seed, step, &Device::Cpu)?;
             dropout(&x, 0.25, true)?.flatten_all()?.to_vec1()
         };
         let a = masks(3, 10)?;

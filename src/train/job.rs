@@ -160,7 +160,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
             let (h, w) = (batch.height as usize, batch.width as usize);
             let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), &device)?;
             let targets = Targets::new(&batch.labels, batch.n, h, w, &device)?;
-            crate::model::layers::seed_dropout(hp.seed, state.iterations_done);
+            crate::model::layers::seed_dropout(hp.seed, state.iterations_done, &device)?;
             let output = model.forward_t(&x, true)?;
             let mut loss = cross_entropy(&output.out, &targets)?;
             if let Some(aux) = &output.aux {
