@@ -103,14 +103,7 @@ fn demo_trains_serves_the_printed_curl_line_and_stops_on_sigterm() {
     // What the printed curl command sends: the JPEG as image/jpeg, no Accept.
     let image = std::fs::read(&image_path).unwrap();
     let (width, height) = image::load_from_memory(&image).unwrap().to_rgb8().dimensions();
-    let mut request = format!(
-        "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: image/jpeg\r\nContent-Length: {}\r\n\
-         Connection: close\r\n\r\n",
-        image.len()
-    )
-    .into_bytes();
-    request.extend_from_slice(&image);
-    let (status, content_type, body) = common::http(port, &request);
+    let (status, content_type, body) = common::post_invocation(port, "image/jpeg", None, &image);
     assert_eq!((status, content_type.as_str()), (200, "image/png"));
     let mask = semseg::data::annotation::decode_annotation(&body).expect("a palette PNG of class indices");
     assert_eq!(mask.dimensions(), (width, height));

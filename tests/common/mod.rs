@@ -168,3 +168,16 @@ pub fn http(port: u16, request: &[u8]) -> (u16, String, Vec<u8>) {
         .unwrap_or_default();
     (status, content_type, response[split + 4..].to_vec())
 }
+
+/// `POST /invocations` with `body` as `content_type` (and an `Accept` header when given): (status, content type, body).
+pub fn post_invocation(port: u16, content_type: &str, accept: Option<&str>, body: &[u8]) -> (u16, String, Vec<u8>) {
+    let accept = accept.map(|a| format!("Accept: {a}\r\n")).unwrap_or_default();
+    let mut request = format!(
+        "POST /invocations HTTP/1.1\r\nHost: x\r\nContent-Type: {content_type}\r\n{accept}Content-Length: {}\r\n\
+         Connection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    request.extend_from_slice(body);
+    http(port, &request)
+}
