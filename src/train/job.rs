@@ -134,7 +134,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
     let meta = {
         let mut meta = ModelMeta::new(&config);
         meta.crop_size = Some(hp.crop_size);
-        meta.hyperparameters = Some(serde_json::to_value(&hp)?);
+        meta.hyperparameters = Some(state.hyperparameters.clone());
         meta
     };
 
