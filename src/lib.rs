@@ -9,6 +9,7 @@
 //! - [`train`]: the training job;
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
+pub mod allocator;
 pub mod data;
 pub mod demo;
 pub mod infer;
