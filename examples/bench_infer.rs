@@ -8,7 +8,7 @@ use std::time::Instant;
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
-use semseg::model::{Algorithm, Backbone, ModelConfig, OutputStride, Segmenter};
+use semseg::model::{Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
 
 /// CPU-seconds used by all processes (Linux `/proc/stat`), to report how busy the rest of the machine was.
 fn machine_busy_s() -> Option<f64> {
@@ -79,7 +79,7 @@ fn main() -> Result<()> {
     for algorithm in models {
         let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, false)?;
         let vm = VarMap::new();
-        let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?.fold_batchnorm()?;
+        let net = SegmentationModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?.fold_batchnorm()?;
         for _ in 0..warmup {
             net.logits(&x)?;
         }

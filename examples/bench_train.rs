@@ -10,8 +10,8 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
-use semseg::model::{weights, Algorithm, Backbone, ModelConfig, OutputStride, Segmenter};
-use semseg::sagemaker::hyperparameters::Optimizer as OptimizerKind;
+use semseg::model::{weights, Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
+use semseg::sagemaker::hyperparameters::OptimizerKind;
 use semseg::train::loss::{cross_entropy, Targets};
 use semseg::train::optim::{Optimizer, OptimizerConfig};
 
@@ -56,7 +56,7 @@ fn main() -> Result<()> {
     for algorithm in models {
         let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, aux)?;
         let vm = VarMap::new();
-        let net = Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        let net = SegmentationModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
         let sgd = OptimizerConfig {
             kind: OptimizerKind::Sgd,
             momentum: 0.9,

@@ -12,8 +12,9 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 
 use crate::data::synth::{self, SynthOptions};
+use crate::infer::model_adapter;
 use crate::sagemaker::MlRoot;
-use crate::serve::{self, LoadModel, ServeConfig};
+use crate::serve::{self, ServeConfig};
 use crate::train;
 
 /// Default demo directory, relative to the working directory.
@@ -45,7 +46,7 @@ pub struct DemoArgs {
 
 /// Run the demo. `ml_root` is the global `--ml-root` when it was given on the command line (never the default or
 /// `SEMSEG_ML_ROOT`, because the demo deletes its directory).
-pub fn run(args: &DemoArgs, ml_root: Option<&Path>, load_model: LoadModel) -> Result<()> {
+pub fn run(args: &DemoArgs, ml_root: Option<&Path>) -> Result<()> {
     // Registered first, so Ctrl-C during training stops after the current step instead of killing the process.
     let stop = Arc::new(AtomicBool::new(false));
     signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
@@ -84,10 +85,9 @@ pub fn run(args: &DemoArgs, ml_root: Option<&Path>, load_model: LoadModel) -> Re
     }
 
     let model_dir = ml.model_dir();
-    tracing::info!(dir = %model_dir.display(), "loading the model");
     // Loaded before listening, so the curl line works as soon as it is printed.
     let segmenter =
-        load_model(&model_dir).with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        model_adapter::load(&model_dir).with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     let config = ServeConfig {
         addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.port),
         ..ServeConfig::default()

@@ -4,7 +4,8 @@
 //! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
 //! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator;
 //! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact;
-//! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and validation;
+//! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and `demo`
+//!   (training's validation scores batches with the training network instead: [`train::validation`]);
 //! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
 //! - [`train`]: the training job;
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.

@@ -1,6 +1,6 @@
 //! The `semseg` command line: one binary for SageMaker's `train` and `serve` and for local use.
 
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -8,7 +8,6 @@ use std::sync::Arc;
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use semseg::data::synth::{self, SynthOptions};
-use semseg::infer::Segmenter;
 use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::sagemaker::MlRoot;
 use semseg::{demo, predict, serve, train};
@@ -129,18 +128,10 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve(args) => report("serve", serve::run(&args, &ml, load_model)),
-        Command::Predict(args) => report("predict", predict::run(&args, load_model).map(|_| ())),
-        Command::Demo(args) => report(
-            "demo",
-            demo::run(&args, ml_root_typed.then_some(cli.ml_root.as_path()), load_model),
-        ),
+        Command::Serve(args) => report("serve", serve::run(&args, &ml)),
+        Command::Predict(args) => report("predict", predict::run(&args).map(|_| ())),
+        Command::Demo(args) => report("demo", demo::run(&args, ml_root_typed.then_some(cli.ml_root.as_path()))),
     }
-}
-
-/// The networks behind `serve` and `predict`: the one place a model directory becomes a [`Segmenter`].
-fn load_model(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> {
-    semseg::infer::model_adapter::load(dir)
 }
 
 /// Log a command's error and map it to the exit code.

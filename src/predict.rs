@@ -10,8 +10,9 @@ use std::path::{Path, PathBuf};
 use anyhow::Context;
 
 use crate::data::image_io;
+use crate::infer::model_adapter;
 use crate::infer::{encode, Inference, InferenceLimits, DEFAULT_MAX_MODEL_PIXELS};
-use crate::serve::{model_dir, LoadModel, DEFAULT_MAX_IMAGE_PIXELS};
+use crate::serve::DEFAULT_MAX_IMAGE_PIXELS;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct PredictArgs {
@@ -41,10 +42,10 @@ pub struct Predicted {
 }
 
 /// `semseg predict`.
-pub fn run(args: &PredictArgs, load_model: LoadModel) -> anyhow::Result<Vec<Predicted>> {
+pub fn run(args: &PredictArgs) -> anyhow::Result<Vec<Predicted>> {
     let stems = output_stems(&args.images)?;
-    let dir = model_dir::prepare(&args.model)?;
-    let segmenter = load_model(&dir).with_context(|| format!("cannot load the model in {}", dir.display()))?;
+    let segmenter = model_adapter::load(&args.model)
+        .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
     let inference = Inference::new(
         segmenter,
         InferenceLimits {

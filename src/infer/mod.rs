@@ -1,5 +1,7 @@
 //! One image (any size) → per-pixel class probabilities → class-index mask: the single inference path shared by
-//! `serve`, `predict` and validation, so what training measures is what is served.
+//! `serve`, `predict` and `demo`, so every way of asking the model gives the same answer. Training's validation does
+//! not come through here: it scores batches of centre crops with the training network ([`crate::train::validation`]);
+//! the end-to-end tests check that the saved model, scored through `semseg predict`, matches the best epoch's mIOU.
 //!
 //! A network plugs in through the [`Segmenter`] trait (softmax probabilities at the size of the image it is given).
 //! [`Inference`] wraps one with the policy for large images:
@@ -318,7 +320,7 @@ impl Default for InferenceLimits {
     }
 }
 
-/// A [`Segmenter`] plus the large-image policy: what `serve`, `predict` and validation call.
+/// A [`Segmenter`] plus the large-image policy: what `serve`, `predict` and `demo` call.
 pub struct Inference {
     segmenter: std::sync::Arc<dyn Segmenter>,
     limits: InferenceLimits,

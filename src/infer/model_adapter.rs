@@ -57,12 +57,13 @@ impl Segmenter for ModelSegmenter {
     }
 }
 
-/// `semseg serve` / `predict`'s model loader: the artifact in `dir` on the first CUDA GPU when there is one (and the
-/// build has CUDA), else on the CPU.
+/// The model behind `serve`, `predict` and `demo`: the artifact in `dir` (a `model.tar.gz` there is unpacked first),
+/// on the first CUDA GPU when there is one (and the build has CUDA), else on the CPU.
 pub fn load(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> {
+    let dir = crate::model::package::unpack_in_place(dir)?;
     let device = Device::cuda_if_available(0).context("cannot open the GPU")?;
-    tracing::info!(device = ?device, "inference device");
-    Ok(Arc::new(ModelSegmenter::load(dir, device)?))
+    tracing::info!(dir = %dir.display(), device = ?device, "loading the model");
+    Ok(Arc::new(ModelSegmenter::load(&dir, device)?))
 }
 
 #[cfg(test)]
@@ -78,7 +79,10 @@ mod tests {
     fn a_saved_artifact_serves_probabilities_at_the_image_size() -> anyhow::Result<()> {
         let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false)?;
         let varmap = VarMap::new();
-        crate::model::segmenter::Segmenter::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))?;
+        crate::model::segmentation_model::SegmentationModel::new(
+            &config,
+            VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu),
+        )?;
         let dir = tempfile::tempdir()?;
         save_varmap(dir.path(), &ModelMeta::new(&config), &varmap)?;
         let segmenter = load(dir.path())?;

@@ -14,7 +14,7 @@ use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
 use super::config::{Algorithm, Backbone, ConfigError, ModelConfig, OutputStride};
-use super::segmenter::Segmenter;
+use super::segmentation_model::SegmentationModel;
 use super::weights::{self, WeightsError, IGNORED_SUFFIX};
 
 pub const FORMAT_VERSION: u32 = 1;
@@ -323,7 +323,7 @@ pub fn import_torchvision(src: &Path, mut meta: ModelMeta, out: &Path) -> Result
 #[derive(Clone, Debug)]
 pub struct InferenceModel {
     meta: ModelMeta,
-    net: Segmenter,
+    net: SegmentationModel,
 }
 
 impl InferenceModel {
@@ -349,7 +349,7 @@ impl InferenceModel {
         &self.meta
     }
 
-    pub fn network(&self) -> &Segmenter {
+    pub fn network(&self) -> &SegmentationModel {
         &self.net
     }
 
@@ -411,9 +411,9 @@ mod tests {
         assert!(error.contains("resnet-50.pth"), "{error}");
     }
 
-    fn trained_varmap(cfg: &ModelConfig) -> candle_core::Result<(VarMap, Segmenter)> {
+    fn trained_varmap(cfg: &ModelConfig) -> candle_core::Result<(VarMap, SegmentationModel)> {
         let vm = VarMap::new();
-        let net = Segmenter::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        let net = SegmentationModel::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
         let x = Tensor::randn(0.5f32, 1.0, (2, 3, 40, 36), &Device::Cpu)?;
         net.forward_t(&x, true)?; // moves the running statistics away from 0/1
         Ok((vm, net))
@@ -497,7 +497,7 @@ mod tests {
     fn inference_model_can_be_shared_between_server_workers() {
         fn assert_send_sync<T: Send + Sync + 'static>() {}
         assert_send_sync::<InferenceModel>();
-        assert_send_sync::<Segmenter>();
+        assert_send_sync::<SegmentationModel>();
     }
 
     #[test]

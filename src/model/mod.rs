@@ -1,6 +1,6 @@
 //! The segmentation networks, mirroring torchvision so checkpoints load by name.
 //!
-//! A model is `backbone → head → one bilinear resize` ([`segmenter::Segmenter`]):
+//! A model is `backbone → head → one bilinear resize` ([`segmentation_model::SegmentationModel`]):
 //! - [`resnet`]: ResNet-18/34/50/101 (v1.5), with dilation replacing stride for output stride 8 or 16;
 //! - [`heads`]: FCN, DeepLabV3 (ASPP) and PSPNet (pyramid pooling) heads, plus the auxiliary FCN head on layer3;
 //! - [`ops`]: the differentiable operations Candle 0.11 lacks for training (bilinear resize, 3×3 max-pool,
@@ -16,14 +16,15 @@ pub mod config;
 pub mod heads;
 pub mod layers;
 pub mod ops;
+pub mod package;
 pub mod resnet;
 pub mod seeded_init;
-pub mod segmenter;
+pub mod segmentation_model;
 pub mod weights;
 
 pub use artifact::{InferenceModel, ModelMeta, Normalization};
 pub use config::{Algorithm, Backbone, ModelConfig, OutputStride};
-pub use segmenter::{SegOutput, Segmenter};
+pub use segmentation_model::{SegOutput, SegmentationModel};
 
 #[cfg(test)]
 mod parity_tests;

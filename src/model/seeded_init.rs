@@ -113,12 +113,12 @@ fn fnv1a(text: &str) -> u64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Algorithm, Backbone, ModelConfig, OutputStride, Segmenter};
+    use crate::model::{Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
 
     fn build(seed: u64) -> VarMap {
         let varmap = VarMap::new();
         let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, true).unwrap();
-        Segmenter::new(&config, seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu)).unwrap();
+        SegmentationModel::new(&config, seeded_var_builder(&varmap, seed, DType::F32, &Device::Cpu)).unwrap();
         varmap
     }
 

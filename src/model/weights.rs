@@ -15,7 +15,7 @@ use candle_nn::{Init, VarBuilder, VarMap};
 
 use super::config::{Backbone, ModelConfig, OutputStride};
 use super::resnet::ResNet;
-use super::segmenter::Segmenter;
+use super::segmentation_model::SegmentationModel;
 
 /// torchvision BatchNorm counters, present in PyTorch state dicts and meaningless here; ignored on load.
 pub const IGNORED_SUFFIX: &str = "num_batches_tracked";
@@ -149,7 +149,7 @@ fn record(build: impl FnOnce(VarBuilder) -> candle_core::Result<()>) -> candle_c
 
 /// Every tensor of the segmentation model, in construction order, with torchvision's names.
 pub fn expected_tensors(config: &ModelConfig) -> candle_core::Result<Vec<TensorSpec>> {
-    record(|vb| Segmenter::new(config, vb).map(|_| ()))
+    record(|vb| SegmentationModel::new(config, vb).map(|_| ()))
 }
 
 /// Every tensor of a bare backbone as torchvision's `resnet*` names it (no `fc.*`).
@@ -191,7 +191,7 @@ pub fn segmenter_from_tensors(
     strict: bool,
     dtype: DType,
     device: &Device,
-) -> Result<Segmenter, WeightsError> {
+) -> Result<SegmentationModel, WeightsError> {
     let model = config.to_string();
     let build_err = |source| WeightsError::Build {
         model: model.clone(),
@@ -203,7 +203,7 @@ pub fn segmenter_from_tensors(
         return Err(WeightsError::Mismatch { model, mismatch });
     }
     let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    Segmenter::new(config, vb).map_err(build_err)
+    SegmentationModel::new(config, vb).map_err(build_err)
 }
 
 /// Copies checkpoint tensors into a training `VarMap`'s variables. `rename` maps a variable's name to the
@@ -306,7 +306,7 @@ mod tests {
     fn training_varmap() -> anyhow::Result<VarMap> {
         let cfg = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 2, OutputStride::Eight, true)?;
         let vm = VarMap::new();
-        Segmenter::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
+        SegmentationModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;
         Ok(vm)
     }
 

@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::Value;
 
 // The network words are the model's own types, so a parsed job builds its network without translation.
-pub use crate::model::config::{Algorithm, Backbone};
+pub use crate::model::config::{Algorithm, Backbone, OutputStride};
 
 /// Platform-reserved hyperparameters (e.g. `sagemaker_program`) that the algorithm ignores.
 const RESERVED_PREFIX: &str = "sagemaker_";
@@ -267,7 +267,7 @@ macro_rules! choice_enum {
 
 choice_enum!(
     /// Optimizer.
-    Optimizer { Sgd = "sgd", Nag = "nag", Adam = "adam", Adagrad = "adagrad", Rmsprop = "rmsprop" }
+    OptimizerKind { Sgd = "sgd", Nag = "nag", Adam = "adam", Adagrad = "adagrad", Rmsprop = "rmsprop" }
 );
 choice_enum!(
     /// Learning-rate schedule.
@@ -289,7 +289,7 @@ pub struct Hyperparameters {
     pub learning_rate: f64,
     pub mini_batch_size: u32,
     pub validation_mini_batch_size: u32,
-    pub optimizer: Optimizer,
+    pub optimizer: OptimizerKind,
     pub momentum: f64,
     pub weight_decay: f64,
     pub gamma1: f64,
@@ -302,7 +302,7 @@ pub struct Hyperparameters {
     pub early_stopping_patience: u32,
     pub early_stopping_tolerance: f64,
     pub syncbn: bool,
-    pub output_stride: u32,
+    pub output_stride: OutputStride,
     pub seed: u64,
 }
 
@@ -357,7 +357,7 @@ impl Hyperparameters {
         let learning_rate = p.number("learning_rate", |x| x > 0.0 && x <= 1.0);
         let mini_batch_size = p.integer("mini_batch_size", |v| v >= 1);
         let validation_mini_batch_size = p.integer("validation_mini_batch_size", |v| v >= 1);
-        let optimizer = p.choice::<Optimizer>("optimizer");
+        let optimizer = p.choice::<OptimizerKind>("optimizer");
         let momentum = p.number("momentum", |x| x > 0.0 && x <= 1.0);
         let weight_decay = p.number("weight_decay", |x| (0.0..1.0).contains(&x));
         let gamma1 = p.number("gamma1", |x| (0.0..=1.0).contains(&x));
@@ -423,7 +423,7 @@ impl Hyperparameters {
                 early_stopping_patience: u32::try_from(early_stopping_patience?).ok()?,
                 early_stopping_tolerance: early_stopping_tolerance?,
                 syncbn: syncbn?,
-                output_stride: u32::try_from(output_stride?).ok()?,
+                output_stride: OutputStride::try_from(u32::try_from(output_stride?).ok()?).ok()?,
                 seed: seed?,
             })
         })();
@@ -599,7 +599,7 @@ mod tests {
         assert_eq!(hp.epochs, 10);
         assert_eq!(hp.learning_rate, 0.001);
         assert_eq!((hp.mini_batch_size, hp.validation_mini_batch_size), (16, 16));
-        assert_eq!(hp.optimizer, Optimizer::Sgd);
+        assert_eq!(hp.optimizer, OptimizerKind::Sgd);
         assert_eq!((hp.momentum, hp.weight_decay), (0.9, 0.0001));
         assert_eq!((hp.gamma1, hp.gamma2), (0.9, 0.9));
         assert_eq!(hp.lr_scheduler, LrScheduler::Poly);
@@ -609,7 +609,7 @@ mod tests {
         assert_eq!((hp.early_stopping_min_epochs, hp.early_stopping_patience), (5, 4));
         assert_eq!(hp.early_stopping_tolerance, 0.0);
         assert!(!hp.syncbn);
-        assert_eq!(hp.output_stride, 8);
+        assert_eq!(hp.output_stride, OutputStride::Eight);
     }
 
     #[test]

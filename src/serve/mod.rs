@@ -15,14 +15,13 @@
 
 pub mod codec;
 pub mod error;
-pub mod model_dir;
 pub mod protobuf;
 mod routes;
 pub mod workers;
 
 use std::future::{Future, IntoFuture};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -40,9 +39,6 @@ pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
 pub const DEFAULT_MAX_PROBABILITY_VALUES: u64 = 64 * 1024 * 1024;
 /// SageMaker's real-time payload limit, the default body limit.
 pub const DEFAULT_MAX_PAYLOAD_MB: u64 = 6;
-
-/// Loads the network to serve from a model directory: the one seam between serving and the model code.
-pub type LoadModel = fn(&Path) -> anyhow::Result<Arc<dyn Segmenter>>;
 
 /// Batch Transform's batch strategy.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
@@ -349,13 +345,12 @@ pub async fn shutdown_signal() {
 }
 
 /// `semseg serve`: serve the artifact in `<ml-root>/model` (or `--model`) until SIGTERM.
-pub fn run(args: &ServeArgs, ml: &MlRoot, load_model: LoadModel) -> anyhow::Result<()> {
+pub fn run(args: &ServeArgs, ml: &MlRoot) -> anyhow::Result<()> {
     let config = ServeConfig::from_args(args)?;
     let model_dir = args.model.clone().unwrap_or_else(|| ml.model_dir());
     let load = move || {
-        let dir = model_dir::prepare(&model_dir)?;
-        tracing::info!(dir = %dir.display(), "loading the model");
-        load_model(&dir).with_context(|| format!("cannot load the model in {}", dir.display()))
+        crate::infer::model_adapter::load(&model_dir)
+            .with_context(|| format!("cannot load the model in {}", model_dir.display()))
     };
     run_until_signal(config, load, |_| {})
 }

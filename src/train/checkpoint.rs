@@ -36,6 +36,23 @@ pub struct CheckpointState {
     pub tensors_file: String,
 }
 
+impl CheckpointState {
+    /// The state of a job that has not trained yet.
+    pub fn fresh(hyperparameters: serde_json::Value) -> Self {
+        Self {
+            epochs_done: 0,
+            iterations_done: 0,
+            optimizer_steps: 0,
+            best_miou: None,
+            best_epoch: None,
+            epochs_without_improvement: 0,
+            history: Vec::new(),
+            hyperparameters,
+            tensors_file: String::new(),
+        }
+    }
+}
+
 /// One epoch's figures.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct EpochRecord {

@@ -42,9 +42,14 @@ impl EarlyStopping {
         self.enabled && epoch >= self.min_epochs && self.epochs_without_improvement >= self.patience.max(1)
     }
 
-    /// State for a checkpoint: (best score, epochs without improvement).
-    pub fn state(&self) -> (Option<f64>, u32) {
-        (self.best, self.epochs_without_improvement)
+    /// The best score seen so far (saved in checkpoints).
+    pub fn best(&self) -> Option<f64> {
+        self.best
+    }
+
+    /// Epochs since the score last improved by more than the tolerance (saved in checkpoints).
+    pub fn epochs_without_improvement(&self) -> u32 {
+        self.epochs_without_improvement
     }
 
     pub fn restore(&mut self, best: Option<f64>, epochs_without_improvement: u32) {
@@ -85,6 +90,6 @@ mod tests {
         assert!(!es.should_stop(3, 0.6));
         assert!(!es.should_stop(4, 0.6));
         assert!(es.should_stop(5, 0.55));
-        assert_eq!(es.state(), (Some(0.6), 2));
+        assert_eq!((es.best(), es.epochs_without_improvement()), (Some(0.6), 2));
     }
 }

@@ -8,7 +8,7 @@ use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 use super::optim::OptimizerConfig;
 use crate::model::ops::contiguous_slice;
-use crate::sagemaker::hyperparameters::Optimizer as OptimizerKind;
+use crate::sagemaker::hyperparameters::OptimizerKind;
 
 /// Whether [`step`] handles this parameter.
 pub fn applies(config: &OptimizerConfig, weight: &Tensor) -> bool {

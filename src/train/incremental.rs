@@ -1,18 +1,18 @@
 //! Incremental training: the `model` channel holds an earlier run's `model.tar.gz` (or its extracted files), whose
 //! weights seed the new job. Backbone, algorithm, crop_size and num_classes must match the new hyperparameters.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use anyhow::{bail, Context, Result};
 use candle_nn::VarMap;
 
-use crate::model::artifact::{self, META_FILE, WEIGHTS_FILE};
 use crate::model::weights;
+use crate::model::{artifact, package};
 use crate::sagemaker::Hyperparameters;
 
 /// Load the earlier model in `channel_dir` into `varmap`; a `model.tar.gz` is extracted into `scratch` first.
 pub fn load(channel_dir: &Path, hp: &Hyperparameters, varmap: &VarMap, scratch: &Path) -> Result<()> {
-    let dir = artifact_dir(channel_dir, scratch)?;
+    let dir = package::unpack_to_scratch(channel_dir, scratch)?;
     let (meta, tensors) = artifact::read(&dir).context("the model channel does not hold a semseg model")?;
     let mut differences = Vec::new();
     if meta.backbone != hp.backbone {
@@ -36,11 +36,10 @@ pub fn load(channel_dir: &Path, hp: &Hyperparameters, varmap: &VarMap, scratch: 
     if let Some(crop) = meta.crop_size.filter(|&c| c != hp.crop_size) {
         differences.push(format!("crop_size: the model has {crop}, the job has {}", hp.crop_size));
     }
-    if meta.output_stride.value() != hp.output_stride {
+    if meta.output_stride != hp.output_stride {
         differences.push(format!(
             "output_stride: the model has {}, the job has {}",
-            meta.output_stride.value(),
-            hp.output_stride
+            meta.output_stride, hp.output_stride
         ));
     }
     if !differences.is_empty() {
@@ -61,34 +60,4 @@ pub fn load(channel_dir: &Path, hp: &Hyperparameters, varmap: &VarMap, scratch: 
         dir.display()
     );
     Ok(())
-}
-
-/// The directory holding model.json + model.safetensors: the channel itself, or `scratch` after extracting the
-/// channel's `model.tar.gz`.
-fn artifact_dir(channel_dir: &Path, scratch: &Path) -> Result<PathBuf> {
-    if channel_dir.join(META_FILE).is_file() && channel_dir.join(WEIGHTS_FILE).is_file() {
-        return Ok(channel_dir.to_path_buf());
-    }
-    let archive = channel_dir.join("model.tar.gz");
-    if !archive.is_file() {
-        bail!(
-            "the model channel {} holds neither model.tar.gz nor {META_FILE} + {WEIGHTS_FILE}; point it at the \
-             model.tar.gz of an earlier semseg training job",
-            channel_dir.display()
-        );
-    }
-    extract_tar_gz(&archive, scratch)?;
-    Ok(scratch.to_path_buf())
-}
-
-/// Extract a `.tar.gz` into `dest` (created fresh). Entries that would land outside `dest` are refused by `tar`.
-pub fn extract_tar_gz(archive: &Path, dest: &Path) -> Result<()> {
-    if dest.exists() {
-        std::fs::remove_dir_all(dest).with_context(|| format!("cannot clear {}", dest.display()))?;
-    }
-    std::fs::create_dir_all(dest).with_context(|| format!("cannot create {}", dest.display()))?;
-    let file = std::fs::File::open(archive).with_context(|| format!("cannot open {}", archive.display()))?;
-    tar::Archive::new(flate2::read::GzDecoder::new(file))
-        .unpack(dest)
-        .with_context(|| format!("{} is not a valid .tar.gz archive", archive.display()))
 }

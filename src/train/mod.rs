@@ -1,6 +1,7 @@
 //! The training job: [`inputs`] prepares and validates everything the job reads before any training starts;
-//! [`job`] runs the loop from the pieces [`loss`], [`optim`], [`schedule`], [`metrics`], [`early_stopping`],
-//! [`checkpoint`] and [`incremental`].
+//! [`job`] runs the loop (start or resume, one epoch, end of epoch) from the pieces [`loss`], [`optim`], [`schedule`],
+//! [`validation`], [`metrics`], [`early_stopping`], [`checkpoint`] and [`report`]; the start weights come from
+//! [`incremental`] (an earlier model) or [`pretrained`] (ImageNet backbone weights).
 
 pub mod checkpoint;
 pub mod early_stopping;
@@ -11,5 +12,7 @@ pub mod job;
 pub mod loss;
 pub mod metrics;
 pub mod optim;
+pub mod pretrained;
 pub mod report;
 pub mod schedule;
+pub mod validation;

@@ -9,7 +9,7 @@ use std::collections::HashMap;
 use candle_core::backprop::GradStore;
 use candle_core::{Result, Tensor, Var};
 
-use crate::sagemaker::hyperparameters::Optimizer as OptimizerKind;
+use crate::sagemaker::hyperparameters::OptimizerKind;
 
 /// Adam's β₁, β₂ and ε (PyTorch defaults).
 const ADAM_BETAS: (f64, f64) = (0.9, 0.999);

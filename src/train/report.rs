@@ -1,10 +1,69 @@
-//! `output/data/training.png`: loss and validation scores per epoch as a picture, for people looking at a job's
-//! output. Blue = training loss (scaled to its maximum), red = validation mIOU, green = pixel accuracy (both on 0..1);
-//! grey grid lines at quarters of the height, one vertical tick per epoch. No text: the numbers are in history.json.
+//! What a training job reports, for SageMaker and for people:
+//! - the `#metrics` log lines, one pair per epoch, that the README's MetricDefinitions match ([`log_metrics`]);
+//! - `output/data/history.json` (every epoch's figures) and `class_iou.json` (the best epoch's per-class IoU);
+//! - `output/data/training.png`: loss and validation scores per epoch as a picture ([`plot`]). Blue = training loss
+//!   (scaled to its maximum), red = validation mIOU, green = pixel accuracy (both on 0..1); grey grid lines at
+//!   quarters of the height, one vertical tick per epoch. No text: the numbers are in history.json.
 
+use std::path::Path;
+
+use anyhow::{Context, Result};
 use image::{Rgb, RgbImage};
 
 use super::checkpoint::EpochRecord;
+use super::metrics::Scores;
+use crate::sagemaker::MlRoot;
+
+/// The metric lines of one epoch, in the format the README's MetricDefinitions match.
+pub fn log_metrics(record: &EpochRecord, seconds: f64) {
+    let EpochRecord {
+        epoch,
+        train_loss,
+        images_per_second,
+        learning_rate,
+        validation_miou,
+        validation_pixel_accuracy,
+    } = record;
+    tracing::info!(
+        "#metrics epoch={epoch} train:loss={train_loss:.6} train:throughput={images_per_second:.3} images/s \
+         learning_rate={learning_rate:.6e} epoch_seconds={seconds:.1}"
+    );
+    tracing::info!(
+        "#metrics epoch={epoch} validation:mIOU={validation_miou:.6} validation:pixel_accuracy={validation_pixel_accuracy:.6}"
+    );
+}
+
+/// `output/data/class_iou.json`: per-class IoU of the best epoch.
+pub fn write_class_iou(ml: &MlRoot, epoch: u32, scores: &Scores) -> Result<()> {
+    let dir = output_data_dir(ml)?;
+    let report = serde_json::json!({
+        "epoch": epoch,
+        "mIOU": scores.miou,
+        "pixel_accuracy": scores.pixel_accuracy,
+        "class_iou": scores.class_iou,
+    });
+    write_json(&dir.join("class_iou.json"), &report)
+}
+
+/// `output/data/history.json` and `training.png`: every epoch so far, as numbers and as curves.
+pub fn write_history(ml: &MlRoot, history: &[EpochRecord]) -> Result<()> {
+    let dir = output_data_dir(ml)?;
+    write_json(&dir.join("history.json"), &serde_json::json!({ "epochs": history }))?;
+    let picture = dir.join("training.png");
+    plot(history)
+        .save(&picture)
+        .with_context(|| format!("cannot write {}", picture.display()))
+}
+
+fn output_data_dir(ml: &MlRoot) -> Result<std::path::PathBuf> {
+    let dir = ml.output_data_dir();
+    std::fs::create_dir_all(&dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    Ok(dir)
+}
+
+fn write_json(path: &Path, value: &serde_json::Value) -> Result<()> {
+    std::fs::write(path, serde_json::to_vec_pretty(value)?).with_context(|| format!("cannot write {}", path.display()))
+}
 
 const WIDTH: u32 = 640;
 const HEIGHT: u32 = 400;

@@ -1,16 +1,19 @@
 //! Differentiable operations that Candle 0.11 lacks (or gets wrong) for training.
 //!
-//! All of them are compositions of Candle's own differentiable ops, so they run on every device and their
-//! backward comes for free:
+//! Two kinds. Compositions of Candle's own differentiable ops run on every device and get their backward for free:
 //! - [`resize::resize_bilinear`]: PyTorch's `interpolate(mode="bilinear", align_corners=False)` as two matmuls
 //!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward);
 //! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride);
-//! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included;
-//! - [`batch_norm::batch_norm_train`]: training-mode BatchNorm2d fused into one op on the CPU (forward and backward
-//!   two passes each, instead of ten composed nodes with full-size intermediates);
-//! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity
-//!   (Candle's uses one `output_padding` for both axes), computed on the CPU as im2col + matmul when a gradient is
-//!   needed (Candle's CPU conv backward is about six forward passes; this one is about two).
+//! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included.
+//!
+//! Custom ops with a CPU kernel of their own; each dispatches on the device inside the op, so callers never branch:
+//! - [`batch_norm::batch_norm_train`]: training-mode BatchNorm2d fused into one op (forward and backward two passes
+//!   each, instead of ten composed nodes with full-size intermediates). CPU, f32/f64 only: other devices and dtypes
+//!   take the composed path in [`crate::model::layers`] (see [`batch_norm::supports`]);
+//! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity (Candle's
+//!   uses one `output_padding` for both axes). On the CPU, when a gradient is needed, it runs as im2col + matmul
+//!   custom ops (Candle's CPU conv backward is about six forward passes; this one is about two); elsewhere, and for
+//!   inference, it is Candle's own `conv2d`.
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]).
 

@@ -18,7 +18,7 @@ pub struct SegOutput {
 }
 
 #[derive(Clone, Debug)]
-pub struct Segmenter {
+pub struct SegmentationModel {
     config: ModelConfig,
     backbone: ResNet,
     head: Head,
@@ -26,7 +26,7 @@ pub struct Segmenter {
     folded: bool,
 }
 
-impl Segmenter {
+impl SegmentationModel {
     /// Builds the network with parameters named as torchvision's state dict (`backbone.*`, `classifier.*`,
     /// `aux_classifier.*`) relative to `vb`. With a `VarMap`-backed builder the parameters are created (torchvision's
     /// initialisation) and trainable; with a tensor-backed one they are loaded.
@@ -108,11 +108,11 @@ mod tests {
     use candle_core::{DType, Device};
     use candle_nn::VarMap;
 
-    fn build(algorithm: Algorithm, os: OutputStride, aux: bool) -> Result<(VarMap, Segmenter)> {
+    fn build(algorithm: Algorithm, os: OutputStride, aux: bool) -> Result<(VarMap, SegmentationModel)> {
         let vm = VarMap::new();
         let vb = VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu);
         let cfg = ModelConfig::new(algorithm, Backbone::Resnet18, 3, os, aux).map_err(candle_core::Error::wrap)?;
-        let net = Segmenter::new(&cfg, vb)?;
+        let net = SegmentationModel::new(&cfg, vb)?;
         Ok((vm, net))
     }
 

@@ -1,0 +1,45 @@
+//! Scoring the network on the validation channel after each epoch.
+//!
+//! Validation feeds the training network (eval mode, BatchNorm not folded) with the validation loader's batches:
+//! centre crops of `crop_size` after resizing the short side to it (GluonCV's validation transform), or whole images
+//! at their own size when `validation_mini_batch_size` is 1. It does not go through [`crate::infer`] (which serves one
+//! image at a time, resized to a pixel budget); the model `semseg predict` and `serve` load is checked against the
+//! best epoch's score by the end-to-end tests instead.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor};
+
+use super::metrics::{ConfusionMatrix, Scores};
+use crate::data::dataset::SamplePair;
+use crate::data::label_map::LabelLut;
+use crate::data::loader::{Loader, LoaderConfig};
+use crate::model::SegmentationModel;
+use crate::sagemaker::Hyperparameters;
+
+/// Score `model` on every validation pair; `None` when SIGTERM arrived meanwhile.
+pub fn validate(
+    model: &SegmentationModel,
+    samples: &Arc<[SamplePair]>,
+    lut: &Arc<LabelLut>,
+    hp: &Hyperparameters,
+    device: &Device,
+    stop: &AtomicBool,
+) -> Result<Option<Scores>> {
+    let config = LoaderConfig::validation(hp.validation_mini_batch_size as usize, hp.crop_size);
+    let loader = Loader::spawn(samples.clone(), lut.clone(), config, 0)?;
+    let mut confusion = ConfusionMatrix::new(hp.num_classes as usize);
+    for batch in loader {
+        if stop.load(Ordering::SeqCst) {
+            return Ok(None);
+        }
+        let batch = batch?;
+        let (h, w) = (batch.height as usize, batch.width as usize);
+        let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), device)?;
+        let prediction = model.forward_t(&x, false)?.out.argmax(1)?.to_dtype(DType::U8)?; // [N, H, W]
+        confusion.update(&batch.labels, &prediction.flatten_all()?.to_vec1::<u8>()?);
+    }
+    Ok(Some(confusion.scores()))
+}
