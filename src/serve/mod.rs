@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod media;
 pub mod model_dir;
 pub mod protobuf;
 mod routes;
