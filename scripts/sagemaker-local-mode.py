@@ -3,18 +3,22 @@
 
 Trains with the training image on a `semseg synth` dataset (file:// inputs and output path), deploys the resulting
 model.tar.gz to a local endpoint with the inference image, sends a JPEG and checks that a PNG mask of the image's
-size comes back.
+size comes back. Then runs a Batch Transform job with the same model (`Transformer`, `accept="image/png"`,
+`strategy="SingleRecord"`) over three JPEGs in WORK/transform-input and checks that WORK/transform-output holds a
+`<name>.jpg.out` PNG mask of each image's size.
 
     pip install 'sagemaker>=2,<3'
     scripts/sagemaker-local-mode.py --train-image semseg-train --serve-image semseg-serve --semseg target/release/semseg
 
 Local mode runs the containers with docker compose (or docker-compose) and serves on localhost:8080, which must be
-free. A placeholder role and a region are set here; no credentials are needed.
+free. A placeholder role and a region are set here; no credentials are needed. `transform(..., logs=False)`: with
+logs the SDK looks for the job's CloudWatch logs, which local mode does not have.
 """
 import argparse
 import json
 import os
 import pathlib
+import shutil
 import struct
 import subprocess
 import sys
@@ -69,7 +73,7 @@ def main():
     work = pathlib.Path(args.work or tempfile.mkdtemp(prefix="semseg-local-mode-")).resolve()
     data = work / "data"
     subprocess.run(
-        [args.semseg, "synth", "--out", str(data), "--seed", "11", "--train-count", "8", "--validation-count", "2",
+        [args.semseg, "synth", "--out", str(data), "--seed", "11", "--train-count", "8", "--validation-count", "3",
          "--width", "64", "--height", "48"],
         check=True,
     )
@@ -107,18 +111,47 @@ def main():
         serializer=IdentitySerializer(content_type="image/jpeg"),
         deserializer=BytesDeserializer(accept="image/png"),
     )
+    jpegs = sorted((data / "validation").glob("*.jpg"))
     try:
-        jpeg_path = sorted((data / "validation").glob("*.jpg"))[0]
-        jpeg = jpeg_path.read_bytes()
+        jpeg = jpegs[0].read_bytes()
         mask = predictor.predict(jpeg)
         size = png_size(mask)
         expected = jpeg_size(jpeg)
-        print(json.dumps({"image": jpeg_path.name, "png_bytes": len(mask), "png_size": size, "jpeg_size": expected}))
+        print(json.dumps({"image": jpegs[0].name, "png_bytes": len(mask), "png_size": size, "jpeg_size": expected}))
         if size != expected:
             sys.exit(f"expected a PNG mask of {expected}, got {size} ({len(mask)} bytes: {mask[:60]!r})")
     finally:
+        # Also frees localhost:8080 for the transform job's container.
         predictor.delete_endpoint()
     print("sagemaker local mode: trained, deployed and predicted a PNG mask", flush=True)
+
+    batch_transform(model, jpegs[:3], work)
+    print("sagemaker local mode: batch transform wrote a PNG mask of each image", flush=True)
+
+
+def batch_transform(model, jpegs, work):
+    """Batch Transform of `jpegs` with `model`, one request per file; checks each `<name>.out` is a PNG of its size."""
+    inputs, outputs = work / "transform-input", work / "transform-output"
+    inputs.mkdir(parents=True, exist_ok=True)
+    for jpeg in jpegs:
+        shutil.copy(jpeg, inputs / jpeg.name)
+    transformer = model.transformer(
+        instance_count=1,
+        instance_type="local",
+        strategy="SingleRecord",
+        accept="image/png",
+        output_path=f"file://{outputs}",
+    )
+    transformer.transform(f"file://{inputs}", content_type="image/jpeg", split_type=None, logs=False)
+    for jpeg in jpegs:
+        out = outputs / f"{jpeg.name}.out"
+        if not out.is_file():
+            sys.exit(f"no {out.name} in {outputs}: {sorted(p.name for p in outputs.glob('*'))}")
+        mask = out.read_bytes()
+        size, expected = png_size(mask), jpeg_size(jpeg.read_bytes())
+        print(json.dumps({"transformed": jpeg.name, "png_bytes": len(mask), "png_size": size, "jpeg_size": expected}))
+        if size != expected:
+            sys.exit(f"{out.name}: expected a PNG mask of {expected}, got {size} ({len(mask)} bytes: {mask[:60]!r})")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,8 @@ pub mod data;
 pub mod demo;
 pub mod infer;
 pub mod model;
+pub mod normalize;
+pub mod panics;
 pub mod predict;
 pub mod sagemaker;
 pub mod serve;

@@ -118,6 +118,23 @@ fn corrupt_images_and_annotations_are_named() {
 }
 
 #[test]
+fn a_truncated_jpeg_is_named() {
+    let job = Job::with_synth(&[]);
+    let image = files(&job.channel("validation"))[1].clone();
+    let path = job.channel("validation").join(&image);
+    let jpeg = std::fs::read(&path).unwrap();
+    // Cut in the middle of the compressed data (after SOS, FF DA): the headers are whole, so only the missing end
+    // gives it away.
+    let scan = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    std::fs::write(&path, &jpeg[..(scan + jpeg.len()) / 2]).unwrap();
+    let failure = job.check_fails();
+    assert!(
+        failure.contains("cannot be read") && failure.contains(&image) && failure.contains("end-of-image marker"),
+        "{failure}"
+    );
+}
+
+#[test]
 fn rgb_colour_masks_are_rejected_with_advice() {
     let job = Job::with_synth(&[]);
     let name = files(&job.channel("train_annotation"))[0].clone();

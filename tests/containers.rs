@@ -7,8 +7,9 @@
 //! distroless/cc-like root) and passed as build arguments; everything else is the Dockerfiles as users build them.
 //! Building compiles semseg inside Docker, which takes minutes.
 //!
-//! Mandatory when `CI=true`. Elsewhere they run when Docker, debootstrap and root are available, and otherwise skip
-//! saying why; `SEMSEG_CONTAINER_TESTS=1` forces them on, `=0` off.
+//! Mandatory when built with `CI=true` or `SEMSEG_EXTERNAL_TESTS=1` (see `build.rs`); otherwise cargo lists them as
+//! ignored, with what they need, and `--ignored` runs them. When they run, a missing prerequisite fails them saying
+//! which: they never pass without having run.
 
 mod common;
 
@@ -33,31 +34,31 @@ fn repo() -> &'static Path {
     Path::new(env!("CARGO_MANIFEST_DIR"))
 }
 
-/// Why the container tests cannot run here, or None when they must.
-fn skip_reason() -> Option<String> {
-    match std::env::var("SEMSEG_CONTAINER_TESTS").as_deref() {
-        Ok("0") => return Some("SEMSEG_CONTAINER_TESTS=0".into()),
-        Ok("1") => return None,
-        _ => {}
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        return None;
-    }
-    let works = |cmd: &str, args: &[&str]| {
-        Command::new(cmd)
-            .args(args)
+/// Fails the test, naming each tool that is missing, unless Docker, root, debootstrap and curl are all here.
+fn require_prerequisites() {
+    let works = |script: &str| {
+        Command::new("sh")
+            .args(["-c", script])
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .status()
             .is_ok_and(|s| s.success())
     };
-    if !works("docker", &["info"]) {
-        return Some("no usable Docker engine".into());
-    }
-    if !works("sh", &["-c", "command -v debootstrap && [ \"$(id -u)\" = 0 ]"]) {
-        return Some("debootstrap and root are needed to make the offline base images".into());
-    }
-    None
+    let missing: Vec<&str> = [
+        ("docker info", "a running Docker engine (docker info fails)"),
+        ("[ \"$(id -u)\" = 0 ]", "root (to debootstrap the offline base images)"),
+        ("command -v debootstrap", "debootstrap (apt-get install debootstrap)"),
+        ("command -v curl", "curl"),
+    ]
+    .into_iter()
+    .filter(|(check, _)| !works(check))
+    .map(|(_, what)| what)
+    .collect();
+    assert!(
+        missing.is_empty(),
+        "the container tests need {}; .ci/run installs what it can",
+        missing.join(", ")
+    );
 }
 
 fn run(cmd: &mut Command) -> Output {
@@ -137,17 +138,14 @@ fn build_images() -> Result<(), String> {
     Ok(())
 }
 
-/// Builds the images once per test run; None (after saying why) when container tests are off here.
-fn images() -> Option<std::sync::MutexGuard<'static, ()>> {
-    if let Some(reason) = skip_reason() {
-        eprintln!("skipping the container tests: {reason}");
-        return None;
-    }
+/// Builds the images once per test run, and holds the one-container-job-at-a-time lock.
+fn images() -> std::sync::MutexGuard<'static, ()> {
+    require_prerequisites();
     let guard = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
     if let Err(e) = IMAGES.get_or_init(build_images) {
         panic!("{e}");
     }
-    Some(guard)
+    guard
 }
 
 fn image_size(tag: &str) -> u64 {
@@ -210,8 +208,12 @@ fn png_size(png: &[u8]) -> Option<(u32, u32)> {
 }
 
 #[test]
+#[cfg_attr(
+    not(semseg_external_tests),
+    ignore = "needs Docker, root and debootstrap; runs under CI=true or SEMSEG_EXTERNAL_TESTS=1, or with --ignored"
+)]
 fn train_image_trains_on_a_synth_dataset_and_fails_with_the_reason_on_a_bad_hyperparameter() {
-    let Some(_images) = images() else { return };
+    let _images = images();
 
     let job = small_job(2);
     let out = docker_run_train(job.root());
@@ -282,8 +284,12 @@ fn curl(args: &[&str]) -> Output {
 }
 
 #[test]
+#[cfg_attr(
+    not(semseg_external_tests),
+    ignore = "needs Docker, root and debootstrap; runs under CI=true or SEMSEG_EXTERNAL_TESTS=1, or with --ignored"
+)]
 fn serve_image_answers_ping_turns_a_jpeg_into_a_png_mask_and_stops_quickly() {
-    let Some(_images) = images() else { return };
+    let _images = images();
 
     let size = image_size(SERVE_IMAGE);
     eprintln!("{SERVE_IMAGE}: {} MB", size / 1_000_000);
@@ -393,22 +399,25 @@ fn serve_image_answers_ping_turns_a_jpeg_into_a_png_mask_and_stops_quickly() {
     drop(container);
 }
 
+/// The SageMaker Python SDK's local mode drives both images: trains, deploys and predicts, then runs a Batch
+/// Transform job (`Transformer`, SingleRecord, `accept="image/png"`) over three JPEGs.
 #[test]
-fn sagemaker_sdk_local_mode_trains_deploys_and_predicts() {
-    let Some(_images) = images() else { return };
+#[cfg_attr(
+    not(semseg_external_tests),
+    ignore = "needs Docker, root, debootstrap and python3 with the SageMaker SDK; runs under CI=true or \
+              SEMSEG_EXTERNAL_TESTS=1, or with --ignored"
+)]
+fn sagemaker_sdk_local_mode_trains_deploys_predicts_and_batch_transforms() {
     let has_sdk = Command::new("python3")
         .args(["-c", "import sagemaker"])
         .stderr(Stdio::null())
         .status()
         .is_ok_and(|s| s.success());
-    if !has_sdk {
-        assert!(
-            std::env::var("CI").as_deref() != Ok("true"),
-            "CI needs the SageMaker Python SDK (.ci/run installs it)"
-        );
-        eprintln!("skipping the SageMaker local mode test: pip install 'sagemaker>=2,<3'");
-        return;
-    }
+    assert!(
+        has_sdk,
+        "this test needs python3 with the SageMaker Python SDK: pip install 'sagemaker>=2,<3' (.ci/run does)"
+    );
+    let _images = images();
     let work = tempfile::tempdir().expect("tempdir");
     let out = run(Command::new("python3")
         .arg(repo().join("scripts/sagemaker-local-mode.py"))
@@ -424,9 +433,32 @@ fn sagemaker_sdk_local_mode_trains_deploys_and_predicts() {
         .arg(work.path()));
     let log = text(&out);
     assert!(out.status.success(), "local mode failed:\n{}", tail(&log, 8000));
-    assert!(
-        log.contains("trained, deployed and predicted a PNG mask"),
-        "{}",
-        tail(&log, 3000)
-    );
+    for line in [
+        "trained, deployed and predicted a PNG mask",
+        "batch transform wrote a PNG mask of each image",
+    ] {
+        assert!(log.contains(line), "no '{line}' in the log:\n{}", tail(&log, 3000));
+    }
+
+    // Batch Transform's output, checked here too: one `<input>.out` PNG mask per input JPEG, at its size.
+    let inputs = work.path().join("transform-input");
+    let outputs = work.path().join("transform-output");
+    let jpegs = common::files(&inputs);
+    assert_eq!(jpegs.len(), 3, "{jpegs:?}");
+    let expected: Vec<String> = jpegs.iter().map(|name| format!("{name}.out")).collect();
+    assert_eq!(common::files(&outputs), expected);
+    for name in &jpegs {
+        let out = outputs.join(format!("{name}.out"));
+        let mask = image::load_from_memory_with_format(
+            &std::fs::read(&out).expect("transform output"),
+            image::ImageFormat::Png,
+        )
+        .unwrap_or_else(|e| panic!("{} is not a PNG: {e}", out.display()));
+        let size = image::image_dimensions(inputs.join(name)).expect("jpeg size");
+        assert_eq!(
+            (mask.width(), mask.height()),
+            size,
+            "{name}: the mask has the image's size"
+        );
+    }
 }

@@ -8,6 +8,7 @@ use std::sync::{Arc, OnceLock};
 use libfuzzer_sys::fuzz_target;
 use semseg::infer::{Inference, InferenceLimits, NearestColour};
 use semseg::serve::codec::{self, DecodeLimits};
+use semseg::serve::media::{self, Output};
 use semseg::serve::protobuf;
 
 fn inference() -> &'static Inference {
@@ -25,12 +26,12 @@ fuzz_target!(|data: &[u8]| {
     let (header, body) = rest.split_at(split);
     let header = String::from_utf8_lossy(header);
     let (content_type, accept) = header.split_once('\n').unwrap_or((&header, ""));
-    let _ = codec::check_content_type(Some(content_type));
-    let output = codec::negotiate(Some(accept)).unwrap_or(codec::Output::MaskPng);
+    let _ = media::check_content_type(Some(content_type));
+    let output = media::negotiate(Some(accept)).unwrap_or(Output::MaskPng);
     let limits = DecodeLimits { max_image_pixels: 1 << 20, max_probability_values: 1 << 22 };
-    for output in [output, codec::Output::Json] {
+    for output in [output, Output::Json] {
         if let Ok(encoded) = codec::invoke(inference(), body, output, limits) {
-            if let codec::Output::Probabilities { .. } = output {
+            if let Output::Probabilities { .. } = output {
                 protobuf::decode_probabilities(&encoded.body).expect("our own answer decodes");
             }
         }

@@ -14,92 +14,53 @@
 //! The pixel budget is checked from the PNG header before any pixel data is inflated.
 
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::GrayImage;
 
-use super::image_io::{check_budget, magic_hex, Source, DEFAULT_MAX_PIXELS};
+use super::decode_error::{DecodeError, DecodeErrorKind};
+use super::image_io::{check_budget, magic_hex, DEFAULT_MAX_PIXELS};
 
 const PNG_SIGNATURE: [u8; 8] = [0x89, b'P', b'N', b'G', 0x0d, 0x0a, 0x1a, 0x0a];
 
-/// Why an annotation file could not be turned into raw label values.
+/// Why an annotation file could not be turned into raw label values, and which file it was.
+pub type AnnotationError = DecodeError<AnnotationErrorKind>;
+
+/// What was wrong with an annotation.
 #[derive(Debug, thiserror::Error)]
-pub enum AnnotationError {
-    #[error("annotation {source_name}: cannot read the file: {err}; check that it exists and is readable")]
-    Read {
-        source_name: Source,
-        #[source]
-        err: std::io::Error,
-    },
-    #[error("annotation {source_name}: the file is empty; annotations must be single-channel PNGs of label values")]
-    Empty { source_name: Source },
+pub enum AnnotationErrorKind {
+    #[error("cannot read the file: {0}; check that it exists and is readable")]
+    Read(#[source] std::io::Error),
+    #[error("the file is empty; annotations must be single-channel PNGs of label values")]
+    Empty,
     #[error(
-        "annotation {source_name}: not a PNG file ({what}); annotations must be single-channel 8-bit grayscale or \
-         palette PNGs whose pixel values are the labels (lossy formats such as JPEG corrupt label values)"
+        "not a PNG file ({what}); annotations must be single-channel 8-bit grayscale or palette PNGs whose pixel \
+         values are the labels (lossy formats such as JPEG corrupt label values)"
     )]
-    NotPng { source_name: Source, what: String },
+    NotPng { what: String },
     #[error(
-        "annotation {source_name}: {color} PNG is not supported; annotations must be single-channel 8-bit \
-         grayscale or palette PNGs whose pixel values are the labels. {hint}"
+        "{color} PNG is not supported; annotations must be single-channel 8-bit grayscale or palette PNGs whose \
+         pixel values are the labels. {hint}"
     )]
-    UnsupportedColor {
-        source_name: Source,
-        color: String,
-        hint: &'static str,
-    },
+    UnsupportedColor { color: String, hint: &'static str },
     #[error(
-        "annotation {source_name}: {width}x{height} = {pixels} pixels is over the limit of {max_pixels} pixels; \
-         downscale the image and its annotation (nearest-neighbour for the annotation) or raise the pixel budget"
+        "{width}x{height} = {pixels} pixels is over the limit of {max_pixels} pixels; downscale the image and its \
+         annotation (nearest-neighbour for the annotation) or raise the pixel budget"
     )]
     TooLarge {
-        source_name: Source,
         width: u32,
         height: u32,
         pixels: u64,
         max_pixels: u64,
     },
-    #[error("annotation {source_name}: zero-sized PNG ({width}x{height}); replace it with a real annotation")]
-    ZeroSize {
-        source_name: Source,
-        width: u32,
-        height: u32,
-    },
-    #[error("annotation {source_name}: corrupt or truncated PNG: {err}; re-export the annotation")]
-    Corrupt {
-        source_name: Source,
-        #[source]
-        err: png::DecodingError,
-    },
+    #[error("zero-sized PNG ({width}x{height}); replace it with a real annotation")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("corrupt or truncated PNG: {0}; re-export the annotation")]
+    Corrupt(#[source] png::DecodingError),
 }
 
-impl AnnotationError {
-    /// Attach a file path to an error produced from in-memory bytes.
-    pub fn with_file(mut self, path: &Path) -> Self {
-        let src = match &mut self {
-            Self::Read { source_name, .. }
-            | Self::Empty { source_name }
-            | Self::NotPng { source_name, .. }
-            | Self::UnsupportedColor { source_name, .. }
-            | Self::TooLarge { source_name, .. }
-            | Self::ZeroSize { source_name, .. }
-            | Self::Corrupt { source_name, .. } => source_name,
-        };
-        src.0 = Some(path.to_path_buf());
-        self
-    }
-
-    /// The file this error is about, when known.
-    pub fn file(&self) -> Option<&PathBuf> {
-        match self {
-            Self::Read { source_name, .. }
-            | Self::Empty { source_name }
-            | Self::NotPng { source_name, .. }
-            | Self::UnsupportedColor { source_name, .. }
-            | Self::TooLarge { source_name, .. }
-            | Self::ZeroSize { source_name, .. }
-            | Self::Corrupt { source_name, .. } => source_name.0.as_ref(),
-        }
-    }
+impl DecodeErrorKind for AnnotationErrorKind {
+    const PREFIX: &'static str = "annotation ";
 }
 
 const RGB_HINT: &str = "RGB colour masks are a common mistake: convert each colour to its class index and save a \
@@ -118,33 +79,25 @@ pub fn read_annotation(path: &Path) -> Result<GrayImage, AnnotationError> {
 
 /// Read and decode an annotation file, refusing images over `max_pixels`; errors name `path`.
 pub fn read_annotation_with_budget(path: &Path, max_pixels: u64) -> Result<GrayImage, AnnotationError> {
-    let bytes = std::fs::read(path).map_err(|err| AnnotationError::Read {
-        source_name: Source(Some(path.to_path_buf())),
-        err,
-    })?;
-    decode_annotation_with_budget(&bytes, max_pixels).map_err(|e| e.with_file(path))
+    std::fs::read(path)
+        .map_err(|err| AnnotationErrorKind::Read(err).into())
+        .and_then(|bytes| decode_annotation_with_budget(&bytes, max_pixels))
+        .map_err(|e| e.with_file(path))
 }
 
 /// Decode annotation PNG bytes to raw values (palette indices or gray values), refusing images over `max_pixels`.
 pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<GrayImage, AnnotationError> {
-    let src = || Source(None);
+    use AnnotationErrorKind::{Corrupt, TooLarge, UnsupportedColor, ZeroSize};
     if bytes.is_empty() {
-        return Err(AnnotationError::Empty { source_name: src() });
+        return Err(AnnotationErrorKind::Empty.into());
     }
     if !bytes.starts_with(&PNG_SIGNATURE) {
         let what = match image::guess_format(bytes) {
             Ok(f) => format!("it is {f:?}"),
             Err(_) => format!("the first bytes are {}", magic_hex(bytes)),
         };
-        return Err(AnnotationError::NotPng {
-            source_name: src(),
-            what,
-        });
+        return Err(AnnotationErrorKind::NotPng { what }.into());
     }
-    let corrupt = |err| AnnotationError::Corrupt {
-        source_name: src(),
-        err,
-    };
 
     // The decoder's own allocation limit covers its internal buffers; our output buffer is checked via the budget.
     let limits = png::Limits {
@@ -153,32 +106,23 @@ pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<Gr
     let mut decoder = png::Decoder::new_with_limits(Cursor::new(bytes), limits);
     decoder.set_transformations(png::Transformations::IDENTITY);
     let (width, height, color, depth) = {
-        let info = decoder.read_header_info().map_err(corrupt)?;
+        let info = decoder.read_header_info().map_err(Corrupt)?;
         (info.width, info.height, info.color_type, info.bit_depth)
     };
     check_budget(width, height, max_pixels).map_err(|(pixels, too_large)| {
         if too_large {
-            AnnotationError::TooLarge {
-                source_name: src(),
+            TooLarge {
                 width,
                 height,
                 pixels,
                 max_pixels,
             }
         } else {
-            AnnotationError::ZeroSize {
-                source_name: src(),
-                width,
-                height,
-            }
+            ZeroSize { width, height }
         }
     })?;
     use png::{BitDepth, ColorType};
-    let unsupported = |color: String, hint| AnnotationError::UnsupportedColor {
-        source_name: src(),
-        color,
-        hint,
-    };
+    let unsupported = |color: String, hint| UnsupportedColor { color, hint };
     let bits = depth as u8;
     // How the raw (untransformed) rows hold the value of each pixel.
     enum Layout {
@@ -193,31 +137,29 @@ pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<Gr
         }
         (ColorType::GrayscaleAlpha, BitDepth::Eight) => Layout::GrayAlpha,
         (ColorType::Indexed | ColorType::Grayscale | ColorType::GrayscaleAlpha, _) => {
-            return Err(unsupported(format!("{bits}-bit {color:?}"), DEPTH_HINT))
+            return Err(unsupported(format!("{bits}-bit {color:?}"), DEPTH_HINT).into())
         }
         (ColorType::Rgb | ColorType::Rgba, _) => {
-            return Err(unsupported(format!("{bits}-bit {color:?} (colour)"), RGB_HINT))
+            return Err(unsupported(format!("{bits}-bit {color:?} (colour)"), RGB_HINT).into())
         }
     };
 
-    let mut reader = decoder.read_info().map_err(corrupt)?;
-    let size = reader.output_buffer_size().ok_or(AnnotationError::TooLarge {
-        source_name: src(),
+    let mut reader = decoder.read_info().map_err(Corrupt)?;
+    let size = reader.output_buffer_size().ok_or(TooLarge {
         width,
         height,
         pixels: u64::from(width) * u64::from(height),
         max_pixels,
     })?;
     let mut buf = vec![0u8; size];
-    let out = reader.next_frame(&mut buf).map_err(corrupt)?;
+    let out = reader.next_frame(&mut buf).map_err(Corrupt)?;
     let line = out.line_size;
     let (w, h) = (width as usize, height as usize);
     let mut values = Vec::with_capacity(w * h);
     for y in 0..h {
-        let row = buf.get(y * line..(y + 1) * line).ok_or(AnnotationError::Corrupt {
-            source_name: src(),
-            err: png::DecodingError::LimitsExceeded,
-        })?;
+        let row = buf
+            .get(y * line..(y + 1) * line)
+            .ok_or(Corrupt(png::DecodingError::LimitsExceeded))?;
         match layout {
             Layout::Bytes => values.extend_from_slice(&row[..w]),
             Layout::GrayAlpha => values.extend(row.chunks_exact(2).take(w).map(|p| p[0])),
@@ -233,10 +175,7 @@ pub fn decode_annotation_with_budget(bytes: &[u8], max_pixels: u64) -> Result<Gr
             }
         }
     }
-    GrayImage::from_raw(width, height, values).ok_or(AnnotationError::Corrupt {
-        source_name: src(),
-        err: png::DecodingError::LimitsExceeded,
-    })
+    GrayImage::from_raw(width, height, values).ok_or(Corrupt(png::DecodingError::LimitsExceeded).into())
 }
 
 /// The PASCAL VOC colour map (0 black, 1 (128,0,0), ..., 255 (224,224,192)): 256 RGB triples, entry `i` built from
@@ -422,8 +361,8 @@ mod tests {
         let err = decode_annotation_with_budget(&big, 1_000_000).expect_err("too large");
         assert!(
             matches!(
-                err,
-                AnnotationError::TooLarge {
+                err.kind,
+                AnnotationErrorKind::TooLarge {
                     width: 3000,
                     height: 3000,
                     ..
@@ -462,7 +401,7 @@ mod tests {
         let path = dir.path().join("2007_000032.png");
         std::fs::write(&path, &png[..png.len() - 30]).expect("write");
         let err = read_annotation(&path).expect_err("truncated");
-        assert_eq!(err.file(), Some(&path));
+        assert_eq!(err.file(), Some(path.as_path()));
         let msg = err.to_string();
         assert!(
             msg.contains("2007_000032.png") && msg.contains("corrupt or truncated"),

@@ -7,93 +7,61 @@
 //!
 //! Before any pixel is decoded the header's width × height is checked against a pixel budget
 //! ([`DEFAULT_MAX_PIXELS`] unless the caller passes another), so a decompression bomb is refused with a clear error
-//! instead of exhausting memory. Truncated or corrupt data is an error, never a panic.
+//! instead of exhausting memory. Truncated or corrupt data is an error, never a panic: a JPEG must run to its
+//! end-of-image marker ([`super::jpeg_end`]), since the JPEG decoder would fill in a missing scan and report success.
 
-use std::fmt;
 use std::io::Cursor;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use image::{DynamicImage, ImageDecoder, ImageFormat, RgbImage};
+
+use super::decode_error::{DecodeError, DecodeErrorKind};
+use super::jpeg_end::{self, Truncated};
 
 /// Default pixel budget per image: 64 Mpx (for example 8192 × 8192).
 pub const DEFAULT_MAX_PIXELS: u64 = 64 * 1024 * 1024;
 
-/// Names the input in error messages: a file path when known, otherwise "image data".
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct Source(pub Option<PathBuf>);
+/// Why an image could not be turned into RGB pixels, and which file it was.
+pub type ImageDecodeError = DecodeError<ImageErrorKind>;
 
-impl fmt::Display for Source {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        match &self.0 {
-            Some(p) => write!(f, "{}", p.display()),
-            None => f.write_str("image data"),
-        }
-    }
-}
-
-/// Why an image could not be turned into RGB pixels.
+/// What was wrong with an image.
 #[derive(Debug, thiserror::Error)]
-pub enum ImageDecodeError {
-    #[error("{source_name}: cannot read the file: {err}; check that it exists and is readable")]
-    Read {
-        source_name: Source,
-        #[source]
-        err: std::io::Error,
-    },
-    #[error("{source_name}: the file is empty; replace it with a JPEG or PNG image")]
-    Empty { source_name: Source },
+pub enum ImageErrorKind {
+    #[error("cannot read the file: {0}; check that it exists and is readable")]
+    Read(#[source] std::io::Error),
+    #[error("the file is empty; replace it with a JPEG or PNG image")]
+    Empty,
     #[error(
-        "{source_name}: unsupported image format ({format}); images must be JPEG or PNG, convert the file \
+        "unsupported image format ({format}); images must be JPEG or PNG, convert the file \
          (for example with `convert in.{ext} out.jpg`)"
     )]
-    UnsupportedFormat {
-        source_name: Source,
-        format: String,
-        ext: String,
-    },
-    #[error("{source_name}: not a JPEG or PNG image (the first bytes are {magic}); images must be JPEG or PNG files")]
-    UnknownFormat { source_name: Source, magic: String },
+    UnsupportedFormat { format: String, ext: String },
+    #[error("not a JPEG or PNG image (the first bytes are {magic}); images must be JPEG or PNG files")]
+    UnknownFormat { magic: String },
     #[error(
-        "{source_name}: image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels; \
+        "image is {width}x{height} = {pixels} pixels, over the limit of {max_pixels} pixels; \
          downscale it (the training pipeline rescales to about base_size anyway) or raise the pixel budget"
     )]
     TooLarge {
-        source_name: Source,
         width: u32,
         height: u32,
         pixels: u64,
         max_pixels: u64,
     },
-    #[error("{source_name}: image has a zero dimension ({width}x{height}); replace it with a real image")]
-    ZeroSize {
-        source_name: Source,
-        width: u32,
-        height: u32,
-    },
-    #[error("{source_name}: corrupt or truncated {format} data: {err}; re-export or re-download the file")]
+    #[error("image has a zero dimension ({width}x{height}); replace it with a real image")]
+    ZeroSize { width: u32, height: u32 },
+    #[error("corrupt or truncated {format} data: {err}; re-export or re-download the file")]
     Corrupt {
-        source_name: Source,
         format: &'static str,
         #[source]
         err: image::ImageError,
     },
+    #[error("corrupt or truncated JPEG data: {0}; re-export or re-download the file")]
+    TruncatedJpeg(#[source] Truncated),
 }
 
-impl ImageDecodeError {
-    /// Attach a file path to an error produced from in-memory bytes.
-    pub fn with_file(mut self, path: &Path) -> Self {
-        let src = match &mut self {
-            Self::Read { source_name, .. }
-            | Self::Empty { source_name }
-            | Self::UnsupportedFormat { source_name, .. }
-            | Self::UnknownFormat { source_name, .. }
-            | Self::TooLarge { source_name, .. }
-            | Self::ZeroSize { source_name, .. }
-            | Self::Corrupt { source_name, .. } => source_name,
-        };
-        src.0 = Some(path.to_path_buf());
-        self
-    }
+impl DecodeErrorKind for ImageErrorKind {
+    const PREFIX: &'static str = "";
 }
 
 /// Hex dump of the first few bytes, for "what is this file" messages.
@@ -135,14 +103,13 @@ pub fn read_rgb(path: &Path) -> Result<RgbImage, ImageDecodeError> {
 
 /// Read and decode an image file to RGB, refusing images over `max_pixels`; errors name `path`.
 pub fn read_rgb_with_budget(path: &Path, max_pixels: u64) -> Result<RgbImage, ImageDecodeError> {
-    let bytes = std::fs::read(path).map_err(|err| ImageDecodeError::Read {
-        source_name: Source(Some(path.to_path_buf())),
-        err,
-    })?;
-    decode_rgb_with_budget(&bytes, max_pixels).map_err(|e| e.with_file(path))
+    read(path)
+        .and_then(|bytes| decode_rgb_with_budget(&bytes, max_pixels))
+        .map_err(|e| e.with_file(path))
 }
 
-/// Decode JPEG or PNG bytes to RGB, refusing (from the header, before decoding) images over `max_pixels`.
+/// Decode JPEG or PNG bytes to RGB, refusing (from the header, before decoding) images over `max_pixels`, and a JPEG
+/// that stops before its end-of-image marker (see [`jpeg_end`]).
 pub fn decode_rgb_with_budget(bytes: &[u8], max_pixels: u64) -> Result<RgbImage, ImageDecodeError> {
     let image = match sniff(bytes)? {
         ImageFormat::Png => {
@@ -151,75 +118,73 @@ pub fn decode_rgb_with_budget(bytes: &[u8], max_pixels: u64) -> Result<RgbImage,
         }
         _ => {
             let dec = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes)).map_err(corrupt("JPEG"))?;
+            check_jpeg_end(bytes)?;
             decode_checked(dec, max_pixels, "JPEG")?
         }
     };
     Ok(image.into_rgb8())
 }
 
-/// Width and height of JPEG or PNG bytes, from the header only (no pixels are decoded).
+/// Width and height of JPEG or PNG bytes from the header, without decoding any pixel; a JPEG must also run to its
+/// end-of-image marker, so a truncated file is refused as decoding it would be.
 pub fn image_dimensions(bytes: &[u8]) -> Result<(u32, u32), ImageDecodeError> {
     Ok(match sniff(bytes)? {
         ImageFormat::Png => image::codecs::png::PngDecoder::new(Cursor::new(bytes))
             .map_err(corrupt("PNG"))?
             .dimensions(),
-        _ => image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
-            .map_err(corrupt("JPEG"))?
-            .dimensions(),
+        _ => {
+            let dimensions = image::codecs::jpeg::JpegDecoder::new(Cursor::new(bytes))
+                .map_err(corrupt("JPEG"))?
+                .dimensions();
+            check_jpeg_end(bytes)?;
+            dimensions
+        }
     })
 }
 
-/// Width and height of a JPEG or PNG file from its header (cheap: for checking that images and annotations pair
-/// up before training); errors name `path`.
+/// [`image_dimensions`] of a file (cheap: for checking that images and annotations pair up before training); errors
+/// name `path`.
 pub fn read_image_dimensions(path: &Path) -> Result<(u32, u32), ImageDecodeError> {
-    let read_err = |err| ImageDecodeError::Read {
-        source_name: Source(Some(path.to_path_buf())),
-        err,
-    };
-    let file = std::fs::File::open(path).map_err(read_err)?;
-    let mut reader = std::io::BufReader::new(file);
-    let head = std::io::BufRead::fill_buf(&mut reader).map_err(read_err)?.to_vec();
-    let named = |e: ImageDecodeError| e.with_file(path);
-    Ok(match sniff(&head).map_err(named)? {
-        ImageFormat::Png => image::codecs::png::PngDecoder::new(reader)
-            .map_err(|e| named(corrupt("PNG")(e)))?
-            .dimensions(),
-        _ => image::codecs::jpeg::JpegDecoder::new(reader)
-            .map_err(|e| named(corrupt("JPEG")(e)))?
-            .dimensions(),
-    })
+    read(path)
+        .and_then(|bytes| image_dimensions(&bytes))
+        .map_err(|e| e.with_file(path))
+}
+
+fn read(path: &Path) -> Result<Vec<u8>, ImageDecodeError> {
+    std::fs::read(path).map_err(|err| ImageErrorKind::Read(err).into())
 }
 
 /// The format of `bytes` if it is one we decode (JPEG or PNG), else the matching error.
 fn sniff(bytes: &[u8]) -> Result<ImageFormat, ImageDecodeError> {
-    let src = Source(None);
     if bytes.is_empty() {
-        return Err(ImageDecodeError::Empty { source_name: src });
+        return Err(ImageErrorKind::Empty.into());
     }
     match image::guess_format(bytes) {
         Ok(ImageFormat::Jpeg) => Ok(ImageFormat::Jpeg),
         Ok(ImageFormat::Png) => Ok(ImageFormat::Png),
         Ok(other) => {
             let ext = other.extensions_str().first().copied().unwrap_or("img");
-            Err(ImageDecodeError::UnsupportedFormat {
-                source_name: src,
+            Err(ImageErrorKind::UnsupportedFormat {
                 format: format!("{other:?}"),
                 ext: ext.to_string(),
-            })
+            }
+            .into())
         }
-        Err(_) => Err(ImageDecodeError::UnknownFormat {
-            source_name: src,
+        Err(_) => Err(ImageErrorKind::UnknownFormat {
             magic: magic_hex(bytes),
-        }),
+        }
+        .into()),
     }
 }
 
 fn corrupt(format: &'static str) -> impl Fn(image::ImageError) -> ImageDecodeError {
-    move |err| ImageDecodeError::Corrupt {
-        source_name: Source(None),
-        format,
-        err,
-    }
+    move |err| ImageErrorKind::Corrupt { format, err }.into()
+}
+
+fn check_jpeg_end(bytes: &[u8]) -> Result<(), ImageDecodeError> {
+    jpeg_end::find_end_of_image(bytes)
+        .map(drop)
+        .map_err(|truncated| ImageErrorKind::TruncatedJpeg(truncated).into())
 }
 
 fn decode_checked(
@@ -230,30 +195,21 @@ fn decode_checked(
     let (width, height) = dec.dimensions();
     check_budget(width, height, max_pixels).map_err(|(pixels, too_large)| {
         if too_large {
-            ImageDecodeError::TooLarge {
-                source_name: Source(None),
+            ImageErrorKind::TooLarge {
                 width,
                 height,
                 pixels,
                 max_pixels,
             }
         } else {
-            ImageDecodeError::ZeroSize {
-                source_name: Source(None),
-                width,
-                height,
-            }
+            ImageErrorKind::ZeroSize { width, height }
         }
     })?;
     // The budget above is the real guard; the allocation limit only has to admit 16-bit RGBA of that size.
     let mut limits = image::Limits::default();
     limits.max_alloc = Some(max_pixels.saturating_mul(8).saturating_add(64 << 20));
-    let corrupt = |err| ImageDecodeError::Corrupt {
-        source_name: Source(None),
-        format,
-        err,
-    };
-    dec.set_limits(limits).map_err(corrupt)?;
+    let corrupt = corrupt(format);
+    dec.set_limits(limits).map_err(&corrupt)?;
     DynamicImage::from_decoder(dec).map_err(corrupt)
 }
 
@@ -395,8 +351,8 @@ mod tests {
         let msg = err.to_string();
         assert!(
             matches!(
-                err,
-                ImageDecodeError::TooLarge {
+                err.kind,
+                ImageErrorKind::TooLarge {
                     width: 4000,
                     height: 4000,
                     ..
@@ -407,7 +363,7 @@ mod tests {
         assert!(msg.contains("16000000") && msg.contains("1000000"), "{msg}");
         let jpg = jpeg_bytes(&DynamicImage::ImageLuma8(GrayImage::new(2000, 600)));
         let err = decode_rgb_with_budget(&jpg, 1_000_000).expect_err("over budget");
-        assert!(matches!(err, ImageDecodeError::TooLarge { .. }), "{err}");
+        assert!(matches!(err.kind, ImageErrorKind::TooLarge { .. }), "{err}");
         assert!(decode_rgb_with_budget(&jpg, 1_200_000).is_ok());
     }
 
@@ -432,6 +388,51 @@ mod tests {
                 "half a file must not decode"
             );
         }
+    }
+
+    #[test]
+    fn a_jpeg_cut_anywhere_after_its_headers_is_refused_naming_the_file() {
+        let img = RgbImage::from_fn(64, 48, |x, y| Rgb([(x * 4) as u8, (y * 5) as u8, ((x ^ y) * 3) as u8]));
+        let jpeg = jpeg_bytes(&DynamicImage::ImageRgb8(img));
+        // The headers end where the scan starts (SOS, FF DA); the decoder would fill in any scan cut short.
+        let scan = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).expect("a scan");
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("half-copied.jpg");
+        let len = jpeg.len();
+        for cut in [
+            scan + 16,
+            scan + (len - scan) / 4,
+            (scan + len) / 2,
+            len - 100,
+            len - 2,
+            len - 1,
+        ] {
+            let err = decode_rgb(&jpeg[..cut]).expect_err("a truncated JPEG must not decode");
+            assert!(
+                matches!(err.kind, ImageErrorKind::TruncatedJpeg(_)),
+                "cut at {cut}: {err}"
+            );
+            std::fs::write(&path, &jpeg[..cut]).expect("write");
+            for err in [
+                read_rgb(&path).expect_err("truncated"),
+                read_image_dimensions(&path).expect_err("truncated"),
+            ] {
+                let msg = err.to_string();
+                assert!(
+                    msg.contains("half-copied.jpg")
+                        && msg.contains("corrupt or truncated JPEG")
+                        && msg.contains(&format!("ends at byte {cut}"))
+                        && msg.contains("end-of-image marker"),
+                    "{msg}"
+                );
+            }
+        }
+        // Whole, and whole with zero padding after the end-of-image marker: fine.
+        assert_eq!(decode_rgb(&jpeg).expect("whole").dimensions(), (64, 48));
+        let mut padded = jpeg.clone();
+        padded.resize(len + 512, 0);
+        assert_eq!(decode_rgb(&padded).expect("padded").dimensions(), (64, 48));
+        assert_eq!(image_dimensions(&padded).expect("padded"), (64, 48));
     }
 
     #[test]

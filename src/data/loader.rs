@@ -556,11 +556,7 @@ fn worker(shared: &Shared, job: &Job, tx: &SyncSender<(usize, Result<Batch, Load
             st.next_claim - 1
         };
         let res = catch_unwind(AssertUnwindSafe(|| build_batch(shared, job, b))).unwrap_or_else(|p| {
-            let message = p
-                .downcast_ref::<&str>()
-                .map(|s| s.to_string())
-                .or_else(|| p.downcast_ref::<String>().cloned())
-                .unwrap_or_else(|| "unknown panic".to_string());
+            let message = crate::panics::message(p);
             Err(LoadError::WorkerPanicked { batch: b, message })
         });
         if tx.send((b, res)).is_err() {

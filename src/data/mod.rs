@@ -1,8 +1,9 @@
 //! Files on disk → (image, label) samples → batches.
 //!
 //! - [`dataset`]: list a channel pair (images + annotations), pair them by stem and validate them up front;
-//! - [`image_io`]: decode JPEG/PNG images to RGB;
+//! - [`image_io`]: decode JPEG/PNG images to RGB ([`jpeg_end`]: refuse a truncated JPEG);
 //! - [`annotation`]: decode annotation PNGs to raw pixel values (palette indices, never colours);
+//! - [`decode_error`]: the file and the problem, the error type of both decoders;
 //! - [`label_map`]: the optional `label_map` channel (`scale` / `map`) turning raw values into labels;
 //! - [`augment`]: GluonCV-style random scale / pad / crop / flip and normalisation;
 //! - [`loader`]: background threads that decode and augment into a bounded queue of batches;
@@ -12,7 +13,9 @@
 pub mod annotation;
 pub mod augment;
 pub mod dataset;
+pub mod decode_error;
 pub mod image_io;
+pub mod jpeg_end;
 pub mod label_map;
 pub mod loader;
 pub mod recordio;
@@ -21,7 +24,5 @@ pub mod synth;
 /// Label value that marks pixels to ignore in the loss and metrics (object borders in VOC-style data, padding).
 pub const IGNORE_LABEL: u8 = 255;
 
-/// ImageNet channel means (RGB, 0..1 scale), as torchvision and GluonCV normalise.
-pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
-/// ImageNet channel standard deviations (RGB, 0..1 scale).
-pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];
+/// The normalisation statistics, shared with serving (see [`crate::normalize`]).
+pub use crate::normalize::{IMAGENET_MEAN, IMAGENET_STD};

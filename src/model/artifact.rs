@@ -13,6 +13,8 @@ use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 use serde::{Deserialize, Serialize};
 
+use crate::normalize::{IMAGENET_MEAN, IMAGENET_STD};
+
 use super::config::{Algorithm, Backbone, ConfigError, ModelConfig, OutputStride};
 use super::segmentation_model::SegmentationModel;
 use super::weights::{self, WeightsError, IGNORED_SUFFIX};
@@ -32,8 +34,8 @@ impl Default for Normalization {
     /// ImageNet statistics, what torchvision backbones were trained with.
     fn default() -> Self {
         Self {
-            mean: [0.485, 0.456, 0.406],
-            std: [0.229, 0.224, 0.225],
+            mean: IMAGENET_MEAN,
+            std: IMAGENET_STD,
         }
     }
 }

@@ -6,8 +6,6 @@ use axum::http::{header, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::Json;
 
-use super::codec::{REQUEST_TYPES, RESPONSE_TYPES};
-
 /// Seconds a client should wait before retrying after a 503.
 pub const RETRY_AFTER_S: u64 = 1;
 
@@ -17,10 +15,18 @@ pub enum ServeError {
     EmptyBody,
     #[error("cannot decode the image: {detail}")]
     BadImage { detail: String },
-    #[error("Content-Type {got} is not supported; send one of {}", REQUEST_TYPES.join(", "))]
-    UnsupportedMediaType { got: String },
-    #[error("cannot answer with any type in Accept: {got}; accept one of {}", RESPONSE_TYPES.join(", "))]
-    NotAcceptable { got: String },
+    #[error("Content-Type {got} is not supported; send one of {}", supported.join(", "))]
+    UnsupportedMediaType {
+        got: String,
+        /// The request types the server takes ([`super::media::REQUEST_TYPES`]).
+        supported: &'static [&'static str],
+    },
+    #[error("cannot answer with any type in Accept: {got}; accept one of {}", supported.join(", "))]
+    NotAcceptable {
+        got: String,
+        /// The response types the server makes ([`super::media::RESPONSE_TYPES`]).
+        supported: &'static [&'static str],
+    },
     #[error("the request body is larger than the payload limit of {limit_bytes} bytes")]
     PayloadTooLarge { limit_bytes: usize },
     #[error("could not read the request body: {detail}")]

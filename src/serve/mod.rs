@@ -15,6 +15,7 @@
 
 pub mod codec;
 pub mod error;
+pub mod media;
 pub mod protobuf;
 mod routes;
 pub mod workers;

@@ -15,8 +15,10 @@ use tower_http::catch_panic::CatchPanicLayer;
 
 use super::codec::{self, Encoded};
 use super::error::ServeError;
+use super::media;
 use super::workers::SubmitError;
 use super::AppState;
+use crate::panics;
 
 /// The header SageMaker passes through to the container and back (only if the container sets it on the response).
 pub const CUSTOM_ATTRIBUTES: HeaderName = HeaderName::from_static("x-amzn-sagemaker-custom-attributes");
@@ -63,8 +65,8 @@ async fn invocations(State(state): State<Arc<AppState>>, request: Request) -> Re
 async fn invoke(state: &AppState, request: Request) -> Result<Response, ServeError> {
     let (parts, body) = request.into_parts();
     let body = read_body(body, state.config.max_payload_bytes).await?;
-    codec::check_content_type(header_str(&parts.headers, header::CONTENT_TYPE))?;
-    let output = codec::negotiate(header_str(&parts.headers, header::ACCEPT))?;
+    media::check_content_type(header_str(&parts.headers, header::CONTENT_TYPE))?;
+    let output = media::negotiate(header_str(&parts.headers, header::ACCEPT))?;
     if body.is_empty() {
         return Err(ServeError::EmptyBody);
     }
@@ -133,11 +135,7 @@ async fn method_not_allowed(method: Method, uri: Uri) -> ServeError {
 }
 
 fn panic_response(panic: Box<dyn std::any::Any + Send + 'static>) -> Response {
-    let message = panic
-        .downcast_ref::<&str>()
-        .map(|s| (*s).to_string())
-        .or_else(|| panic.downcast_ref::<String>().cloned())
-        .unwrap_or_else(|| "a panic without a message".to_string());
+    let message = panics::message(panic);
     ServeError::Internal(anyhow::anyhow!("a request handler panicked: {message}")).into_response()
 }
 

@@ -13,6 +13,8 @@ use std::thread::JoinHandle;
 
 use tokio::sync::oneshot;
 
+use crate::panics;
+
 type Job = Box<dyn FnOnce() + Send>;
 
 /// A job's result, or the panic message if it panicked.
@@ -98,7 +100,7 @@ impl WorkerPool {
                 tracing::debug!("skipping a job whose request has gone");
                 return;
             }
-            let result = catch_unwind(AssertUnwindSafe(work)).map_err(|panic| panic_message(panic.as_ref()));
+            let result = catch_unwind(AssertUnwindSafe(work)).map_err(panics::message);
             // The request may have timed out meanwhile; then nobody wants the result.
             let _ = tx.send(result);
         });
@@ -138,16 +140,6 @@ impl WorkerPool {
                 tracing::error!("an inference worker thread panicked");
             }
         }
-    }
-}
-
-fn panic_message(panic: &(dyn std::any::Any + Send)) -> String {
-    if let Some(s) = panic.downcast_ref::<&str>() {
-        (*s).to_string()
-    } else if let Some(s) = panic.downcast_ref::<String>() {
-        s.clone()
-    } else {
-        "a panic without a message".to_string()
     }
 }
 

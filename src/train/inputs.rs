@@ -10,6 +10,7 @@ use anyhow::{bail, Context, Result};
 
 use crate::data::annotation::read_annotation;
 use crate::data::dataset::{name_some, pair_channel, SamplePair};
+use crate::data::image_io::read_image_dimensions;
 use crate::data::label_map::{LabelLut, LabelMaps};
 use crate::data::IGNORE_LABEL;
 use crate::sagemaker::channels::Channels;
@@ -201,9 +202,9 @@ fn check_contents(annotation_channel: &str, pairs: &[SamplePair], lut: &LabelLut
 }
 
 fn check_pair(pair: &SamplePair, lut: &LabelLut, num_classes: u32) -> Finding {
-    let image_size = match image_dimensions(&pair.image) {
+    let image_size = match read_image_dimensions(&pair.image) {
         Ok(size) => size,
-        Err(e) => return Finding::Unreadable(format!("{} ({e})", pair.image.display())),
+        Err(e) => return Finding::Unreadable(e.to_string()),
     };
     let mut labels = match read_annotation(&pair.annotation) {
         Ok(labels) => labels,
@@ -236,12 +237,6 @@ fn check_pair(pair: &SamplePair, lut: &LabelLut, num_classes: u32) -> Finding {
             labels: bad,
         }
     }
-}
-
-/// Width and height from the file header, without decoding the pixels.
-fn image_dimensions(path: &Path) -> Result<(u32, u32)> {
-    let reader = image::ImageReader::open(path)?.with_guessed_format()?;
-    Ok(reader.into_dimensions()?)
 }
 
 fn file_name(path: &Path) -> String {

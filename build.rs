@@ -1,0 +1,17 @@
+//! Decides, at build time, whether the tests that need tools from outside Rust are mandatory (cfg
+//! `semseg_external_tests`): the container tests (Docker, root, debootstrap, python3 with the SageMaker SDK) and the
+//! Python recordio-protobuf decoder test (python3 with protobuf). They are when `CI=true` (CI runs exactly
+//! `cargo test --release --locked`) or `SEMSEG_EXTERNAL_TESTS=1`; otherwise they are built `#[ignore]`d, so that
+//! cargo lists them as ignored, with the reason, instead of passing them without running them. `#[ignore]` is fixed
+//! when a test is compiled, hence a build script rather than a check at run time.
+
+fn main() {
+    println!("cargo::rustc-check-cfg=cfg(semseg_external_tests)");
+    println!("cargo::rerun-if-env-changed=CI");
+    println!("cargo::rerun-if-env-changed=SEMSEG_EXTERNAL_TESTS");
+    let ci = std::env::var("CI").is_ok_and(|v| v == "true");
+    let asked = std::env::var("SEMSEG_EXTERNAL_TESTS").is_ok_and(|v| v == "1");
+    if ci || asked {
+        println!("cargo::rustc-cfg=semseg_external_tests");
+    }
+}

@@ -1,0 +1,8 @@
+//! The pixel statistics images are normalised by, `(x / 255 − mean) / std` per RGB channel: defined once, because
+//! training ([`crate::data::augment`]) and serving (a model artifact's default [`crate::model::Normalization`]) must
+//! agree or a trained model sees different inputs when served.
+
+/// ImageNet channel means (RGB, 0..1 scale), as torchvision and GluonCV normalise.
+pub const IMAGENET_MEAN: [f32; 3] = [0.485, 0.456, 0.406];
+/// ImageNet channel standard deviations (RGB, 0..1 scale).
+pub const IMAGENET_STD: [f32; 3] = [0.229, 0.224, 0.225];

@@ -1,0 +1,58 @@
+//! `semseg predict` on image files with a (untrained) model artifact: what it refuses.
+
+mod common;
+
+use candle_core::{DType, Device};
+use candle_nn::{VarBuilder, VarMap};
+use common::{semseg, text};
+use semseg::model::artifact::{save_varmap, ModelMeta};
+use semseg::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
+
+/// A ResNet-18 FCN with its initial weights: what it predicts does not matter here, only that it loads.
+fn write_model(dir: &std::path::Path) {
+    let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false).unwrap();
+    let varmap = VarMap::new();
+    semseg::model::segmenter::Segmenter::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))
+        .unwrap();
+    save_varmap(dir, &ModelMeta::new(&config), &varmap).unwrap();
+}
+
+#[test]
+fn a_truncated_jpeg_fails_naming_the_file_and_the_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_model(&model);
+    let image = image::RgbImage::from_fn(48, 32, |x, y| image::Rgb([(x * 5) as u8, (y * 7) as u8, 90]));
+    let whole = dir.path().join("whole.jpg");
+    image.save(&whole).unwrap();
+    let jpeg = std::fs::read(&whole).unwrap();
+    let scan = jpeg.windows(2).position(|w| w == [0xFF, 0xDA]).unwrap();
+    let cut = dir.path().join("cut.jpg");
+    std::fs::write(&cut, &jpeg[..(scan + jpeg.len()) / 2]).unwrap();
+    let out = dir.path().join("masks");
+    let predict = |images: &[&std::path::Path]| {
+        let mut args = vec![
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+        ];
+        args.extend(images.iter().map(|p| p.to_str().unwrap()));
+        semseg(&args)
+    };
+
+    let failed = predict(&[&whole, &cut]);
+    let log = text(&failed);
+    assert!(!failed.status.success(), "a truncated JPEG must fail predict: {log}");
+    assert!(
+        log.contains("cut.jpg") && log.contains("truncated JPEG") && log.contains("end-of-image marker"),
+        "{log}"
+    );
+    assert!(!out.join("cut.png").exists(), "no mask for the truncated image");
+
+    let predicted = predict(&[&whole]);
+    assert!(predicted.status.success(), "{}", text(&predicted));
+    let mask = image::open(out.join("whole.png")).unwrap();
+    assert_eq!((mask.width(), mask.height()), (48, 32));
+}
