@@ -11,9 +11,9 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::data::synth::{self, SynthOptions};
 use crate::sagemaker::MlRoot;
 use crate::serve::{self, LoadModel, ServeConfig};
+use crate::synth::{self, SynthOptions};
 use crate::train;
 
 /// Default demo directory, relative to the working directory.
