@@ -11,10 +11,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 
-use crate::data::synth::{self, SynthOptions};
 use crate::infer::model_adapter;
 use crate::sagemaker::MlRoot;
 use crate::serve::{self, ServeConfig};
+use crate::synth::{self, SynthOptions};
 use crate::train;
 
 /// Default demo directory, relative to the working directory.

@@ -2,7 +2,8 @@
 //!
 //! The folders follow the two journeys through the program:
 //! - [`sagemaker`]: the platform contract (ml-root paths, config files, hyperparameters, failure file);
-//! - [`data`]: files → decoded images and labels → augmented batches, plus the synthetic dataset generator;
+//! - [`data`]: files → decoded images and labels → augmented batches;
+//! - [`synth`]: a seeded generator of complete synthetic datasets in the SageMaker channel layout (`semseg synth`);
 //! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact;
 //! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and `demo`
 //!   (training's validation scores batches with the training network instead: [`train::validation`]);
@@ -20,4 +21,5 @@ pub mod panics;
 pub mod predict;
 pub mod sagemaker;
 pub mod serve;
+pub mod synth;
 pub mod train;

@@ -7,9 +7,9 @@ use std::sync::Arc;
 
 use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
-use semseg::data::synth::{self, SynthOptions};
 use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::sagemaker::MlRoot;
+use semseg::synth::{self, SynthOptions};
 use semseg::{demo, predict, serve, train};
 
 #[derive(Debug, Parser)]

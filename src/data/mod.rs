@@ -7,8 +7,7 @@
 //! - [`label_map`]: the optional `label_map` channel (`scale` / `map`) turning raw values into labels;
 //! - [`augment`]: GluonCV-style random scale / pad / crop / flip and normalisation;
 //! - [`loader`]: background threads that decode and augment into a bounded queue of batches;
-//! - [`recordio`]: RecordIO framing (Pipe mode, recordio-protobuf responses);
-//! - [`synth`]: a seeded generator of a complete SageMaker-layout dataset.
+//! - [`recordio`]: RecordIO framing (Pipe mode, recordio-protobuf responses).
 
 pub mod annotation;
 pub mod augment;
@@ -19,7 +18,6 @@ pub mod jpeg_end;
 pub mod label_map;
 pub mod loader;
 pub mod recordio;
-pub mod synth;
 
 /// Label value that marks pixels to ignore in the loss and metrics (object borders in VOC-style data, padding).
 pub const IGNORE_LABEL: u8 = 255;
