@@ -5,7 +5,6 @@
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
@@ -19,7 +18,8 @@ use super::loss::{cross_entropy, Targets};
 use super::metrics::{ConfusionMatrix, Scores};
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::epoch_source::EpochSource;
+use crate::data::loader::LoaderConfig;
 use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
 use crate::model::config::{ModelConfig, OutputStride};
 use crate::model::seeded_init::seeded_var_builder;
@@ -104,16 +104,12 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         }
     };
 
-    let train_samples: Arc<[_]> = inputs.train.clone().into();
-    let validation_samples: Arc<[_]> = inputs.validation.clone().into();
-    let train_lut = Arc::new(inputs.label_maps.train.lut());
-    let validation_lut = Arc::new(inputs.label_maps.validation.lut());
-    let batch_size = (hp.mini_batch_size as usize).min(train_samples.len());
+    let batch_size = (hp.mini_batch_size as usize).min(inputs.train_examples());
     if batch_size < hp.mini_batch_size as usize {
         tracing::warn!(
             "mini_batch_size {} is larger than the {} training images; using batches of {batch_size}",
             hp.mini_batch_size,
-            train_samples.len()
+            inputs.train_examples()
         );
     }
     let schedule = Schedule {
@@ -146,7 +142,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
             crop_size: hp.crop_size,
             ..LoaderConfig::train(batch_size, hp.seed)
         };
-        let loader = Loader::spawn(train_samples.clone(), train_lut.clone(), train_config, u64::from(epoch))?;
+        let loader = inputs.train.batches(u64::from(epoch), train_config)?;
         let (mut loss_sum, mut batches, mut images) = (0.0f64, 0usize, 0usize);
         let mut learning_rate = schedule.learning_rate(epoch, state.iterations_done);
         for batch in loader {
@@ -184,7 +180,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         let train_loss = loss_sum / batches.max(1) as f64;
         let throughput = images as f64 / train_seconds.max(1e-9);
 
-        let scores = validate(&model, &validation_samples, &validation_lut, &hp, &device, stop)?;
+        let scores = validate(&model, &inputs.validation, epoch, &hp, &device, stop)?;
         let Some(scores) = scores else {
             tracing::warn!("SIGTERM during validation of epoch {epoch_number}; the previous checkpoint stands");
             return Ok(Outcome::Interrupted {
@@ -256,17 +252,18 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
     })
 }
 
-/// Score the network on the whole validation channel; `None` when SIGTERM arrived meanwhile.
+/// Score the network on the whole validation channel after `epoch` (0-based); `None` when SIGTERM arrived
+/// meanwhile.
 pub fn validate(
     model: &Segmenter,
-    samples: &Arc<[crate::data::dataset::SamplePair]>,
-    lut: &Arc<crate::data::label_map::LabelLut>,
+    validation: &EpochSource,
+    epoch: u32,
     hp: &Hyperparameters,
     device: &Device,
     stop: &AtomicBool,
 ) -> Result<Option<Scores>> {
     let config = LoaderConfig::validation(hp.validation_mini_batch_size as usize, hp.crop_size);
-    let loader = Loader::spawn(samples.clone(), lut.clone(), config, 0)?;
+    let loader = validation.batches(u64::from(epoch), config)?;
     let mut confusion = ConfusionMatrix::new(hp.num_classes as usize);
     for batch in loader {
         if stop.load(Ordering::SeqCst) {
