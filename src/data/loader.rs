@@ -14,7 +14,7 @@
 //! - A sample that fails to decode, to map or to transform makes its batch an `Err` naming the file; nothing is
 //!   skipped. The iterator continues after an error, callers normally stop at the first one.
 //! - The label map is applied here. Labels ≥ num_classes are checked up front for File mode (dataset validation) and
-//! here only when [`BatchRecipe::num_classes`] is set (Pipe mode, where nothing can be read up front).
+//!   here only when [`BatchRecipe::num_classes`] is set (Pipe mode, where nothing can be read up front).
 //!
 //! Samples come from a [`SampleSource`]: File-mode [`SamplePair`]s ([`Loader::spawn`]) or any other indexable
 //! source ([`Loader::spawn_source`]). Streams that cannot be indexed (Pipe mode) go through
