@@ -280,7 +280,8 @@ fn small_hyperparameters(epochs: u32) -> String {
 }
 
 /// SIGTERM once epoch 1 is validated and checkpointed; the restarted job (a new container: FIFOs numbered from 0
-/// again) resumes at epoch 2, reads one stream per remaining epoch and ends with every epoch in its history.
+/// again) resumes at epoch 2, reads one stream per remaining epoch, ends with every epoch in its history and with the
+/// weights of a job that was never interrupted.
 #[test]
 fn sigterm_then_restart_resumes_from_the_checkpoint_in_pipe_mode() {
     let data = streams(SMALL);
@@ -342,6 +343,29 @@ fn sigterm_then_restart_resumes_from_the_checkpoint_in_pipe_mode() {
         .map(|e| e["epoch"].as_u64().unwrap())
         .collect();
     assert_eq!(epochs, [1, 2, 3]);
+
+    // The same streams without the interruption: the same weights, bit for bit (the shuffle and the transforms are
+    // seeded by (seed, epoch), whichever FIFO an epoch came from).
+    let uninterrupted = pipe_job(&small_hyperparameters(3));
+    let (train, validation) = feed_both(&uninterrupted, &data, 3);
+    let out = run_with_wait(&uninterrupted, "60");
+    assert!(out.status.success(), "{}", text(&out));
+    train.finish();
+    validation.finish();
+    let final_tensors = |job: &Job| {
+        candle_core::safetensors::load(
+            job.root().join("checkpoints/checkpoint-3.safetensors"),
+            &candle_core::Device::Cpu,
+        )
+        .unwrap()
+    };
+    let (resumed, straight) = (final_tensors(&job), final_tensors(&uninterrupted));
+    assert_eq!(resumed.len(), straight.len());
+    for (name, tensor) in &resumed {
+        let a: Vec<f32> = tensor.flatten_all().unwrap().to_vec1().unwrap();
+        let b: Vec<f32> = straight[name].flatten_all().unwrap().to_vec1().unwrap();
+        assert!(a == b, "{name} differs between the resumed and the uninterrupted job");
+    }
 }
 
 /// Run a one-epoch job whose train channel streams `train` (validation streams its whole data) and return the failure
