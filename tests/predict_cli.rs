@@ -12,8 +12,7 @@ use semseg::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
 fn write_model(dir: &std::path::Path) {
     let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false).unwrap();
     let varmap = VarMap::new();
-    semseg::model::SegmentationModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu))
-        .unwrap();
+    semseg::model::SegmentationModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
     save_varmap(dir, &ModelMeta::new(&config), &varmap).unwrap();
 }
 

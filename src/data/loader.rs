@@ -13,10 +13,12 @@
 //! - Dropping the loader stops the workers (they check between samples) and joins them.
 //! - A sample that fails to decode, to map or to transform makes its batch an `Err` naming the file; nothing is
 //!   skipped. The iterator continues after an error, callers normally stop at the first one.
-//! - Labels ≥ num_classes are not checked here (dataset validation does that); the label map is applied here.
+//! - The label map is applied here. Labels ≥ num_classes are checked up front for File mode (dataset validation) and
+//!   here only when [`BatchRecipe::num_classes`] is set (Pipe mode, where nothing can be read up front).
 //!
-//! Samples come from a [`SampleSource`]: File-mode [`SamplePair`]s ([`Loader::spawn`]) or encoded pairs already
-//! in memory, e.g. one Pipe-mode epoch of RecordIO records ([`Loader::spawn_memory`]).
+//! Samples come from a [`SampleSource`]: File-mode [`SamplePair`]s ([`Loader::spawn`]) or any other indexable
+//! source ([`Loader::spawn_source`]). Streams that cannot be indexed (Pipe mode) go through
+//! [`super::stream_loader`], which shares this module's per-batch work ([`build_batch`]).
 
 use std::collections::BTreeMap;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -123,7 +125,8 @@ pub struct Batch {
     pub width: u32,
     /// Stems of the samples, in batch order.
     pub stems: Vec<String>,
-    /// Indices of the samples in the source given to [`Loader::spawn`] / [`Loader::spawn_source`].
+    /// The samples' numbers in the epoch ([`SampleSource::key`]): indices into the source given to [`Loader::spawn`]
+    /// / [`Loader::spawn_source`], or positions in the stream for Pipe mode.
     pub indices: Vec<usize>,
 }
 
@@ -140,6 +143,16 @@ pub enum LoadError {
         #[source]
         err: UnmappedPixel,
     },
+    #[error(
+        "annotation {}: labels {labels} are >= num_classes ({num_classes}) and not 255 (ignore); raise num_classes, \
+         fix the annotations or add a label_map channel",
+        file.display()
+    )]
+    LabelOutOfRange {
+        file: PathBuf,
+        labels: String,
+        num_classes: u32,
+    },
     #[error("image {} with annotation {}: {err}", image.display(), annotation.display())]
     Transform {
         image: PathBuf,
@@ -147,6 +160,8 @@ pub enum LoadError {
         #[source]
         err: AugmentError,
     },
+    #[error(transparent)]
+    Pipe(#[from] super::pipe::PipeError),
     #[error("data loader configuration: {0}")]
     Config(String),
     #[error("cannot start a data loader thread: {0}; the machine may be out of threads or memory")]
@@ -181,6 +196,7 @@ fn derive_seed(tag: u64, a: u64, b: u64, c: u64) -> [u8; 32] {
 
 const TAG_ORDER: u64 = 0x6f72_6465_7200_0001;
 const TAG_SAMPLE: u64 = 0x7361_6d70_6c65_0002;
+const TAG_STREAM_ORDER: u64 = 0x7374_7265_616d_0003;
 
 /// The sample order of one epoch: a permutation seeded by (seed, epoch), or 0..n without shuffling.
 pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize> {
@@ -192,13 +208,18 @@ pub fn epoch_order(n: usize, seed: u64, epoch: u64, shuffle: bool) -> Vec<usize>
     order
 }
 
+/// The RNG that shuffles a stream's examples in an epoch (Pipe mode's shuffle buffer).
+pub fn shuffle_rng(seed: u64, epoch: u64) -> ChaCha8Rng {
+    ChaCha8Rng::from_seed(derive_seed(TAG_STREAM_ORDER, seed, epoch, 0))
+}
+
 /// The RNG a sample's random transform uses in an epoch.
 pub fn sample_rng(seed: u64, epoch: u64, index: usize) -> ChaCha8Rng {
     ChaCha8Rng::from_seed(derive_seed(TAG_SAMPLE, seed, epoch, index as u64))
 }
 
 /// Where a loader's samples come from: files on disk ([`SamplePair`]s) or encoded bytes already in memory
-/// ([`MemoryPair`]s, e.g. records read from a Pipe-mode channel). Implement it to feed other sources.
+/// ([`EncodedExample`]s, e.g. records read from a Pipe-mode channel). Implement it to feed other sources.
 pub trait SampleSource: Send + Sync {
     /// Number of samples.
     fn len(&self) -> usize;
@@ -208,6 +229,11 @@ pub trait SampleSource: Send + Sync {
     }
     /// The sample's stem (reported in [`Batch::stems`]).
     fn stem(&self, index: usize) -> String;
+    /// The sample's number in the epoch: it seeds the sample's random transform and is reported in
+    /// [`Batch::indices`]. The index itself unless the source is a slice of a longer stream.
+    fn key(&self, index: usize) -> usize {
+        index
+    }
     /// Names of the image and the annotation, for error messages.
     fn names(&self, index: usize) -> (PathBuf, PathBuf);
     /// The decoded RGB image and the RAW annotation values (before the label map).
@@ -233,11 +259,13 @@ impl SampleSource for [SamplePair] {
     }
 }
 
-/// An encoded image / annotation pair held in memory (for example one augmented-manifest line in Pipe mode).
+/// An encoded image / annotation pair held in memory (one augmented-manifest line read in Pipe mode).
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub struct MemoryPair {
+pub struct EncodedExample {
+    /// Position in the epoch's stream (0, 1, 2, ... in arrival order); seeds the example's random transform.
+    pub index: usize,
     pub stem: String,
-    /// What to call the image in messages (e.g. its `source-ref` S3 URI).
+    /// What to call the image in messages (e.g. where in which stream its record was).
     pub image_name: String,
     /// What to call the annotation in messages.
     pub annotation_name: String,
@@ -245,12 +273,15 @@ pub struct MemoryPair {
     pub annotation: Vec<u8>,
 }
 
-impl SampleSource for [MemoryPair] {
+impl SampleSource for [EncodedExample] {
     fn len(&self) -> usize {
-        <[MemoryPair]>::len(self)
+        <[EncodedExample]>::len(self)
     }
     fn stem(&self, index: usize) -> String {
         self[index].stem.clone()
+    }
+    fn key(&self, index: usize) -> usize {
+        self[index].index
     }
     fn names(&self, index: usize) -> (PathBuf, PathBuf) {
         let p = &self[index];
@@ -278,6 +309,9 @@ where
     }
     fn stem(&self, index: usize) -> String {
         self.0.stem(index)
+    }
+    fn key(&self, index: usize) -> usize {
+        self.0.key(index)
     }
     fn names(&self, index: usize) -> (PathBuf, PathBuf) {
         self.0.names(index)
@@ -318,30 +352,79 @@ pub fn load_sample<S: SampleSource + ?Sized>(
     epoch: u64,
 ) -> Result<Sample, LoadError> {
     let (image, label) = decode_mapped(source, index, lut, cfg.max_pixels)?;
+    transform_sample(source, index, &image, &label, cfg, epoch)
+}
+
+fn transform_sample<S: SampleSource + ?Sized>(
+    source: &S,
+    index: usize,
+    image: &RgbImage,
+    label: &GrayImage,
+    cfg: &LoaderConfig,
+    epoch: u64,
+) -> Result<Sample, LoadError> {
     let sample = match cfg.mode {
         Mode::Train => {
-            let mut rng = sample_rng(cfg.seed, epoch, index);
-            train_transform(&image, &label, cfg.base_size, cfg.crop_size, &mut rng)
+            let mut rng = sample_rng(cfg.seed, epoch, source.key(index));
+            train_transform(image, label, cfg.base_size, cfg.crop_size, &mut rng)
         }
-        Mode::Validation => val_transform(&image, &label, cfg.crop_size),
-        Mode::WholeImage => whole_transform(&image, &label),
+        Mode::Validation => val_transform(image, label, cfg.crop_size),
+        Mode::WholeImage => whole_transform(image, label),
     };
     sample.map_err(transform_error(source, index))
 }
 
-/// [`load_sample`] for the fixed-size modes (Train, Validation), writing straight into batch slices.
+/// Everything that turns samples into a batch, besides the samples themselves (shared by [`Loader`] and
+/// [`super::stream_loader::StreamLoader`]).
+pub struct BatchRecipe {
+    pub lut: Arc<LabelLut>,
+    pub cfg: LoaderConfig,
+    pub epoch: u64,
+    /// Check every label (after the label map) against this: for sources nothing validated up front (Pipe mode).
+    pub num_classes: Option<u32>,
+}
+
+impl BatchRecipe {
+    /// Decode and label-map one sample, then check its labels when `num_classes` is set.
+    fn decode<S: SampleSource + ?Sized>(&self, source: &S, index: usize) -> Result<(RgbImage, GrayImage), LoadError> {
+        let (image, label) = decode_mapped(source, index, &self.lut, self.cfg.max_pixels)?;
+        if let Some(num_classes) = self.num_classes {
+            let bad = labels_out_of_range(&label, num_classes);
+            if !bad.is_empty() {
+                return Err(LoadError::LabelOutOfRange {
+                    file: source.names(index).1,
+                    labels: bad.iter().map(u8::to_string).collect::<Vec<_>>().join(", "),
+                    num_classes,
+                });
+            }
+        }
+        Ok((image, label))
+    }
+}
+
+/// The distinct labels in `label` that are neither below `num_classes` nor the ignore label, ascending.
+pub fn labels_out_of_range(label: &GrayImage, num_classes: u32) -> Vec<u8> {
+    let mut present = [false; 256];
+    label.as_raw().iter().for_each(|&l| present[usize::from(l)] = true);
+    (0..=255u8)
+        .filter(|&l| present[usize::from(l)] && l != IGNORE_LABEL && u32::from(l) >= num_classes)
+        .collect()
+}
+
+/// Decode, check and transform sample `index` for the fixed-size modes (Train, Validation), writing straight into
+/// batch slices.
 fn load_sample_into<S: SampleSource + ?Sized>(
     source: &S,
     index: usize,
-    job: &Job,
+    recipe: &BatchRecipe,
     out_image: &mut [f32],
     out_label: &mut [u8],
 ) -> Result<(), LoadError> {
-    let cfg = &job.cfg;
-    let (image, label) = decode_mapped(source, index, &job.lut, cfg.max_pixels)?;
+    let cfg = &recipe.cfg;
+    let (image, label) = recipe.decode(source, index)?;
     let done = match cfg.mode {
         Mode::Train => {
-            let mut rng = sample_rng(cfg.seed, job.epoch, index);
+            let mut rng = sample_rng(cfg.seed, recipe.epoch, source.key(index));
             train_transform_into(
                 &image,
                 &label,
@@ -377,9 +460,7 @@ impl Shared {
 
 struct Job {
     source: Arc<dyn SampleSource>,
-    lut: Arc<LabelLut>,
-    cfg: LoaderConfig,
-    epoch: u64,
+    recipe: BatchRecipe,
     order: Vec<usize>,
     num_batches: usize,
     window: usize,
@@ -405,16 +486,6 @@ impl Loader {
         epoch: u64,
     ) -> Result<Self, LoadError> {
         Self::spawn_source(Arc::new(SliceSource(samples)), lut, cfg, epoch)
-    }
-
-    /// Start the workers for `epoch` over encoded pairs held in memory (e.g. a Pipe-mode epoch).
-    pub fn spawn_memory(
-        pairs: Arc<[MemoryPair]>,
-        lut: Arc<LabelLut>,
-        cfg: LoaderConfig,
-        epoch: u64,
-    ) -> Result<Self, LoadError> {
-        Self::spawn_source(Arc::new(SliceSource(pairs)), lut, cfg, epoch)
     }
 
     /// Start the workers for `epoch` over any [`SampleSource`].
@@ -447,9 +518,12 @@ impl Loader {
         });
         let job = Arc::new(Job {
             source,
-            lut,
-            cfg,
-            epoch,
+            recipe: BatchRecipe {
+                lut,
+                cfg,
+                epoch,
+                num_classes: None,
+            },
             order,
             num_batches,
             window,
@@ -566,28 +640,41 @@ fn worker(shared: &Shared, job: &Job, tx: &SyncSender<(usize, Result<Batch, Load
 }
 
 fn build_batch(shared: &Shared, job: &Job, b: usize) -> Result<Batch, LoadError> {
-    let lo = b * job.cfg.batch_size;
-    let hi = (lo + job.cfg.batch_size).min(job.order.len());
-    let indices: Vec<usize> = job.order[lo..hi].to_vec();
-    let stems = indices.iter().map(|&i| job.source.stem(i)).collect();
-    let cancelled = || shared.stop.load(Ordering::Relaxed);
-    if job.cfg.mode == Mode::WholeImage {
-        let mut samples = Vec::with_capacity(indices.len());
-        for &i in &indices {
+    let lo = b * job.recipe.cfg.batch_size;
+    let hi = (lo + job.recipe.cfg.batch_size).min(job.order.len());
+    batch_of(&*job.source, &job.order[lo..hi], &job.recipe, &|| {
+        shared.stop.load(Ordering::Relaxed)
+    })
+}
+
+/// Samples `picks` of `source` as one batch; `cancelled` is polled between samples.
+pub fn batch_of<S: SampleSource + ?Sized>(
+    source: &S,
+    picks: &[usize],
+    recipe: &BatchRecipe,
+    cancelled: &dyn Fn() -> bool,
+) -> Result<Batch, LoadError> {
+    let stems = picks.iter().map(|&i| source.stem(i)).collect();
+    let indices: Vec<usize> = picks.iter().map(|&i| source.key(i)).collect();
+    let cfg = &recipe.cfg;
+    if cfg.mode == Mode::WholeImage {
+        let mut samples = Vec::with_capacity(picks.len());
+        for &i in picks {
             if cancelled() {
                 return Err(LoadError::Cancelled);
             }
-            samples.push(load_sample(&*job.source, i, &job.lut, &job.cfg, job.epoch)?);
+            let (image, label) = recipe.decode(source, i)?;
+            samples.push(transform_sample(source, i, &image, &label, cfg, recipe.epoch)?);
         }
         return Ok(assemble(samples, stems, indices));
     }
     // Fixed-size crops: transform straight into the batch buffers.
-    let crop = job.cfg.crop_size;
+    let crop = cfg.crop_size;
     let plane = (crop as usize) * (crop as usize);
-    let n = indices.len();
+    let n = picks.len();
     let mut images = vec![0f32; n * 3 * plane];
     let mut labels = vec![IGNORE_LABEL; n * plane];
-    for ((&i, img), lab) in indices
+    for ((&i, img), lab) in picks
         .iter()
         .zip(images.chunks_exact_mut(3 * plane))
         .zip(labels.chunks_exact_mut(plane))
@@ -595,7 +682,7 @@ fn build_batch(shared: &Shared, job: &Job, b: usize) -> Result<Batch, LoadError>
         if cancelled() {
             return Err(LoadError::Cancelled);
         }
-        load_sample_into(&*job.source, i, job, img, lab)?;
+        load_sample_into(source, i, recipe, img, lab)?;
     }
     Ok(Batch {
         images,
@@ -878,39 +965,6 @@ mod tests {
         let t = Instant::now();
         drop(loader);
         assert!(t.elapsed() < Duration::from_secs(2), "drop took {:?}", t.elapsed());
-    }
-
-    #[test]
-    fn memory_pairs_give_the_same_batches_as_files() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let samples = dataset(dir.path(), 5);
-        let mem: Arc<[MemoryPair]> = samples
-            .iter()
-            .map(|p| MemoryPair {
-                stem: p.stem.clone(),
-                image_name: format!("s3://bucket/{}.png", p.stem),
-                annotation_name: format!("s3://bucket/{}_ann.png", p.stem),
-                image: std::fs::read(&p.image).expect("read"),
-                annotation: std::fs::read(&p.annotation).expect("read"),
-            })
-            .collect::<Vec<_>>()
-            .into();
-        let lut = Arc::new(LabelLut::identity());
-        let c = cfg(Mode::Train, 2, 2);
-        let from_files = collect(&samples, &lut, &c, 4);
-        let from_memory: Vec<Batch> = Loader::spawn_memory(mem.clone(), lut.clone(), c.clone(), 4)
-            .expect("spawn")
-            .map(|b| b.expect("batch"))
-            .collect();
-        assert_eq!(from_files, from_memory);
-        let mut broken = mem.to_vec();
-        broken[0].annotation.truncate(30);
-        let err = Loader::spawn_memory(broken.into(), lut, cfg(Mode::Validation, 5, 1), 0)
-            .expect("spawn")
-            .next()
-            .expect("a batch")
-            .expect_err("truncated");
-        assert!(err.to_string().contains("s3://bucket/img_000_ann.png"), "{err}");
     }
 
     #[test]

@@ -3,45 +3,11 @@
 
 use std::fmt;
 use std::path::PathBuf;
-use std::str::FromStr;
 
 use anyhow::{bail, Result};
 
-use super::config::InputDataConfig;
+use super::config::{InputDataConfig, InputMode};
 use super::paths::MlRoot;
-
-/// How SageMaker delivers a channel.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum InputMode {
-    /// Files copied to `input/data/<channel>/` before the job starts.
-    File,
-    /// Files streamed on demand at the same path, read-only.
-    FastFile,
-    /// RecordIO streamed through FIFOs `input/data/<channel>_<epoch>`.
-    Pipe,
-}
-
-impl FromStr for InputMode {
-    type Err = ();
-    fn from_str(s: &str) -> Result<Self, ()> {
-        match s.trim().to_ascii_lowercase().as_str() {
-            "file" => Ok(Self::File),
-            "fastfile" => Ok(Self::FastFile),
-            "pipe" => Ok(Self::Pipe),
-            _ => Err(()),
-        }
-    }
-}
-
-impl fmt::Display for InputMode {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
-            Self::File => "File",
-            Self::FastFile => "FastFile",
-            Self::Pipe => "Pipe",
-        })
-    }
-}
 
 /// The channels this algorithm reads.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -99,6 +65,10 @@ pub struct Channel {
     /// File/FastFile: the channel directory. Pipe: the FIFO path prefix (`input/data/<channel>`; epoch N is `_N`).
     pub path: PathBuf,
     pub content_type: Option<String>,
+    /// `RecordWrapperType` (`RecordIO` for augmented manifests in Pipe mode).
+    pub record_wrapper_type: Option<String>,
+    /// `AttributeNames` of an augmented manifest (image attribute, then annotation attribute).
+    pub attribute_names: Option<Vec<String>>,
 }
 
 /// The channels present for one job, by name.
@@ -124,6 +94,8 @@ impl Channels {
                 mode: channel_config.mode(name)?,
                 path: ml.channel_dir(name),
                 content_type: channel_config.content_type.clone(),
+                record_wrapper_type: channel_config.record_wrapper_type.clone(),
+                attribute_names: channel_config.attribute_names.clone(),
             });
         }
         for channel in ChannelName::ALL {
@@ -134,6 +106,8 @@ impl Channels {
                     mode: InputMode::File,
                     path: dir,
                     content_type: None,
+                    record_wrapper_type: None,
+                    attribute_names: None,
                 });
             }
         }
@@ -198,13 +172,5 @@ mod tests {
             .to_string();
         assert!(err.contains("'validation_annotation' is missing"), "{err}");
         assert!(channels.get(ChannelName::LabelMap).is_none());
-    }
-
-    #[test]
-    fn input_modes_parse_case_insensitively() {
-        assert_eq!("File".parse(), Ok(InputMode::File));
-        assert_eq!("fastfile".parse(), Ok(InputMode::FastFile));
-        assert_eq!("PIPE".parse(), Ok(InputMode::Pipe));
-        assert_eq!("Stream".parse::<InputMode>(), Err(()));
     }
 }

@@ -2,12 +2,45 @@
 //! `resourceconfig.json` (the hosts of the job). Every field is optional: SageMaker's local mode writes only some.
 
 use std::collections::BTreeMap;
+use std::fmt;
 use std::path::Path;
+use std::str::FromStr;
 
 use anyhow::{bail, Context, Result};
 use serde::Deserialize;
 
-use super::channels::InputMode;
+/// How SageMaker delivers a channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum InputMode {
+    /// Files copied to `input/data/<channel>/` before the job starts.
+    File,
+    /// Files streamed on demand at the same path, read-only.
+    FastFile,
+    /// RecordIO streamed through FIFOs `input/data/<channel>_<epoch>`.
+    Pipe,
+}
+
+impl FromStr for InputMode {
+    type Err = ();
+    fn from_str(s: &str) -> Result<Self, ()> {
+        match s.trim().to_ascii_lowercase().as_str() {
+            "file" => Ok(Self::File),
+            "fastfile" => Ok(Self::FastFile),
+            "pipe" => Ok(Self::Pipe),
+            _ => Err(()),
+        }
+    }
+}
+
+impl fmt::Display for InputMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Self::File => "File",
+            Self::FastFile => "FastFile",
+            Self::Pipe => "Pipe",
+        })
+    }
+}
 
 /// One channel's entry in `inputdataconfig.json`. Unknown fields are ignored: the platform adds new ones over time.
 #[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
@@ -18,6 +51,9 @@ pub struct ChannelConfig {
     #[serde(rename = "S3DistributionType")]
     pub s3_distribution_type: Option<String>,
     pub record_wrapper_type: Option<String>,
+    /// Augmented manifests: the attributes each line contributes, in order (`["source-ref", "city-streets-ref"]`:
+    /// the image, then the annotation).
+    pub attribute_names: Option<Vec<String>>,
 }
 
 impl ChannelConfig {
@@ -129,7 +165,8 @@ mod tests {
         let config = InputDataConfig::parse(
             r#"{"train": {"ContentType": "image/jpeg", "TrainingInputMode": "File",
                           "S3DistributionType": "FullyReplicated", "RecordWrapperType": "None", "Extra": 1},
-                "validation": {"TrainingInputMode": "Pipe"},
+                "validation": {"TrainingInputMode": "Pipe", "RecordWrapperType": "RecordIO",
+                               "AttributeNames": ["source-ref", "city-streets-ref"]},
                 "label_map": {}}"#,
         )
         .unwrap();
@@ -144,6 +181,11 @@ mod tests {
             InputMode::Pipe
         );
         assert_eq!(config.channels["label_map"].mode("label_map").unwrap(), InputMode::File);
+        assert_eq!(
+            config.channels["validation"].attribute_names.as_deref(),
+            Some(&["source-ref".to_string(), "city-streets-ref".to_string()][..])
+        );
+        assert_eq!(config.channels["train"].attribute_names, None);
     }
 
     #[test]
@@ -174,5 +216,13 @@ mod tests {
         .unwrap();
         let err = config.require_single_host().unwrap_err().to_string();
         assert!(err.contains("2 hosts") && err.contains("InstanceCount to 1"), "{err}");
+    }
+
+    #[test]
+    fn input_modes_parse_case_insensitively() {
+        assert_eq!("File".parse(), Ok(InputMode::File));
+        assert_eq!("fastfile".parse(), Ok(InputMode::FastFile));
+        assert_eq!("PIPE".parse(), Ok(InputMode::Pipe));
+        assert_eq!("Stream".parse::<InputMode>(), Err(()));
     }
 }

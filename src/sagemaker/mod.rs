@@ -7,7 +7,7 @@ pub mod failure;
 pub mod hyperparameters;
 pub mod paths;
 
-pub use channels::{Channel, ChannelName, InputMode};
-pub use config::{InputDataConfig, ResourceConfig};
+pub use channels::{Channel, ChannelName};
+pub use config::{InputDataConfig, InputMode, ResourceConfig};
 pub use hyperparameters::Hyperparameters;
 pub use paths::MlRoot;

@@ -2,7 +2,8 @@
 //! channels and their modes, label maps, and every image/annotation pair.
 //!
 //! A job that would fail at epoch 7 because one annotation holds label 40 of 21 classes fails here instead, in
-//! seconds, with the offending files named.
+//! seconds, with the offending files named. Pipe-mode channels are the exception: reading their FIFO now would consume
+//! an epoch, so their configuration is checked here and every example as it streams during training.
 
 use std::path::Path;
 
@@ -10,10 +11,13 @@ use anyhow::{bail, Context, Result};
 
 use crate::data::annotation::read_annotation;
 use crate::data::dataset::{name_some, pair_channel, SamplePair};
+use crate::data::epoch_source::EpochSource;
 use crate::data::image_io::read_image_dimensions;
 use crate::data::label_map::{LabelLut, LabelMaps};
-use crate::data::IGNORE_LABEL;
-use crate::sagemaker::channels::Channels;
+use crate::data::loader::labels_out_of_range;
+use crate::data::manifest::{find_manifest, read_manifest, NoRemoteRefs, RemoteRefs, SOURCE_REF};
+use crate::data::pipe::{self, PipeChannel};
+use crate::sagemaker::channels::{Channel, Channels};
 use crate::sagemaker::{ChannelName, Hyperparameters, InputDataConfig, InputMode, MlRoot, ResourceConfig};
 
 /// A validated training job.
@@ -22,12 +26,18 @@ pub struct TrainingInputs {
     pub hyperparameters: Hyperparameters,
     pub channels: Channels,
     pub label_maps: LabelMaps,
-    pub train: Vec<SamplePair>,
-    pub validation: Vec<SamplePair>,
+    pub train: EpochSource,
+    pub validation: EpochSource,
 }
 
 impl TrainingInputs {
+    /// [`Self::prepare_with`] for jobs whose manifests refer to local files only.
     pub fn prepare(ml: &MlRoot) -> Result<Self> {
+        Self::prepare_with(ml, &NoRemoteRefs)
+    }
+
+    /// Resolve and validate everything; `remote` stages the `s3://` references of File-mode manifests.
+    pub fn prepare_with(ml: &MlRoot, remote: &dyn RemoteRefs) -> Result<Self> {
         ResourceConfig::load(&ml.resource_config_file())?.require_single_host()?;
         let hyperparameters = load_hyperparameters(ml)?;
         let config = InputDataConfig::load(&ml.input_data_config_file())?;
@@ -38,17 +48,9 @@ impl TrainingInputs {
         for channel in channels.iter() {
             tracing::info!(channel = %channel.name, mode = %channel.mode, path = %channel.path.display(), "channel");
         }
-
-        let train_channel = channels.require(ChannelName::Train)?;
-        if train_channel.mode == InputMode::Pipe {
-            bail!(
-                "channel 'train' uses Pipe mode (augmented manifests), which this build does not read yet; use File \
-                 or FastFile mode with the train, validation, train_annotation and validation_annotation channels"
-            );
-        }
-        let validation_channel = channels.require(ChannelName::Validation)?;
-        let train_annotation = channels.require(ChannelName::TrainAnnotation)?;
-        let validation_annotation = channels.require(ChannelName::ValidationAnnotation)?;
+        // Fail on a missing channel before spending time on the other one's contents.
+        channels.require(ChannelName::Train)?;
+        channels.require(ChannelName::Validation)?;
 
         let label_maps = LabelMaps::load(channels.get(ChannelName::LabelMap).map(|c| c.path.as_path()))
             .context("the label_map channel is invalid")?;
@@ -57,44 +59,44 @@ impl TrainingInputs {
         let mut problems = Vec::new();
         let mut splits = Vec::new();
         for (images, annotations, lut) in [
-            (train_channel, train_annotation, label_maps.train.lut()),
-            (validation_channel, validation_annotation, label_maps.validation.lut()),
+            (ChannelName::Train, ChannelName::TrainAnnotation, label_maps.train.lut()),
+            (
+                ChannelName::Validation,
+                ChannelName::ValidationAnnotation,
+                label_maps.validation.lut(),
+            ),
         ] {
-            let (pairs, report) = pair_channel(
-                images.name.as_str(),
-                &images.path,
-                annotations.name.as_str(),
-                &annotations.path,
-            )?;
-            if !report.ignored_files.is_empty() {
-                tracing::warn!(
-                    "ignoring {} files that are not images or annotations in channels '{}'/'{}': {}",
-                    report.ignored_files.len(),
-                    images.name,
-                    annotations.name,
-                    name_some(&report.ignored_files)
-                );
-            }
-            problems.extend(check_contents(annotations.name.as_str(), &pairs, &lut, num_classes));
-            splits.push(pairs);
+            let split = Split {
+                ml,
+                channels: &channels,
+                images,
+                annotations,
+                num_classes,
+            };
+            splits.push(split.prepare(lut, remote, &mut problems)?);
         }
         if !problems.is_empty() {
             bail!("{}", problems.join("; "));
         }
-        let validation = splits.pop().unwrap_or_default();
-        let train = splits.pop().unwrap_or_default();
+        let validation = splits.pop().context("two splits were prepared")?;
+        let train = splits.pop().context("two splits were prepared")?;
 
-        if hyperparameters.num_training_samples != train.len() as u64 {
-            tracing::warn!(
-                "num_training_samples is {} but the train channel has {} images; the learning-rate schedule follows \
+        match train.len() {
+            Some(n) if hyperparameters.num_training_samples != n as u64 => tracing::warn!(
+                "num_training_samples is {} but the train channel has {n} images; the learning-rate schedule follows \
                  num_training_samples",
                 hyperparameters.num_training_samples,
-                train.len()
-            );
+            ),
+            Some(_) => {}
+            None => tracing::info!(
+                "the train channel streams in Pipe mode: num_training_samples ({}) sets the learning-rate schedule",
+                hyperparameters.num_training_samples
+            ),
         }
+        let count = |split: &EpochSource| split.len().map_or_else(|| "streamed".to_string(), |n| n.to_string());
         tracing::info!(
-            train = train.len(),
-            validation = validation.len(),
+            train = %count(&train),
+            validation = %count(&validation),
             num_classes,
             "training inputs are valid"
         );
@@ -105,6 +107,123 @@ impl TrainingInputs {
             train,
             validation,
         })
+    }
+
+    /// Training examples per epoch: the train channel's in File mode; num_training_samples in Pipe mode, where a
+    /// stream's length is known only once it has been read.
+    pub fn train_examples(&self) -> usize {
+        self.train
+            .len()
+            .unwrap_or(self.hyperparameters.num_training_samples as usize)
+    }
+}
+
+/// One split's channels: the images channel and the annotation channel that goes with it in File mode.
+struct Split<'a> {
+    ml: &'a MlRoot,
+    channels: &'a Channels,
+    images: ChannelName,
+    annotations: ChannelName,
+    num_classes: u32,
+}
+
+impl Split<'_> {
+    /// A Pipe-mode stream, a File-mode manifest, or File-mode image and annotation channels paired by stem. The
+    /// contents of File-mode splits are checked now; their problems are added to `problems`.
+    fn prepare(&self, lut: LabelLut, remote: &dyn RemoteRefs, problems: &mut Vec<String>) -> Result<EpochSource> {
+        let channel = self.channels.require(self.images)?;
+        let attributes = manifest_attributes(channel)?;
+        if channel.mode == InputMode::Pipe {
+            return self.pipe(channel, attributes, lut);
+        }
+        let (pairs, checked_in) = match find_manifest(channel.name.as_str(), &channel.path)? {
+            Some(manifest) => {
+                let pairs = read_manifest(&manifest, &channel.path, attributes.as_ref(), remote)?;
+                tracing::info!(
+                    channel = %self.images,
+                    examples = pairs.len(),
+                    "reading the augmented manifest {}",
+                    manifest.display()
+                );
+                let name = manifest.file_name().unwrap_or_default().to_string_lossy().into_owned();
+                (pairs, name)
+            }
+            None => (self.paired()?, self.annotations.as_str().to_string()),
+        };
+        problems.extend(check_contents(&checked_in, &pairs, &lut, self.num_classes));
+        Ok(EpochSource::files(pairs, lut))
+    }
+
+    fn pipe(&self, channel: &Channel, attributes: Option<[String; 2]>, lut: LabelLut) -> Result<EpochSource> {
+        let wrapper = channel.record_wrapper_type.as_deref().unwrap_or("RecordIO");
+        if !wrapper.eq_ignore_ascii_case("RecordIO") {
+            bail!(
+                "channel '{}' is in Pipe mode with RecordWrapperType '{wrapper}'; this algorithm streams augmented \
+                 manifests, which need RecordWrapperType RecordIO (ContentType application/x-recordio)",
+                channel.name
+            );
+        }
+        if let Some(content_type) = channel.content_type.as_deref() {
+            if !content_type.eq_ignore_ascii_case("application/x-recordio") {
+                tracing::warn!(
+                    "channel '{}' is in Pipe mode with ContentType '{content_type}'; reading it as an augmented \
+                     manifest (application/x-recordio): two RecordIO records per line, the image then the annotation",
+                    channel.name
+                );
+            }
+        }
+        if self.channels.get(self.annotations).is_some() {
+            tracing::warn!(
+                "ignoring channel '{}': in Pipe mode channel '{}' streams each annotation after its image",
+                self.annotations,
+                self.images
+            );
+        }
+        let wait = pipe::wait_from_env().map_err(anyhow::Error::msg)?;
+        let shuffle_buffer = pipe::shuffle_buffer_from_env().map_err(anyhow::Error::msg)?;
+        tracing::info!(
+            "channel '{}' is in Pipe mode: skipping its content checks (reading its FIFO now would consume an \
+             epoch); each example is checked as it streams during training",
+            self.images
+        );
+        let attributes = attributes.unwrap_or_else(|| [SOURCE_REF.to_string(), "annotation".to_string()]);
+        let channel = PipeChannel::new(self.ml, self.images.as_str(), attributes, wait, shuffle_buffer);
+        Ok(EpochSource::pipe(channel, lut, self.num_classes))
+    }
+
+    /// File-mode image and annotation channels, paired by stem.
+    fn paired(&self) -> Result<Vec<SamplePair>> {
+        let images = self.channels.require(self.images)?;
+        let annotations = self.channels.require(self.annotations)?;
+        let (pairs, report) = pair_channel(
+            images.name.as_str(),
+            &images.path,
+            annotations.name.as_str(),
+            &annotations.path,
+        )?;
+        if !report.ignored_files.is_empty() {
+            tracing::warn!(
+                "ignoring {} files that are not images or annotations in channels '{}'/'{}': {}",
+                report.ignored_files.len(),
+                images.name,
+                annotations.name,
+                name_some(&report.ignored_files)
+            );
+        }
+        Ok(pairs)
+    }
+}
+
+/// The channel's AttributeNames as (image, annotation), when it has them.
+fn manifest_attributes(channel: &Channel) -> Result<Option<[String; 2]>> {
+    match channel.attribute_names.as_deref() {
+        None => Ok(None),
+        Some([image, annotation]) => Ok(Some([image.clone(), annotation.clone()])),
+        Some(names) => bail!(
+            "channel '{}' has AttributeNames {names:?}; an augmented manifest for segmentation names two attributes, \
+             the image's then the annotation's, such as [\"source-ref\", \"city-streets-ref\"]",
+            channel.name
+        ),
     }
 }
 
@@ -224,11 +343,7 @@ fn check_pair(pair: &SamplePair, lut: &LabelLut, num_classes: u32) -> Finding {
     if let Err(unmapped) = lut.apply(&mut labels) {
         return Finding::Unmapped(format!("{annotation_name} ({unmapped})"));
     }
-    let mut present = [false; 256];
-    labels.as_raw().iter().for_each(|&l| present[usize::from(l)] = true);
-    let bad: Vec<u8> = (0..=255u8)
-        .filter(|&l| present[usize::from(l)] && l != IGNORE_LABEL && u32::from(l) >= num_classes)
-        .collect();
+    let bad = labels_out_of_range(&labels, num_classes);
     if bad.is_empty() {
         Finding::Fine
     } else {

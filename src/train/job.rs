@@ -4,7 +4,6 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 use std::time::Instant;
 
 use anyhow::{bail, Result};
@@ -19,9 +18,8 @@ use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
 use super::{incremental, pretrained, report, validation};
-use crate::data::dataset::SamplePair;
-use crate::data::label_map::LabelLut;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::epoch_source::EpochSource;
+use crate::data::loader::LoaderConfig;
 use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
 use crate::model::config::ModelConfig;
 use crate::model::seeded_init::seeded_var_builder;
@@ -59,7 +57,7 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
             tracing::warn!("SIGTERM: abandoning epoch {epoch_number}; the checkpoint of the previous epoch stands");
             return Ok(job.interrupted());
         };
-        let Some(scores) = job.validate(stop)? else {
+        let Some(scores) = job.validate(epoch, stop)? else {
             tracing::warn!("SIGTERM during validation of epoch {epoch_number}; the previous checkpoint stands");
             return Ok(job.interrupted());
         };
@@ -118,10 +116,8 @@ struct TrainingJob<'a> {
     state: CheckpointState,
     /// What `model/model.json` records besides the metrics of the saved epoch.
     meta: ModelMeta,
-    train_samples: Arc<[SamplePair]>,
-    validation_samples: Arc<[SamplePair]>,
-    train_lut: Arc<LabelLut>,
-    validation_lut: Arc<LabelLut>,
+    train: &'a EpochSource,
+    validation: &'a EpochSource,
     batch_size: usize,
 }
 
@@ -189,13 +185,12 @@ impl<'a> TrainingJob<'a> {
         meta.crop_size = Some(hp.crop_size);
         meta.hyperparameters = Some(state.hyperparameters.clone());
 
-        let train_samples: Arc<[SamplePair]> = inputs.train.clone().into();
-        let batch_size = (hp.mini_batch_size as usize).min(train_samples.len());
+        let batch_size = (hp.mini_batch_size as usize).min(inputs.train_examples());
         if batch_size < hp.mini_batch_size as usize {
             tracing::warn!(
                 "mini_batch_size {} is larger than the {} training images; using batches of {batch_size}",
                 hp.mini_batch_size,
-                train_samples.len()
+                inputs.train_examples()
             );
         }
         Ok(Self {
@@ -209,10 +204,8 @@ impl<'a> TrainingJob<'a> {
             early_stopping,
             state,
             meta,
-            train_samples,
-            validation_samples: inputs.validation.clone().into(),
-            train_lut: Arc::new(inputs.label_maps.train.lut()),
-            validation_lut: Arc::new(inputs.label_maps.validation.lut()),
+            train: &inputs.train,
+            validation: &inputs.validation,
             batch_size,
         })
     }
@@ -226,12 +219,7 @@ impl<'a> TrainingJob<'a> {
             crop_size: hp.crop_size,
             ..LoaderConfig::train(self.batch_size, hp.seed)
         };
-        let loader = Loader::spawn(
-            self.train_samples.clone(),
-            self.train_lut.clone(),
-            loader_config,
-            u64::from(epoch),
-        )?;
+        let loader = self.train.batches(u64::from(epoch), loader_config)?;
         let (mut loss_sum, mut batches, mut images) = (0.0f64, 0usize, 0usize);
         let mut learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
         for batch in loader {
@@ -270,16 +258,9 @@ impl<'a> TrainingJob<'a> {
         }))
     }
 
-    /// Score the network on the validation channel; `None` when SIGTERM arrived meanwhile.
-    fn validate(&self, stop: &AtomicBool) -> Result<Option<Scores>> {
-        validation::validate(
-            &self.model,
-            &self.validation_samples,
-            &self.validation_lut,
-            self.hp,
-            &self.device,
-            stop,
-        )
+    /// Score the network on the validation channel after `epoch` (from 0); `None` when SIGTERM arrived meanwhile.
+    fn validate(&self, epoch: u32, stop: &AtomicBool) -> Result<Option<Scores>> {
+        validation::validate(&self.model, self.validation, epoch, self.hp, &self.device, stop)
     }
 
     /// After a validated epoch: save the model when it is the best so far, checkpoint, write the history, and decide

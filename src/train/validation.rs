@@ -7,29 +7,28 @@
 //! best epoch's score by the end-to-end tests instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Arc;
 
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::metrics::{ConfusionMatrix, Scores};
-use crate::data::dataset::SamplePair;
-use crate::data::label_map::LabelLut;
-use crate::data::loader::{Loader, LoaderConfig};
+use crate::data::epoch_source::EpochSource;
+use crate::data::loader::LoaderConfig;
 use crate::model::SegmentationModel;
 use crate::sagemaker::Hyperparameters;
 
-/// Score `model` on every validation pair; `None` when SIGTERM arrived meanwhile.
+/// Score `model` on every validation example after `epoch` (from 0; a Pipe-mode channel reads its next FIFO);
+/// `None` when SIGTERM arrived meanwhile.
 pub fn validate(
     model: &SegmentationModel,
-    samples: &Arc<[SamplePair]>,
-    lut: &Arc<LabelLut>,
+    validation: &EpochSource,
+    epoch: u32,
     hp: &Hyperparameters,
     device: &Device,
     stop: &AtomicBool,
 ) -> Result<Option<Scores>> {
     let config = LoaderConfig::validation(hp.validation_mini_batch_size as usize, hp.crop_size);
-    let loader = Loader::spawn(samples.clone(), lut.clone(), config, 0)?;
+    let loader = validation.batches(u64::from(epoch), config)?;
     let mut confusion = ConfusionMatrix::new(hp.num_classes as usize);
     for batch in loader {
         if stop.load(Ordering::SeqCst) {
