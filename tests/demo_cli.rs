@@ -1,5 +1,6 @@
-//! `semseg demo` end to end: the real binary generates its dataset, trains one epoch, serves the model on a free port,
-//! answers the curl line it prints with a mask of the image's size, and stops on SIGTERM.
+//! `semseg demo` end to end: the real binary generates its dataset, trains one epoch, segments its sample image
+//! (mask.png and the side-by-side picture in output/data), serves the model on a free port, answers the curl line it
+//! prints with the same mask, and stops on SIGTERM.
 
 mod common;
 
@@ -108,6 +109,32 @@ fn demo_trains_serves_the_printed_curl_line_and_stops_on_sigterm() {
     let mask = semseg::data::annotation::decode_annotation(&body).expect("a palette PNG of class indices");
     assert_eq!(mask.dimensions(), (width, height));
     assert!(mask.as_raw().iter().all(|&l| l < 4));
+
+    // The demo's own prediction on that image: the served mask again, and the image beside it in colour.
+    let output = tmp.path().join("demo-ml/output/data");
+    let own = std::fs::read(output.join("mask.png")).unwrap();
+    let own = semseg::data::annotation::decode_annotation(&own).expect("output/data/mask.png is a palette PNG");
+    assert_eq!(own.dimensions(), (width, height));
+    let same = own.as_raw().iter().zip(mask.as_raw()).filter(|(a, b)| a == b).count();
+    assert!(
+        same as f64 >= 0.99 * (width * height) as f64,
+        "the demo's mask.png agrees with the server's on only {same} of {} pixels",
+        width * height
+    );
+    let picture = image::open(output.join("mask-side-by-side.png")).unwrap().to_rgb8();
+    assert_eq!(picture.dimensions(), (2 * width, height), "image | mask");
+    let palette = semseg::infer::encode::voc_palette();
+    for (x, y, pixel) in own.enumerate_pixels() {
+        assert_eq!(
+            picture.get_pixel(width + x, y).0,
+            palette[usize::from(pixel.0[0])],
+            "right half at ({x}, {y})"
+        );
+    }
+    assert!(
+        log.contains(&format!("{} (beside the image in", output.join("mask.png").display())),
+        "{log}"
+    );
 
     let stopped = Instant::now();
     Command::new("kill")

@@ -30,13 +30,13 @@
 //! the label-map permutation), so the same options give byte-identical files, whatever the thread count.
 //!
 //! The files, one job each:
-//! - this one: the options, [`generate`] (the channel layout, the worker threads) and the [`SynthSummary`];
-//! - [`plan`]: validating the options and deriving the layout (cells for the guaranteed shapes, radii, hues);
-//! - [`shapes`]: the shape kinds as signed-distance geometry;
-//! - [`render`]: one sample's pixels and labels (background texture, shapes, noise);
-//! - [`label_map`]: the annotation value of each label and the `label_map` channel's JSON;
-//! - [`output`]: the channel directories and the JPEG / palette-PNG files of one sample;
-//! - [`error`]: [`SynthError`].
+//! - `mod.rs`: the options, [`generate`] (the channel layout, the worker threads) and the [`SynthSummary`];
+//! - `plan.rs`: validating the options and deriving the layout (cells for the guaranteed shapes, radii, hues);
+//! - `shapes.rs`: the shape kinds as signed-distance geometry;
+//! - `render.rs`: one sample's pixels and labels (background texture, shapes, noise);
+//! - `label_map.rs`: the annotation value of each label and the `label_map` channel's JSON;
+//! - `output.rs`: the channel directories and the JPEG / palette-PNG files of one sample;
+//! - `error.rs`: [`SynthError`].
 
 mod error;
 mod label_map;
