@@ -6,7 +6,7 @@
 //! - [`model`]: the networks (ResNet backbones, FCN / PSPNet / DeepLabV3 heads), their ops and the model artifact;
 //! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and validation;
 //! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
-//! - [`train`]: the training job;
+//! - [`train`]: the training job; [`storage`]: S3 outside SageMaker (staging, artifacts, checkpoints, models);
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
 pub mod allocator;
@@ -17,4 +17,5 @@ pub mod model;
 pub mod predict;
 pub mod sagemaker;
 pub mod serve;
+pub mod storage;
 pub mod train;

@@ -26,6 +26,7 @@ use crate::model::seeded_init::seeded_var_builder;
 use crate::model::segmenter::Segmenter;
 use crate::model::weights;
 use crate::sagemaker::{ChannelName, Hyperparameters, MlRoot};
+use crate::storage::CheckpointMirror;
 
 /// Weight of the auxiliary head's loss (GluonCV and torchvision use 0.4).
 pub const AUX_LOSS_WEIGHT: f64 = 0.4;
@@ -51,6 +52,11 @@ pub enum Outcome {
 
 /// Run the training job under `ml`. `stop` is raised by SIGTERM.
 pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
+    run_mirrored(ml, stop, None)
+}
+
+/// [`run`], copying `checkpoints/` to S3 through `mirror` after every checkpoint save (`train --checkpoints`).
+pub fn run_mirrored(ml: &MlRoot, stop: &AtomicBool, mirror: Option<&CheckpointMirror>) -> Result<Outcome> {
     let inputs = TrainingInputs::prepare(ml)?;
     let hp = inputs.hyperparameters.clone();
     let device = select_device()?;
@@ -238,6 +244,9 @@ pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
         state.tensors_file = format!("checkpoint-{epoch_number}.safetensors");
         let (optimizer_state, _) = optimizer.state_tensors();
         checkpoint::save(&checkpoints, &state, &varmap_tensors(&varmap), &optimizer_state)?;
+        if let Some(mirror) = mirror {
+            mirror.sync(&checkpoints)?;
+        }
         write_history(ml, &state)?;
         if stop_early {
             tracing::info!(
