@@ -234,11 +234,17 @@ fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
     let uploaded = match store {
         Some(store) => artifacts::upload_job_artifacts(&store, ml, output),
         // The client could not be built inside the job: that failure is already in output/failure.
-        None => args.s3.connect().and_then(|store| artifacts::upload_job_artifacts(&store, ml, output)),
+        None => args
+            .s3
+            .connect()
+            .and_then(|store| artifacts::upload_job_artifacts(&store, ml, output)),
     };
     match uploaded {
         Ok(objects) => {
-            tracing::info!("artifacts uploaded: {}", objects.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", "));
+            tracing::info!(
+                "artifacts uploaded: {}",
+                objects.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
+            );
             code
         }
         Err(error) => {
@@ -254,7 +260,9 @@ fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
 
 /// For a `--model s3://...`: the model fetched into a temporary directory (removed when dropped).
 fn fetch_s3_model(model: Option<&Path>) -> anyhow::Result<Option<FetchedModel>> {
-    let Some(uri) = model.and_then(S3Uri::from_path) else { return Ok(None) };
+    let Some(uri) = model.and_then(S3Uri::from_path) else {
+        return Ok(None);
+    };
     let uri = uri?;
     let store = S3Store::from_env(TransferOptions::default())?;
     Ok(Some(FetchedModel::fetch(&store, &uri)?))

@@ -62,9 +62,13 @@ impl S3Server {
                 builder.set_access(DenyPrivateBucket);
                 let service = builder.build();
                 let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-                ready.send(listener.local_addr().expect("addr").port()).expect("send port");
+                ready
+                    .send(listener.local_addr().expect("addr").port())
+                    .expect("send port");
                 loop {
-                    let Ok((stream, _)) = listener.accept().await else { continue };
+                    let Ok((stream, _)) = listener.accept().await else {
+                        continue;
+                    };
                     let service = service.clone();
                     tokio::spawn(async move {
                         let _ = hyper_util::server::conn::auto::Builder::new(hyper_util::rt::TokioExecutor::new())
@@ -94,7 +98,11 @@ impl S3Server {
         for entry in std::fs::read_dir(local).expect("read dir") {
             let entry = entry.expect("entry");
             if entry.file_type().expect("type").is_dir() {
-                self.put_dir(&entry.path(), bucket, &format!("{prefix}/{}", entry.file_name().to_string_lossy()));
+                self.put_dir(
+                    &entry.path(),
+                    bucket,
+                    &format!("{prefix}/{}", entry.file_name().to_string_lossy()),
+                );
             } else {
                 std::fs::copy(entry.path(), dest.join(entry.file_name())).expect("copy");
             }
@@ -126,14 +134,29 @@ fn run(command: &mut Command) -> Output {
     command.output().expect("run semseg")
 }
 
-const CHANNELS: [&str; 5] = ["train", "validation", "train_annotation", "validation_annotation", "label_map"];
+const CHANNELS: [&str; 5] = [
+    "train",
+    "validation",
+    "train_annotation",
+    "validation_annotation",
+    "label_map",
+];
 
 /// A synthetic dataset on the server under `s3://data/<prefix>/<channel>/`, and an ml-root with only the
 /// hyperparameters (2 epochs of a small ResNet-18 FCN).
 fn dataset_on_s3(server: &S3Server, prefix: &str) -> common::Job {
     let source = common::Job::empty();
     source.synth(&[
-        "--seed", "5", "--train-count", "6", "--validation-count", "3", "--width", "64", "--height", "48",
+        "--seed",
+        "5",
+        "--train-count",
+        "6",
+        "--validation-count",
+        "3",
+        "--width",
+        "64",
+        "--height",
+        "48",
     ]);
     for channel in CHANNELS {
         if source.channel(channel).is_dir() {
@@ -195,7 +218,15 @@ fn train_stages_channels_uploads_artifacts_and_resumes_from_s3_checkpoints() {
     let mut args: Vec<String> = vec!["--ml-root".into(), root.clone(), "train".into()];
     args.extend(channel_args("job1"));
     args.extend(
-        ["--output", "s3://out/run1/", "--checkpoints", "s3://ckpt/run1/", "--s3-part-size-mib", "5"].map(String::from),
+        [
+            "--output",
+            "s3://out/run1/",
+            "--checkpoints",
+            "s3://ckpt/run1/",
+            "--s3-part-size-mib",
+            "5",
+        ]
+        .map(String::from),
     );
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
@@ -212,7 +243,10 @@ fn train_stages_channels_uploads_artifacts_and_resumes_from_s3_checkpoints() {
         first_log.push('\n');
         if line.contains("#metrics epoch=1 validation:mIOU") {
             // The checkpoint (and its mirroring) follows before epoch 2's first step, where the job stops.
-            Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .unwrap();
         }
     }
     assert!(child.wait().unwrap().success(), "{first_log}");
@@ -232,13 +266,24 @@ fn train_stages_channels_uploads_artifacts_and_resumes_from_s3_checkpoints() {
     let state: serde_json::Value = serde_json::from_slice(&local_state).unwrap();
     assert_eq!(state["epochs_done"], 1, "{first_log}");
     let tensors = state["tensors_file"].as_str().unwrap();
-    assert_eq!(std::fs::read(server.object("ckpt", "run1/checkpoint.json")).unwrap(), local_state);
+    assert_eq!(
+        std::fs::read(server.object("ckpt", "run1/checkpoint.json")).unwrap(),
+        local_state
+    );
     let local_tensors = std::fs::read(job.root().join("checkpoints").join(tensors)).unwrap();
-    assert!(local_tensors.len() > 3 * 5 * 1024 * 1024, "{} bytes", local_tensors.len());
+    assert!(
+        local_tensors.len() > 3 * 5 * 1024 * 1024,
+        "{} bytes",
+        local_tensors.len()
+    );
     assert!(std::fs::read(server.object("ckpt", &format!("run1/{tensors}"))).unwrap() == local_tensors);
     // The artifacts as SageMaker packs them.
     let model_archive = server.object("out", "run1/model.tar.gz");
-    assert_eq!(tar_names(&model_archive), ["model.json", "model.safetensors"], "{first_log}");
+    assert_eq!(
+        tar_names(&model_archive),
+        ["model.json", "model.safetensors"],
+        "{first_log}"
+    );
     assert!(std::fs::metadata(&model_archive).unwrap().len() > 5 * 1024 * 1024);
     assert!(tar_names(&server.object("out", "run1/output.tar.gz")).contains(&"history.json".to_string()));
 
@@ -275,7 +320,15 @@ fn a_failed_job_still_uploads_its_failure() {
     let out = run(&mut semseg_s3(
         &server.endpoint(),
         SECRET_KEY,
-        &["--ml-root", root, "train", "--channel", "train=s3://data/absent/", "--output", "s3://out/failed/"],
+        &[
+            "--ml-root",
+            root,
+            "train",
+            "--channel",
+            "train=s3://data/absent/",
+            "--output",
+            "s3://out/failed/",
+        ],
     ));
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
@@ -323,13 +376,24 @@ fn serve_and_predict_fetch_their_model_from_s3() {
     let server = S3Server::start(&["models"]);
     model_on_s3(&server, "run1/model.tar.gz");
 
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
     let mut child = semseg_s3(
         &server.endpoint(),
         SECRET_KEY,
         &[
-            "serve", "--model", "s3://models/run1/model.tar.gz", "--host", "127.0.0.1", "--port", &port.to_string(),
-            "--workers", "1",
+            "serve",
+            "--model",
+            "s3://models/run1/model.tar.gz",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+            "--workers",
+            "1",
         ],
     )
     .stdout(Stdio::null())
@@ -352,12 +416,21 @@ fn serve_and_predict_fetch_their_model_from_s3() {
     // predict takes the same address, here a prefix holding the tarball.
     let work = tempfile::tempdir().unwrap();
     let image = work.path().join("scene.png");
-    image::RgbImage::from_fn(40, 30, |x, _| image::Rgb([(x * 6) as u8, 90, 30])).save(&image).unwrap();
+    image::RgbImage::from_fn(40, 30, |x, _| image::Rgb([(x * 6) as u8, 90, 30]))
+        .save(&image)
+        .unwrap();
     let out_dir = work.path().join("masks");
     let out = run(&mut semseg_s3(
         &server.endpoint(),
         SECRET_KEY,
-        &["predict", "--model", "s3://models/run1/", "--out", out_dir.to_str().unwrap(), image.to_str().unwrap()],
+        &[
+            "predict",
+            "--model",
+            "s3://models/run1/",
+            "--out",
+            out_dir.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ],
     ));
     assert!(out.status.success(), "{}", text(&out));
     let mask = image::open(out_dir.join("scene.png")).unwrap();
@@ -367,7 +440,11 @@ fn serve_and_predict_fetch_their_model_from_s3() {
 /// `predict --model s3://...` fails before loading anything: the quickest way to see each error's message.
 fn predict_error(endpoint: &str, secret: &str, model: &str) -> (String, Duration) {
     let started = Instant::now();
-    let out = run(&mut semseg_s3(endpoint, secret, &["predict", "--model", model, "--out", "/nonexistent", "x.png"]));
+    let out = run(&mut semseg_s3(
+        endpoint,
+        secret,
+        &["predict", "--model", model, "--out", "/nonexistent", "x.png"],
+    ));
     let log = text(&out);
     assert!(!out.status.success(), "{log}");
     (log, started.elapsed())
@@ -384,7 +461,10 @@ fn errors_name_the_bucket_and_key() {
     assert!(log.contains("the bucket 'nobucket' does not exist"), "{log}");
 
     let (log, _) = predict_error(&endpoint, SECRET_KEY, "s3://models/run/missing.tar.gz");
-    assert!(log.contains("no object s3://models/run/missing.tar.gz (NoSuchKey"), "{log}");
+    assert!(
+        log.contains("no object s3://models/run/missing.tar.gz (NoSuchKey"),
+        "{log}"
+    );
 
     let (log, _) = predict_error(&endpoint, SECRET_KEY, "s3://private/model.tar.gz");
     assert!(log.contains("access denied to s3://private/model.tar.gz"), "{log}");
@@ -406,5 +486,8 @@ fn errors_name_the_bucket_and_key() {
     assert!(elapsed < Duration::from_secs(20), "took {elapsed:?}");
 
     let (log, _) = predict_error(&endpoint, SECRET_KEY, "s3://Not_A_Bucket/x");
-    assert!(log.contains("'s3://Not_A_Bucket/x' is not a usable S3 address"), "{log}");
+    assert!(
+        log.contains("'s3://Not_A_Bucket/x' is not a usable S3 address"),
+        "{log}"
+    );
 }

@@ -21,19 +21,28 @@ pub fn upload_job_artifacts(store: &S3Store, ml: &MlRoot, destination: &S3Uri) -
 
     let model_files = files_under(&ml.model_dir())?;
     if model_files.is_empty() {
-        tracing::warn!(
-            "{} is empty: no {MODEL_ARCHIVE} to upload",
-            ml.model_dir().display()
-        );
+        tracing::warn!("{} is empty: no {MODEL_ARCHIVE} to upload", ml.model_dir().display());
     } else {
-        uploaded.push(pack_and_upload(store, &staging, MODEL_ARCHIVE, &model_files, destination)?);
+        uploaded.push(pack_and_upload(
+            store,
+            &staging,
+            MODEL_ARCHIVE,
+            &model_files,
+            destination,
+        )?);
     }
 
     let mut output_entries = files_under(&ml.output_data_dir())?;
     if ml.failure_file().is_file() {
         output_entries.push((ml.failure_file(), "failure".to_string()));
     }
-    uploaded.push(pack_and_upload(store, &staging, OUTPUT_ARCHIVE, &output_entries, destination)?);
+    uploaded.push(pack_and_upload(
+        store,
+        &staging,
+        OUTPUT_ARCHIVE,
+        &output_entries,
+        destination,
+    )?);
     let _ = std::fs::remove_dir_all(&staging);
     Ok(uploaded)
 }
@@ -95,7 +104,9 @@ fn walk(dir: &Path, prefix: &str, found: &mut Vec<(PathBuf, String)>) -> Result<
         let entry = entry.map_err(|e| StorageError::io("cannot list", dir, e))?;
         let path = entry.path();
         let name = format!("{prefix}{}", entry.file_name().to_string_lossy());
-        let kind = entry.file_type().map_err(|e| StorageError::io("cannot stat", &path, e))?;
+        let kind = entry
+            .file_type()
+            .map_err(|e| StorageError::io("cannot stat", &path, e))?;
         if kind.is_dir() {
             walk(&path, &format!("{name}/"), found)?;
         } else if kind.is_file() {

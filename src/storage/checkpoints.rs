@@ -48,7 +48,9 @@ impl CheckpointMirror {
             );
             return Ok(None);
         }
-        let remote = self.store.block_on(ops::list(self.store.client(), &self.remote, self.store.endpoint()))?;
+        let remote = self
+            .store
+            .block_on(ops::list(self.store.client(), &self.remote, self.store.endpoint()))?;
         if remote.is_empty() {
             tracing::info!("no checkpoint under {} yet: starting a new job", self.remote);
             return Ok(None);
@@ -90,16 +92,18 @@ impl CheckpointMirror {
                 continue;
             }
             let options = self.store.options();
-            let bytes = self.store.block_on(with_retries(options.attempts, &key.to_string(), || {
-                ops::upload(
-                    self.store.client(),
-                    path,
-                    &key,
-                    self.store.endpoint(),
-                    options.part_size,
-                    options.concurrency,
-                )
-            }))?;
+            let bytes = self
+                .store
+                .block_on(with_retries(options.attempts, &key.to_string(), || {
+                    ops::upload(
+                        self.store.client(),
+                        path,
+                        &key,
+                        self.store.endpoint(),
+                        options.part_size,
+                        options.concurrency,
+                    )
+                }))?;
             self.set_synced(name, stamp);
             summary.transferred += 1;
             summary.bytes += bytes;

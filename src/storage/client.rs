@@ -97,7 +97,9 @@ impl S3Store {
                 .request_checksum_calculation(RequestChecksumCalculation::WhenRequired)
                 .response_checksum_validation(ResponseChecksumValidation::WhenRequired);
         }
-        let region = sdk_config.region().map_or_else(|| FALLBACK_REGION.to_string(), |r| r.to_string());
+        let region = sdk_config
+            .region()
+            .map_or_else(|| FALLBACK_REGION.to_string(), |r| r.to_string());
         let endpoint = endpoint_url.unwrap_or_else(|| format!("https://s3.{region}.amazonaws.com"));
         tracing::debug!(%endpoint, %region, "S3 client ready");
         let mut options = options;

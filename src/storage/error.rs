@@ -9,19 +9,39 @@ pub enum StorageError {
     InvalidUri { uri: String, reason: String },
 
     #[error("the object s3://{bucket}/{key} cannot be staged: {reason}")]
-    UnsafeKey { bucket: String, key: String, reason: String },
+    UnsafeKey {
+        bucket: String,
+        key: String,
+        reason: String,
+    },
 
     #[error("the bucket '{bucket}' does not exist (NoSuchBucket while {action} s3://{bucket}/{key}); check the name and the region/endpoint")]
-    NoSuchBucket { bucket: String, key: String, action: &'static str },
+    NoSuchBucket {
+        bucket: String,
+        key: String,
+        action: &'static str,
+    },
 
     #[error("no object s3://{bucket}/{key} (NoSuchKey while {action}); check the key")]
-    NoSuchKey { bucket: String, key: String, action: &'static str },
+    NoSuchKey {
+        bucket: String,
+        key: String,
+        action: &'static str,
+    },
 
     #[error("no objects under s3://{bucket}/{key} (while {action}); check the prefix")]
-    EmptyPrefix { bucket: String, key: String, action: &'static str },
+    EmptyPrefix {
+        bucket: String,
+        key: String,
+        action: &'static str,
+    },
 
     #[error("access denied to s3://{bucket}/{key} (while {action}): the credentials in use are not allowed to do this; check the IAM policy or bucket policy")]
-    AccessDenied { bucket: String, key: String, action: &'static str },
+    AccessDenied {
+        bucket: String,
+        key: String,
+        action: &'static str,
+    },
 
     #[error("the S3 credentials were rejected ({code}: {message}) while {action} s3://{bucket}/{key}; check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY (or the profile) and the clock")]
     BadCredentials {
@@ -40,7 +60,9 @@ pub enum StorageError {
         detail: String,
     },
 
-    #[error("cannot reach the S3 endpoint {endpoint} for s3://{bucket}/{key} (while {action}, retries exhausted): {detail}")]
+    #[error(
+        "cannot reach the S3 endpoint {endpoint} for s3://{bucket}/{key} (while {action}, retries exhausted): {detail}"
+    )]
     Unreachable {
         endpoint: String,
         bucket: String,

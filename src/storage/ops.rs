@@ -171,7 +171,9 @@ pub(crate) async fn download(
             .await
             .map_err(|e| StorageError::io("cannot write", &partial, e))?;
     }
-    file.flush().await.map_err(|e| StorageError::io("cannot write", &partial, e))?;
+    file.flush()
+        .await
+        .map_err(|e| StorageError::io("cannot write", &partial, e))?;
     drop(file);
     tokio::fs::rename(&partial, dest)
         .await

@@ -26,7 +26,10 @@ impl FromStr for ChannelSource {
             .ok_or_else(|| format!("'{text}' is not NAME=s3://bucket/prefix/"))?;
         let name = ChannelName::parse(name.trim()).ok_or_else(|| {
             let known: Vec<_> = ChannelName::ALL.iter().map(|c| c.as_str()).collect();
-            format!("'{name}' is not a channel of this algorithm; use one of {}", known.join(", "))
+            format!(
+                "'{name}' is not a channel of this algorithm; use one of {}",
+                known.join(", ")
+            )
         })?;
         let uri = uri.trim().parse().map_err(|e: super::StorageError| e.to_string())?;
         Ok(Self { name, uri })
@@ -77,7 +80,10 @@ pub fn declare_file_channels(ml: &MlRoot, names: impl IntoIterator<Item = Channe
     for name in names {
         match config.get(name.as_str()) {
             Some(entry) => {
-                let mode = entry.get("TrainingInputMode").and_then(|m| m.as_str()).unwrap_or("File");
+                let mode = entry
+                    .get("TrainingInputMode")
+                    .and_then(|m| m.as_str())
+                    .unwrap_or("File");
                 if !mode.eq_ignore_ascii_case("File") {
                     bail!(
                         "{} declares the channel '{name}' in {mode} mode, but --channel stages it as files: \
@@ -114,8 +120,14 @@ mod tests {
         assert_eq!(source.name, ChannelName::Train);
         assert_eq!(source.uri, S3Uri::new("bucket", "data/train/"));
         assert!("train".parse::<ChannelSource>().unwrap_err().contains("NAME=s3://"));
-        assert!("trian=s3://bucket/x".parse::<ChannelSource>().unwrap_err().contains("'trian' is not a channel"));
-        assert!("train=/local/dir".parse::<ChannelSource>().unwrap_err().contains("s3://"));
+        assert!("trian=s3://bucket/x"
+            .parse::<ChannelSource>()
+            .unwrap_err()
+            .contains("'trian' is not a channel"));
+        assert!("train=/local/dir"
+            .parse::<ChannelSource>()
+            .unwrap_err()
+            .contains("s3://"));
     }
 
     #[test]
@@ -134,8 +146,14 @@ mod tests {
         assert_eq!(config["train"]["TrainingInputMode"], "File");
         assert_eq!(config["validation"]["ContentType"], "image/jpeg");
 
-        std::fs::write(ml.input_data_config_file(), r#"{"train": {"TrainingInputMode": "Pipe"}}"#).unwrap();
-        let error = declare_file_channels(&ml, [ChannelName::Train]).unwrap_err().to_string();
+        std::fs::write(
+            ml.input_data_config_file(),
+            r#"{"train": {"TrainingInputMode": "Pipe"}}"#,
+        )
+        .unwrap();
+        let error = declare_file_channels(&ml, [ChannelName::Train])
+            .unwrap_err()
+            .to_string();
         assert!(error.contains("'train' in Pipe mode"), "{error}");
     }
 }

@@ -192,5 +192,9 @@ where
 }
 
 fn relative_name(prefix: &S3Uri, object: &ObjectInfo) -> String {
-    object.key.strip_prefix(prefix.key.as_str()).unwrap_or(&object.key).to_string()
+    object
+        .key
+        .strip_prefix(prefix.key.as_str())
+        .unwrap_or(&object.key)
+        .to_string()
 }

@@ -53,11 +53,13 @@ impl S3Uri {
     /// (ending in `/`). Keys that would land outside `dir` (`..`, absolute parts) are refused.
     pub fn local_path(&self, key: &str, dir: &Path) -> Result<Option<PathBuf>, StorageError> {
         let prefix = self.as_prefix();
-        let relative = key.strip_prefix(prefix.key.as_str()).ok_or_else(|| StorageError::UnsafeKey {
-            bucket: self.bucket.clone(),
-            key: key.to_string(),
-            reason: format!("it is not below the prefix '{}'", prefix.key),
-        })?;
+        let relative = key
+            .strip_prefix(prefix.key.as_str())
+            .ok_or_else(|| StorageError::UnsafeKey {
+                bucket: self.bucket.clone(),
+                key: key.to_string(),
+                reason: format!("it is not below the prefix '{}'", prefix.key),
+            })?;
         if relative.is_empty() || relative.ends_with('/') {
             return Ok(None);
         }
@@ -160,7 +162,10 @@ mod tests {
         );
         assert_eq!(uri.local_path("data/x/", dir).unwrap(), None);
         let escape = uri.local_path("data/../../etc/passwd", dir).unwrap_err().to_string();
-        assert!(escape.contains("s3://b/data/../../etc/passwd") && escape.contains(".."), "{escape}");
+        assert!(
+            escape.contains("s3://b/data/../../etc/passwd") && escape.contains(".."),
+            "{escape}"
+        );
         assert!(uri.local_path("other/1.png", dir).is_err());
     }
 
