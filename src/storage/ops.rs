@@ -91,6 +91,19 @@ where
     }
 }
 
+/// Some stores answer a GET in a missing bucket with NoSuchKey: ask about the bucket before saying which is missing.
+async fn missing_object_or_bucket(client: &Client, error: StorageError, uri: &S3Uri) -> StorageError {
+    let StorageError::NoSuchKey { action, .. } = &error else { return error };
+    match client.head_bucket().bucket(&uri.bucket).send().await {
+        Err(head) if head.raw_response().is_some_and(|r| r.status().as_u16() == 404) => StorageError::NoSuchBucket {
+            bucket: uri.bucket.clone(),
+            key: uri.key.clone(),
+            action,
+        },
+        _ => error,
+    }
+}
+
 /// Every object under `prefix` (paginated).
 pub(crate) async fn list(client: &Client, prefix: &S3Uri, endpoint: &str) -> Result<Vec<ObjectInfo>, StorageError> {
     let target = Target {
@@ -132,13 +145,10 @@ pub(crate) async fn download(
         uri,
         endpoint,
     };
-    let response = client
-        .get_object()
-        .bucket(&uri.bucket)
-        .key(&uri.key)
-        .send()
-        .await
-        .map_err(|e| classify(e, &target))?;
+    let response = match client.get_object().bucket(&uri.bucket).key(&uri.key).send().await {
+        Ok(response) => response,
+        Err(error) => return Err(missing_object_or_bucket(client, classify(error, &target), uri).await),
+    };
     let etag = response.e_tag().unwrap_or_default().trim_matches('"').to_string();
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
@@ -192,13 +202,10 @@ pub(crate) async fn get_bytes(client: &Client, uri: &S3Uri, endpoint: &str) -> R
         uri,
         endpoint,
     };
-    let response = client
-        .get_object()
-        .bucket(&uri.bucket)
-        .key(&uri.key)
-        .send()
-        .await
-        .map_err(|e| classify(e, &target))?;
+    let response = match client.get_object().bucket(&uri.bucket).key(&uri.key).send().await {
+        Ok(response) => response,
+        Err(error) => return Err(missing_object_or_bucket(client, classify(error, &target), uri).await),
+    };
     let bytes = response.body.collect().await.map_err(|e| StorageError::Service {
         bucket: uri.bucket.clone(),
         key: uri.key.clone(),
