@@ -93,7 +93,9 @@ where
 
 /// Some stores answer a GET in a missing bucket with NoSuchKey: ask about the bucket before saying which is missing.
 async fn missing_object_or_bucket(client: &Client, error: StorageError, uri: &S3Uri) -> StorageError {
-    let StorageError::NoSuchKey { action, .. } = &error else { return error };
+    let StorageError::NoSuchKey { action, .. } = &error else {
+        return error;
+    };
     match client.head_bucket().bucket(&uri.bucket).send().await {
         Err(head) if head.raw_response().is_some_and(|r| r.status().as_u16() == 404) => StorageError::NoSuchBucket {
             bucket: uri.bucket.clone(),

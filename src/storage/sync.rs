@@ -117,14 +117,16 @@ pub fn download_prefix(
     }
 
     let fetched = store.block_on(fetch_all(store, &prefix.bucket, to_fetch))?;
-    for (relative, info) in fetched {
+    for (relative, listed, downloaded) in fetched {
         summary.transferred += 1;
-        summary.bytes += info.size;
+        summary.bytes += downloaded.size;
+        // Recorded as listed, since the next run compares against a listing (stores may format a GET's ETag
+        // differently); an object replaced between the listing and the GET differs in size or ETag next time.
         next.objects.insert(
             relative,
             RecordedObject {
-                size: info.size,
-                etag: info.etag,
+                size: listed.size,
+                etag: listed.etag,
             },
         );
     }
@@ -137,7 +139,7 @@ async fn fetch_all(
     store: &S3Store,
     bucket: &str,
     jobs: Vec<(ObjectInfo, PathBuf, String)>,
-) -> Result<Vec<(String, ObjectInfo)>, StorageError> {
+) -> Result<Vec<(String, ObjectInfo, ObjectInfo)>, StorageError> {
     let options = store.options().clone();
     let slots = Arc::new(tokio::sync::Semaphore::new(options.concurrency));
     let mut tasks = tokio::task::JoinSet::new();
@@ -149,11 +151,11 @@ async fn fetch_all(
         let uri = S3Uri::new(bucket, object.key.clone());
         tasks.spawn(async move {
             let _slot = slots.acquire_owned().await;
-            let info = with_retries(attempts, &uri.to_string(), || {
+            let downloaded = with_retries(attempts, &uri.to_string(), || {
                 ops::download(&client, &uri, &path, &endpoint)
             })
             .await?;
-            Ok::<_, StorageError>((relative, info))
+            Ok::<_, StorageError>((relative, object, downloaded))
         });
     }
     let mut done = Vec::new();
