@@ -207,22 +207,26 @@ fn main() -> ExitCode {
 /// `semseg train`: stage S3 channels and restore S3 checkpoints if asked, run the job (mirroring checkpoints), then
 /// upload the artifacts if asked, also after a failure, so the failure file reaches S3.
 fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
-    let mut store: Option<Arc<S3Store>> = None;
+    // Kept past the job for the artifact upload.
+    let mut connected: Option<Arc<S3Store>> = None;
     let code = run_job(ml, "train", || {
-        if args.uses_s3() {
-            store = Some(Arc::new(args.s3.connect()?));
-        }
-        if !args.channels.is_empty() {
-            stage_channels(store.as_deref().expect("connected above"), ml, &args.channels)?;
-        }
-        let mirror = match &args.checkpoints {
-            Some(uri) => {
-                let mirror = CheckpointMirror::new(Arc::clone(store.as_ref().expect("connected above")), uri);
-                mirror.restore_if_empty(&ml.checkpoints_dir())?;
-                Some(mirror)
-            }
-            None => None,
+        let store = if args.uses_s3() {
+            Some(Arc::new(args.s3.connect()?))
+        } else {
+            None
         };
+        connected = store.clone();
+        let mut mirror = None;
+        if let Some(store) = &store {
+            if !args.channels.is_empty() {
+                stage_channels(store, ml, &args.channels)?;
+            }
+            if let Some(uri) = &args.checkpoints {
+                let checkpoints = CheckpointMirror::new(Arc::clone(store), uri);
+                checkpoints.restore_if_empty(&ml.checkpoints_dir())?;
+                mirror = Some(checkpoints);
+            }
+        }
         let stop = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
         signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
@@ -231,7 +235,7 @@ fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
         Ok(())
     });
     let Some(output) = &args.output else { return code };
-    let uploaded = match store {
+    let uploaded = match connected {
         Some(store) => artifacts::upload_job_artifacts(&store, ml, output),
         // The client could not be built inside the job: that failure is already in output/failure.
         None => args
