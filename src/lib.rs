@@ -8,7 +8,7 @@
 //! - [`infer`]: one image → probabilities → mask, the inference path shared by `serve`, `predict` and `demo`
 //!   (training's validation scores batches with the training network instead: [`train::validation`]);
 //! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
-//! - [`train`]: the training job;
+//! - [`train`]: the training job; [`storage`]: S3 outside SageMaker (staging, artifacts, checkpoints, models);
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
 pub mod allocator;
@@ -21,5 +21,6 @@ pub mod panics;
 pub mod predict;
 pub mod sagemaker;
 pub mod serve;
+pub mod storage;
 pub mod synth;
 pub mod train;

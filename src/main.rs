@@ -1,6 +1,6 @@
 //! The `semseg` command line: one binary for SageMaker's `train` and `serve` and for local use.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
@@ -9,6 +9,9 @@ use clap::parser::ValueSource;
 use clap::{CommandFactory, FromArgMatches, Parser, Subcommand};
 use semseg::sagemaker::failure::{describe, write_failure};
 use semseg::sagemaker::MlRoot;
+use semseg::storage::model::FetchedModel;
+use semseg::storage::stage::{stage_channels, ChannelSource};
+use semseg::storage::{artifacts, CheckpointMirror, S3Store, S3Uri, StorageError, TransferOptions};
 use semseg::synth::{self, SynthOptions};
 use semseg::{demo, predict, serve, train};
 
@@ -33,8 +36,9 @@ struct Cli {
 enum Command {
     /// Run a SageMaker training job: read <ml-root>/input (config and channels), train, validate every epoch, keep the
     /// best model in <ml-root>/model, checkpoint to <ml-root>/checkpoints (and resume from there). On failure it writes
-    /// the reason to <ml-root>/output/failure and exits non-zero. SIGTERM stops after checkpointing.
-    Train,
+    /// the reason to <ml-root>/output/failure and exits non-zero. SIGTERM stops after checkpointing. Outside SageMaker,
+    /// --channel, --output and --checkpoints do the platform's S3 transfers (see the README).
+    Train(TrainArgs),
     /// Check a training job's inputs without training: config files, hyperparameters, channels, and every
     /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
     /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
@@ -56,6 +60,56 @@ enum Command {
     /// deleted and recreated), train a ResNet-18 FCN on it (about 3 minutes on 2 CPU cores), then serve the model on
     /// port 8080 and print a curl command that segments one of its images. Ctrl-C stops it.
     Demo(demo::DemoArgs),
+}
+
+/// `semseg train` options: S3 transfers for runs outside SageMaker (AWS credentials, region and endpoint come from the
+/// standard AWS environment: AWS_REGION, AWS_PROFILE, AWS_ENDPOINT_URL / AWS_ENDPOINT_URL_S3, ...).
+#[derive(Debug, clap::Args)]
+struct TrainArgs {
+    /// Stage a channel from S3 before training: NAME=s3://bucket/prefix/ copies the prefix into
+    /// <ml-root>/input/data/NAME (objects already there unchanged are skipped) and declares it in File mode.
+    /// Repeatable.
+    #[arg(long = "channel", value_name = "NAME=S3_URI")]
+    channels: Vec<ChannelSource>,
+    /// Upload model.tar.gz and output.tar.gz (output/data and the failure file) under this S3 prefix when the job
+    /// ends, also when it fails.
+    #[arg(long, value_name = "S3_URI")]
+    output: Option<S3Uri>,
+    /// Mirror <ml-root>/checkpoints to this S3 prefix after every save, and restore from it when the local
+    /// directory is empty (resume after a lost spot instance).
+    #[arg(long, value_name = "S3_URI")]
+    checkpoints: Option<S3Uri>,
+    #[command(flatten)]
+    s3: S3Args,
+}
+
+impl TrainArgs {
+    fn uses_s3(&self) -> bool {
+        !self.channels.is_empty() || self.output.is_some() || self.checkpoints.is_some()
+    }
+}
+
+/// How S3 transfers run.
+#[derive(Debug, Clone, clap::Args)]
+struct S3Args {
+    /// Uploads larger than this many MiB go in parts of this size (S3's minimum part is 5 MiB).
+    #[arg(long, env = "SEMSEG_S3_PART_SIZE_MIB", default_value_t = 16,
+          value_parser = clap::value_parser!(u64).range(5..=5120))]
+    s3_part_size_mib: u64,
+    /// Objects (or parts) transferred at the same time.
+    #[arg(long, env = "SEMSEG_S3_CONCURRENCY", default_value_t = 8,
+          value_parser = clap::value_parser!(u64).range(1..=64))]
+    s3_concurrency: u64,
+}
+
+impl S3Args {
+    fn connect(&self) -> Result<S3Store, StorageError> {
+        S3Store::from_env(TransferOptions {
+            part_size: self.s3_part_size_mib * 1024 * 1024,
+            concurrency: self.s3_concurrency as usize,
+            ..TransferOptions::default()
+        })
+    }
 }
 
 #[derive(Debug, clap::Args)]
@@ -108,15 +162,11 @@ fn main() -> ExitCode {
     init_logging();
     let ml = MlRoot::new(&cli.ml_root);
     match cli.command {
-        Command::Train => run_job(&ml, "train", || {
-            let stop = Arc::new(AtomicBool::new(false));
-            signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
-            signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
-            let outcome = train::job::run(&ml, &stop)?;
-            tracing::info!(?outcome, "training finished");
-            Ok(())
+        Command::Train(args) => train_job(&ml, &args),
+        Command::Check => run_job(&ml, "check", || {
+            let remote = semseg::storage::manifest_refs::S3ManifestRefs::for_job(&ml);
+            train::inputs::TrainingInputs::prepare_with(&ml, &remote).map(|_| ())
         }),
-        Command::Check => run_job(&ml, "check", || train::inputs::TrainingInputs::prepare(&ml).map(|_| ())),
         Command::Import(args) => report("import", import(&args)),
         Command::Synth(options) => match synth::generate(&options) {
             Ok(summary) => {
@@ -128,10 +178,97 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
-        Command::Serve(args) => report("serve", serve::run(&args, &ml)),
-        Command::Predict(args) => report("predict", predict::run(&args).map(|_| ())),
+        Command::Serve(mut args) => report(
+            "serve",
+            (|| {
+                // An s3:// model is fetched into a temporary directory, which then serves as --model.
+                let fetched = fetch_s3_model(args.model.as_deref())?;
+                if let Some(fetched) = &fetched {
+                    args.model = Some(fetched.dir().to_path_buf());
+                }
+                serve::run(&args, &ml)
+            })(),
+        ),
+        Command::Predict(mut args) => report(
+            "predict",
+            (|| {
+                let fetched = fetch_s3_model(Some(&args.model))?;
+                if let Some(fetched) = &fetched {
+                    args.model = fetched.dir().to_path_buf();
+                }
+                predict::run(&args).map(|_| ())
+            })(),
+        ),
         Command::Demo(args) => report("demo", demo::run(&args, ml_root_typed.then_some(cli.ml_root.as_path()))),
     }
+}
+
+/// `semseg train`: stage S3 channels and restore S3 checkpoints if asked, run the job (mirroring checkpoints), then
+/// upload the artifacts if asked, also after a failure, so the failure file reaches S3.
+fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
+    // Kept past the job for the artifact upload.
+    let mut connected: Option<Arc<S3Store>> = None;
+    let code = run_job(ml, "train", || {
+        let store = if args.uses_s3() {
+            Some(Arc::new(args.s3.connect()?))
+        } else {
+            None
+        };
+        connected = store.clone();
+        let mut mirror = None;
+        if let Some(store) = &store {
+            if !args.channels.is_empty() {
+                stage_channels(store, ml, &args.channels)?;
+            }
+            if let Some(uri) = &args.checkpoints {
+                let checkpoints = CheckpointMirror::new(Arc::clone(store), uri);
+                checkpoints.restore_if_empty(&ml.checkpoints_dir())?;
+                mirror = Some(checkpoints);
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
+        signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
+        let outcome = train::job::run_mirrored(ml, &stop, mirror.as_ref())?;
+        tracing::info!(?outcome, "training finished");
+        Ok(())
+    });
+    let Some(output) = &args.output else { return code };
+    let uploaded = match connected {
+        Some(store) => artifacts::upload_job_artifacts(&store, ml, output),
+        // The client could not be built inside the job: that failure is already in output/failure.
+        None => args
+            .s3
+            .connect()
+            .and_then(|store| artifacts::upload_job_artifacts(&store, ml, output)),
+    };
+    match uploaded {
+        Ok(objects) => {
+            tracing::info!(
+                "artifacts uploaded: {}",
+                objects.iter().map(|o| o.to_string()).collect::<Vec<_>>().join(", ")
+            );
+            code
+        }
+        Err(error) => {
+            let reason = format!("cannot upload the job's artifacts to {output}: {error}");
+            tracing::error!("train failed: {reason}");
+            if let Err(io) = write_failure(&ml.failure_file(), &reason) {
+                tracing::error!("cannot write the failure file {}: {io}", ml.failure_file().display());
+            }
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// For a `--model s3://...`: the model fetched into a temporary directory (removed when dropped).
+fn fetch_s3_model(model: Option<&Path>) -> anyhow::Result<Option<FetchedModel>> {
+    let Some(uri) = model.and_then(S3Uri::from_path) else {
+        return Ok(None);
+    };
+    let uri = uri?;
+    let store = S3Store::from_env(TransferOptions::default())?;
+    Ok(Some(FetchedModel::fetch(&store, &uri)?))
 }
 
 /// Log a command's error and map it to the exit code.

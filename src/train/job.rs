@@ -25,6 +25,8 @@ use crate::model::config::ModelConfig;
 use crate::model::seeded_init::seeded_var_builder;
 use crate::model::{weights, SegmentationModel};
 use crate::sagemaker::{ChannelName, Hyperparameters, MlRoot};
+use crate::storage::manifest_refs::S3ManifestRefs;
+use crate::storage::CheckpointMirror;
 
 /// Weight of the auxiliary head's loss (GluonCV and torchvision use 0.4).
 pub const AUX_LOSS_WEIGHT: f64 = 0.4;
@@ -48,8 +50,14 @@ pub enum Outcome {
 
 /// Run the training job under `ml`. `stop` is raised by SIGTERM.
 pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
-    let inputs = TrainingInputs::prepare(ml)?;
-    let mut job = TrainingJob::start_or_resume(ml, &inputs)?;
+    run_mirrored(ml, stop, None)
+}
+
+/// [`run`], copying `checkpoints/` to S3 through `mirror` after every checkpoint save (`train --checkpoints`).
+pub fn run_mirrored(ml: &MlRoot, stop: &AtomicBool, mirror: Option<&CheckpointMirror>) -> Result<Outcome> {
+    // s3:// references in File-mode manifests are downloaded here, before the inputs are checked.
+    let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
+    let mut job = TrainingJob::start_or_resume(ml, &inputs, mirror)?;
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;
         let started = Instant::now();
@@ -119,12 +127,18 @@ struct TrainingJob<'a> {
     train: &'a EpochSource,
     validation: &'a EpochSource,
     batch_size: usize,
+    /// Where each checkpoint is copied after it is saved, when the job mirrors them to S3.
+    mirror: Option<&'a CheckpointMirror>,
 }
 
 impl<'a> TrainingJob<'a> {
     /// Build the network and the optimizer, then resume from `checkpoints/` when it holds a checkpoint of this job,
     /// or start from the initial weights ([`initialise_weights`]).
-    fn start_or_resume(ml: &'a MlRoot, inputs: &'a TrainingInputs) -> Result<Self> {
+    fn start_or_resume(
+        ml: &'a MlRoot,
+        inputs: &'a TrainingInputs,
+        mirror: Option<&'a CheckpointMirror>,
+    ) -> Result<Self> {
         let hp = &inputs.hyperparameters;
         let device = select_device()?;
         let config = ModelConfig::new(
@@ -207,6 +221,7 @@ impl<'a> TrainingJob<'a> {
             train: &inputs.train,
             validation: &inputs.validation,
             batch_size,
+            mirror,
         })
     }
 
@@ -305,16 +320,17 @@ impl<'a> TrainingJob<'a> {
         Ok(())
     }
 
-    /// `checkpoints/`: weights, optimizer state and the loop state after the epoch just ended.
+    /// `checkpoints/`: weights, optimizer state and the loop state after the epoch just ended; then its copy on S3
+    /// when the job mirrors checkpoints.
     fn save_checkpoint(&mut self) -> Result<()> {
         self.state.tensors_file = format!("checkpoint-{}.safetensors", self.state.epochs_done);
         let (optimizer_state, _) = self.optimizer.state_tensors();
-        checkpoint::save(
-            &self.ml.checkpoints_dir(),
-            &self.state,
-            &varmap_tensors(&self.varmap),
-            &optimizer_state,
-        )
+        let dir = self.ml.checkpoints_dir();
+        checkpoint::save(&dir, &self.state, &varmap_tensors(&self.varmap), &optimizer_state)?;
+        if let Some(mirror) = self.mirror {
+            mirror.sync(&dir)?;
+        }
+        Ok(())
     }
 
     fn interrupted(&self) -> Outcome {
