@@ -346,7 +346,7 @@ fn model_on_s3(server: &S3Server, key: &str) {
     use semseg::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
     let config = ModelConfig::new(Algorithm::Fcn, Backbone::Resnet18, 3, OutputStride::Eight, false).unwrap();
     let varmap = candle_nn::VarMap::new();
-    semseg::model::segmenter::Segmenter::new(
+    semseg::model::SegmentationModel::new(
         &config,
         candle_nn::VarBuilder::from_varmap(&varmap, candle_core::DType::F32, &candle_core::Device::Cpu),
     )
@@ -490,4 +490,77 @@ fn errors_name_the_bucket_and_key() {
         log.contains("'s3://Not_A_Bucket/x' is not a usable S3 address"),
         "{log}"
     );
+}
+
+/// A File-mode manifest whose lines reference S3 objects: `semseg check` downloads each object once under
+/// `input/s3-refs/<bucket>/<key>` and checks it like any local file; a rerun fetches nothing (the server's copy is
+/// deleted and the check still passes); a reference to a missing object fails naming the manifest line and the key.
+#[test]
+fn manifest_references_on_s3_are_fetched_and_checked() {
+    let server = S3Server::start(&["data"]);
+    let job = dataset_on_s3(&server, "m");
+    let root = job.root().to_str().unwrap();
+    let objects = |channel: &str| -> Vec<String> {
+        let mut names: Vec<String> = std::fs::read_dir(server.object("data", &format!("m/{channel}")))
+            .expect("objects")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    };
+    for (split, annotations) in [("train", "train_annotation"), ("validation", "validation_annotation")] {
+        let annotation_names = objects(annotations);
+        let lines: Vec<String> = objects(split)
+            .iter()
+            .map(|image| {
+                let stem = image.rsplit_once('.').map_or(image.as_str(), |(s, _)| s);
+                let annotation = annotation_names
+                    .iter()
+                    .find(|a| a.starts_with(&format!("{stem}.")))
+                    .expect("annotation of the same stem");
+                format!(
+                    r#"{{"source-ref": "s3://data/m/{split}/{image}", "mask-ref": "s3://data/m/{annotations}/{annotation}", "mask-ref-metadata": {{"job-name": "labeling"}}}}"#
+                )
+            })
+            .collect();
+        std::fs::create_dir_all(job.channel(split)).expect("channel dir");
+        std::fs::write(
+            job.channel(split).join(format!("{split}.manifest")),
+            lines.join("\n") + "\n",
+        )
+        .expect("manifest");
+    }
+    let check = || {
+        run(&mut semseg_s3(
+            &server.endpoint(),
+            SECRET_KEY,
+            &["--ml-root", root, "check"],
+        ))
+    };
+
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out));
+    let staged = job.root().join("input/s3-refs/data/m/train");
+    assert_eq!(
+        std::fs::read_dir(&staged).expect("staged objects").count(),
+        objects("train").len()
+    );
+
+    // Everything is local now: the same check passes with the bucket's copies gone.
+    let first_image = objects("train")[0].clone();
+    std::fs::remove_file(server.object("data", &format!("m/train/{first_image}"))).expect("remove object");
+    let out = check();
+    assert!(out.status.success(), "{}", text(&out));
+
+    // A reference to an object that is not there names the manifest line and the key.
+    let manifest = job.channel("validation").join("validation.manifest");
+    let mut text_lines = std::fs::read_to_string(&manifest).expect("manifest");
+    text_lines.push_str(r#"{"source-ref": "s3://data/m/validation/absent.jpg", "mask-ref": "s3://data/m/validation_annotation/absent.png"}"#);
+    text_lines.push('\n');
+    std::fs::write(&manifest, text_lines).expect("manifest");
+    let out = check();
+    assert!(!out.status.success(), "{}", text(&out));
+    let failure = job.failure().expect("output/failure");
+    assert!(failure.contains("validation.manifest"), "{failure}");
+    assert!(failure.contains("s3://data/m/validation/absent.jpg"), "{failure}");
 }

@@ -134,6 +134,23 @@ pub(crate) async fn list(client: &Client, prefix: &S3Uri, endpoint: &str) -> Res
     Ok(objects)
 }
 
+/// The object's response, its body not read yet; a missing object says whether the key or the bucket is missing.
+async fn get_object(
+    client: &Client,
+    uri: &S3Uri,
+    endpoint: &str,
+) -> Result<aws_sdk_s3::operation::get_object::GetObjectOutput, StorageError> {
+    let target = Target {
+        action: "downloading",
+        uri,
+        endpoint,
+    };
+    match client.get_object().bucket(&uri.bucket).key(&uri.key).send().await {
+        Ok(response) => Ok(response),
+        Err(error) => Err(missing_object_or_bucket(client, classify(error, &target), uri).await),
+    }
+}
+
 /// Download `uri` into `dest` (through a temporary file renamed into place, so a broken transfer never leaves a
 /// partial file under the real name). Returns the object's ETag and size.
 pub(crate) async fn download(
@@ -142,15 +159,7 @@ pub(crate) async fn download(
     dest: &Path,
     endpoint: &str,
 ) -> Result<ObjectInfo, StorageError> {
-    let target = Target {
-        action: "downloading",
-        uri,
-        endpoint,
-    };
-    let response = match client.get_object().bucket(&uri.bucket).key(&uri.key).send().await {
-        Ok(response) => response,
-        Err(error) => return Err(missing_object_or_bucket(client, classify(error, &target), uri).await),
-    };
+    let response = get_object(client, uri, endpoint).await?;
     let etag = response.e_tag().unwrap_or_default().trim_matches('"').to_string();
     if let Some(parent) = dest.parent() {
         tokio::fs::create_dir_all(parent)
@@ -199,15 +208,7 @@ pub(crate) async fn download(
 
 /// The whole object in memory.
 pub(crate) async fn get_bytes(client: &Client, uri: &S3Uri, endpoint: &str) -> Result<Vec<u8>, StorageError> {
-    let target = Target {
-        action: "downloading",
-        uri,
-        endpoint,
-    };
-    let response = match client.get_object().bucket(&uri.bucket).key(&uri.key).send().await {
-        Ok(response) => response,
-        Err(error) => return Err(missing_object_or_bucket(client, classify(error, &target), uri).await),
-    };
+    let response = get_object(client, uri, endpoint).await?;
     let bytes = response.body.collect().await.map_err(|e| StorageError::Service {
         bucket: uri.bucket.clone(),
         key: uri.key.clone(),
