@@ -12,7 +12,6 @@ use anyhow::Context;
 use crate::data::image_io;
 use crate::infer::model_adapter;
 use crate::infer::{encode, Inference, InferenceLimits, DEFAULT_MAX_MODEL_PIXELS};
-use crate::serve::DEFAULT_MAX_IMAGE_PIXELS;
 
 #[derive(Clone, Debug, clap::Args)]
 pub struct PredictArgs {
@@ -68,7 +67,7 @@ pub fn predict_files(
     let mut done = Vec::with_capacity(images.len());
     for (path, stem) in images.iter().zip(stems) {
         let started = std::time::Instant::now();
-        let image = image_io::read_rgb_with_budget(path, DEFAULT_MAX_IMAGE_PIXELS)?;
+        let image = image_io::read_rgb_with_budget(path, image_io::DEFAULT_MAX_PIXELS)?;
         let mask_path = out.join(format!("{stem}.png"));
         let npy_path = out.join(format!("{stem}.npy"));
         let mask = if probabilities {

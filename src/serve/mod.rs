@@ -35,7 +35,7 @@ use codec::DecodeLimits;
 use workers::WorkerPool;
 
 /// Default largest decoded request image: 64 Mpx (e.g. 8192 × 8192).
-pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = 64 * 1024 * 1024;
+pub const DEFAULT_MAX_IMAGE_PIXELS: u64 = crate::data::image_io::DEFAULT_MAX_PIXELS;
 /// Default largest probabilities answer: 64 Mi values (256 MiB of f32).
 pub const DEFAULT_MAX_PROBABILITY_VALUES: u64 = 64 * 1024 * 1024;
 /// SageMaker's real-time payload limit, the default body limit.
