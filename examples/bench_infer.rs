@@ -2,6 +2,9 @@
 //! one JSON line per model in the same shape as `../shared/bench/peer/torch_infer.py`'s, so they can be printed
 //! side by side. Threads: set `RAYON_NUM_THREADS` (Candle's CPU kernels and matmuls use Rayon's pool).
 //! Usage: bench_infer [--size H W] [--batch N] [--warmup N] [--runs N] [--models fcn,deeplab,psp] [--backbone resnet-50]
+//!   [--profile]: after the timed runs, one more forward with every convolution timed, printed to stderr as a
+//!   per-layer table (time, GFLOP/s) with the time outside convolutions;
+//!   [--composed-conv]: Candle's own convolution and separate epilogue ops (the path before the fused CPU kernel).
 
 use std::time::Instant;
 
@@ -46,6 +49,7 @@ fn main() -> Result<()> {
     let (mut h, mut w, mut batch, mut warmup, mut runs) = (512usize, 512usize, 1usize, 2usize, 5usize);
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
     let mut backbone = Backbone::Resnet50;
+    let mut print_profile = false;
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> Result<usize> {
             args.next()
@@ -69,6 +73,9 @@ fn main() -> Result<()> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
+            "--profile" => print_profile = true,
+            // Candle's own convolution with separate bias/residual/ReLU ops: the path before the fused CPU kernel.
+            "--composed-conv" => semseg::model::ops::conv::use_composed_path_only(true),
             "--backbone" => backbone = args.next().context("--backbone needs a value")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
@@ -104,14 +111,62 @@ fn main() -> Result<()> {
         } else {
             (ts[runs / 2 - 1] + ts[runs / 2]) / 2.0
         };
+        // One more forward with every convolution timed: the MAC count, and the per-layer table when asked.
+        semseg::model::ops::profile::enable(true);
+        let t0 = Instant::now();
+        net.logits(&x)?;
+        let forward = t0.elapsed();
+        semseg::model::ops::profile::enable(false);
+        let convs = semseg::model::ops::profile::take();
+        let macs: u64 = convs.iter().map(|c| c.macs).sum();
+        if print_profile {
+            print_conv_profile(&peer_name(algorithm, backbone), &convs, forward);
+        }
         println!(
             "{{\"model\": \"{}\", \"input\": [{batch}, 3, {h}, {w}], \"threads\": \"{threads}\", \"runs\": {runs}, \
              \"engine\": \"semseg-candle\", \"folded_bn\": true, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \
-             \"max_ms\": {:.1}, \"other_cores\": {other:.2}}}",
+             \"max_ms\": {:.1}, \"conv_gmacs\": {:.2}, \"gflops\": {:.1}, \"other_cores\": {other:.2}}}",
             peer_name(algorithm, backbone),
             ts[0],
-            ts[runs - 1]
+            ts[runs - 1],
+            macs as f64 / 1e9,
+            2.0 * macs as f64 / (median / 1e3) / 1e9,
         );
     }
     Ok(())
+}
+
+/// The per-layer table on stderr: each convolution's shape, time and GFLOP/s, then totals.
+fn print_conv_profile(model: &str, convs: &[semseg::model::ops::profile::ConvRecord], forward: std::time::Duration) {
+    eprintln!(
+        "\n{model}: per-convolution profile (one forward, {:.0} ms)",
+        forward.as_secs_f64() * 1e3
+    );
+    eprintln!(
+        "{:>3} {:>20} {:>16} {:>3} {:>3} {:>9} {:>8} {:>8}",
+        "#", "input", "weight", "s", "d", "GMAC", "ms", "GFLOP/s"
+    );
+    let mut conv_total = std::time::Duration::ZERO;
+    for (i, c) in convs.iter().enumerate() {
+        conv_total += c.elapsed;
+        eprintln!(
+            "{i:>3} {:>20} {:>16} {:>3} {:>3} {:>9.3} {:>8.1} {:>8.1}",
+            format!("{:?}", c.input),
+            format!("{:?}", c.weight),
+            c.stride,
+            c.dilation,
+            c.macs as f64 / 1e9,
+            c.elapsed.as_secs_f64() * 1e3,
+            c.gflops()
+        );
+    }
+    let macs: u64 = convs.iter().map(|c| c.macs).sum();
+    eprintln!(
+        "convolutions: {:.0} ms for {:.1} GMAC ({:.1} GFLOP/s); outside convolutions: {:.0} ms of {:.0} ms",
+        conv_total.as_secs_f64() * 1e3,
+        macs as f64 / 1e9,
+        2.0 * macs as f64 / conv_total.as_secs_f64() / 1e9,
+        (forward - conv_total).as_secs_f64() * 1e3,
+        forward.as_secs_f64() * 1e3
+    );
 }

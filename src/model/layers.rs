@@ -12,7 +12,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ops;
-use super::ops::conv::conv2d;
+use super::ops::conv::conv2d_fused;
 
 /// How a convolution's weights start when the `VarBuilder` creates them (training from scratch).
 #[derive(Clone, Copy, Debug)]
@@ -91,17 +91,35 @@ impl Conv2d {
     pub fn spec(&self) -> ConvSpec {
         self.spec
     }
+
+    /// The same convolution cut from any autograd graph (its parameters may be `Var`s): for the inference network,
+    /// whose convolutions then take the fused path.
+    pub fn detached(&self) -> Self {
+        Self {
+            weight: self.weight.detach(),
+            bias: self.bias.as_ref().map(Tensor::detach),
+            spec: self.spec,
+        }
+    }
+
+    /// `relu?(conv(x) + bias + residual)`, fused into the convolution where the device allows ([`conv2d_fused`]).
+    pub fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        let s = &self.spec;
+        conv2d_fused(
+            x,
+            &self.weight,
+            self.bias.as_ref(),
+            residual,
+            relu,
+            (s.padding, s.stride, s.dilation),
+        )
+    }
 }
 
 impl Module for Conv2d {
     /// `[B, Cin, H, W]` → `[B, Cout, H', W']`.
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let s = &self.spec;
-        let y = conv2d(x, &self.weight, s.padding, s.stride, s.dilation)?;
-        match &self.bias {
-            Some(b) => y.broadcast_add(&b.reshape((1, (), 1, 1))?),
-            None => Ok(y),
-        }
+        self.forward_with(x, None, false)
     }
 }
 
@@ -292,7 +310,8 @@ impl ConvBn {
             .conv
             .weight
             .detach()
-            .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?;
+            .broadcast_mul(&scale.reshape(((), 1, 1, 1))?)?
+            .detach(); // `scale` comes from the BatchNorm's parameters, which may be Vars: keep no graph
         let bias = match &self.conv.bias {
             Some(b) => (b.detach().mul(&scale)? + shift)?,
             None => shift,
@@ -308,21 +327,37 @@ impl ConvBn {
     }
 }
 
+impl ConvBn {
+    /// `relu?(bn(conv(x)) + residual)`: `[B, Cin, H, W]` → `[B, Cout, H', W']`. Folded, the BatchNorm is the
+    /// convolution's bias and the whole unit is one fused convolution.
+    pub fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool, train: bool) -> Result<Tensor> {
+        let Some(bn) = &self.bn else {
+            if train {
+                candle_core::bail!("a BatchNorm-folded model is for inference only; it cannot train")
+            }
+            return self.conv.forward_with(x, residual, relu);
+        };
+        let mut y = bn.forward_t(&self.conv.forward(x)?, train)?;
+        if let Some(r) = residual {
+            y = (y + r)?;
+        }
+        if relu {
+            y = y.relu()?;
+        }
+        Ok(y)
+    }
+}
+
 impl ModuleT for ConvBn {
     /// `[B, Cin, H, W]` → `[B, Cout, H', W']` (no activation).
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let y = self.conv.forward(x)?;
-        match &self.bn {
-            Some(bn) => bn.forward_t(&y, train),
-            None if train => candle_core::bail!("a BatchNorm-folded model is for inference only; it cannot train"),
-            None => Ok(y),
-        }
+        self.forward_with(x, None, false, train)
     }
 }
 
 /// `ConvBn` then ReLU, the most common unit in every head.
 pub fn conv_bn_relu(unit: &ConvBn, x: &Tensor, train: bool) -> Result<Tensor> {
-    unit.forward_t(x, train)?.relu()
+    unit.forward_with(x, None, true, train)
 }
 
 thread_local! {

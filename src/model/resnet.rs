@@ -81,19 +81,17 @@ impl Block {
 impl ModuleT for Block {
     /// `[B, Cin, H, W]` → `[B, Cout, H/stride, W/stride]` (rounded up).
     fn forward_t(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let last = self.convs.len() - 1;
-        let mut y = x.clone();
-        for (i, unit) in self.convs.iter().enumerate() {
-            y = unit.forward_t(&y, train)?;
-            if i < last {
-                y = y.relu()?;
-            }
-        }
         let identity = match &self.downsample {
             Some(ds) => ds.forward_t(x, train)?,
             None => x.clone(),
         };
-        (y + identity)?.relu()
+        let (last, inner) = self.convs.split_last().expect("a block has convolutions");
+        let mut y = x.clone();
+        for unit in inner {
+            y = unit.forward_with(&y, None, true, train)?;
+        }
+        // The residual add and the final ReLU ride on the last convolution.
+        last.forward_with(&y, Some(&identity), true, train)
     }
 }
 
@@ -195,7 +193,7 @@ impl ResNet {
 
     /// `x` `[B, 3, H, W]` (normalised image) → layer3 and layer4 features.
     pub fn forward_t(&self, x: &Tensor, train: bool) -> Result<Features> {
-        let mut y = self.stem.forward_t(x, train)?.relu()?; // [B, 64, H/2, W/2]
+        let mut y = self.stem.forward_with(x, None, true, train)?; // [B, 64, H/2, W/2]
         y = max_pool_3x3_s2(&y)?; // [B, 64, H/4, W/4]
         for block in self.layers[0].iter().chain(&self.layers[1]).chain(&self.layers[2]) {
             y = block.forward_t(&y, train)?;

@@ -108,7 +108,7 @@ impl DeepLabHead {
         Ok(Self {
             aspp: self.aspp.fold()?,
             conv: self.conv.fold()?,
-            cls: self.cls.clone(),
+            cls: self.cls.detached(),
         })
     }
 

@@ -36,7 +36,7 @@ impl FcnHead {
     pub fn fold(&self) -> Result<Self> {
         Ok(Self {
             conv: self.conv.fold()?,
-            cls: self.cls.clone(),
+            cls: self.cls.detached(),
         })
     }
 

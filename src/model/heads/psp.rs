@@ -61,7 +61,7 @@ impl PspHead {
                 .map(|(b, u)| Ok((*b, u.fold()?)))
                 .collect::<Result<_>>()?,
             bottleneck: self.bottleneck.fold()?,
-            cls: self.cls.clone(),
+            cls: self.cls.detached(),
         })
     }
 

@@ -6,10 +6,14 @@
 //! bottom or right edge with zeros until both remainders are equal leaves the output unchanged (the extra rows or
 //! columns are never reached by a window) and makes Candle's single `output_padding` right for both axes.
 
+use std::cell::RefCell;
+
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::contiguous_slice;
+use super::conv_cpu::{self, ConvGeometry, Epilogue, Scratch};
+use super::profile;
 
 /// Remainder of the last window's reach along one axis: rows past the last window that the output never uses.
 fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) -> Option<usize> {
@@ -36,6 +40,142 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilati
         return conv2d_im2col(&x, weight, padding, stride, dilation);
     }
     x.conv2d(weight, padding, stride, dilation, 1)
+}
+
+/// `relu?(conv2d(x, weight) + bias + residual)`: the convolution with its epilogue, for every device and both modes.
+///
+/// `bias` is `[Cout]`, `residual` has the output's shape. When nothing needs a gradient and the tensors are f32 on
+/// the CPU, this runs [`conv_cpu`]'s fused kernel (bias and residual folded into the product, one ReLU pass);
+/// otherwise it is [`conv2d`] followed by Candle's own ops, so training and other devices are unchanged.
+pub fn conv2d_fused(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    (padding, stride, dilation): (usize, usize, usize),
+) -> Result<Tensor> {
+    let dims = |t: &Tensor| -> [usize; 4] { t.dims().try_into().unwrap_or([0; 4]) };
+    profile::conv(
+        dims(x),
+        dims(weight),
+        (stride, dilation),
+        || conv2d_fused_unprofiled(x, weight, bias, residual, relu, (padding, stride, dilation)),
+        |y| dims(y),
+    )
+}
+
+fn conv2d_fused_unprofiled(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    (padding, stride, dilation): (usize, usize, usize),
+) -> Result<Tensor> {
+    let inputs = [Some(x), Some(weight), bias, residual];
+    let fast = x.device().is_cpu()
+        && !COMPOSED_ONLY.load(std::sync::atomic::Ordering::Relaxed)
+        && inputs
+            .iter()
+            .flatten()
+            .all(|t| t.dtype() == DType::F32 && !t.track_op() && t.device().is_cpu());
+    if fast {
+        return conv2d_cpu_inference(x, weight, bias, residual, relu, (padding, stride, dilation));
+    }
+    let mut y = conv2d(x, weight, padding, stride, dilation)?;
+    if let Some(b) = bias {
+        y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+    }
+    if let Some(r) = residual {
+        y = (y + r)?;
+    }
+    if relu {
+        y = y.relu()?;
+    }
+    Ok(y)
+}
+
+/// When set, [`conv2d_fused`] takes the composed path (Candle's convolution, then bias, residual and ReLU as
+/// separate ops) even where the fused CPU kernel applies: the benchmarks' before/after comparison in one process.
+static COMPOSED_ONLY: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// See [`COMPOSED_ONLY`]; for benchmarks.
+pub fn use_composed_path_only(on: bool) {
+    COMPOSED_ONLY.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+thread_local! {
+    /// Column and product buffers reused by every convolution this thread runs.
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+fn conv2d_cpu_inference(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: Option<&Tensor>,
+    residual: Option<&Tensor>,
+    relu: bool,
+    (padding, stride, dilation): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let (cout, cin, k, k2) = weight.dims4()?;
+    if cin != c || k != k2 {
+        candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), weight.dims())
+    }
+    let Some(g) = ConvGeometry::new((c, h, w), (cout, k), stride, padding, dilation) else {
+        candle_core::bail!(
+            "conv2d: input {:?} smaller than the kernel span of {:?}",
+            x.dims(),
+            weight.dims()
+        )
+    };
+    let out_shape = (b, cout, g.oh, g.ow);
+    if let Some(r) = residual {
+        if r.dims() != [b, cout, g.oh, g.ow] {
+            candle_core::bail!(
+                "conv2d: residual {:?} does not match the output {:?}",
+                r.dims(),
+                out_shape
+            )
+        }
+    }
+    if let Some(bias) = bias {
+        if bias.dims() != [cout] {
+            candle_core::bail!("conv2d: bias {:?} does not match {cout} output channels", bias.dims())
+        }
+    }
+    // Borrow every input's elements (made contiguous first), then run the kernel image by image.
+    let (x, weight) = (x.contiguous()?, weight.contiguous()?);
+    let bias = bias.map(Tensor::contiguous).transpose()?;
+    let residual = residual.map(Tensor::contiguous).transpose()?;
+    let (xg, wg) = (x.storage_and_layout(), weight.storage_and_layout());
+    let bg = bias.as_ref().map(Tensor::storage_and_layout);
+    let rg = residual.as_ref().map(Tensor::storage_and_layout);
+    let xs = cpu_f32(&xg.0, xg.1)?;
+    let ws = cpu_f32(&wg.0, wg.1)?;
+    let bs = bg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
+    let rs = rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
+    let (n_in, n_out) = (g.input_len(), g.output_len());
+    let mut out = vec![0f32; b * n_out];
+    SCRATCH.with_borrow_mut(|scratch| {
+        for (i, o) in out.chunks_mut(n_out).enumerate() {
+            let epilogue = Epilogue {
+                bias: bs,
+                residual: rs.map(|r| &r[i * n_out..(i + 1) * n_out]),
+                relu,
+            };
+            conv_cpu::conv2d_image(&g, &xs[i * n_in..(i + 1) * n_in], ws, epilogue, o, scratch);
+        }
+    });
+    Tensor::from_vec(out, out_shape, &candle_core::Device::Cpu)
+}
+
+fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
+    match s {
+        Storage::Cpu(CpuStorage::F32(v)) => contiguous_slice(v, l, "conv2d"),
+        _ => candle_core::bail!("conv2d: expected f32 on the CPU"),
+    }
 }
 
 /// Geometry shared by [`Im2Col`] and [`Col2Im`]: input `[B, C, H, W]` ↔ columns `[B, C·k·k, oh·ow]`, row

@@ -19,7 +19,9 @@
 
 pub mod batch_norm;
 pub mod conv;
+pub mod conv_cpu;
 pub mod pool;
+pub mod profile;
 pub mod resize;
 
 #[cfg(test)]

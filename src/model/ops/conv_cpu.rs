@@ -1,0 +1,541 @@
+//! Inference convolution on the CPU (f32, NCHW, groups = 1), the kernel behind [`super::conv::conv2d_fused`].
+//!
+//! Where Candle's CPU convolution spends its time around the matrix product (a single-threaded im2col into a
+//! `[L, C·k²]` buffer, a transposing copy of the product back to NCHW, then separate single-threaded passes for the
+//! bias, the residual add and the ReLU), this one:
+//! - writes the product straight into the NCHW output, which already holds the bias (and the residual), so the gemm
+//!   crate's `dst := dst + W·cols` applies both for free; the ReLU is one parallel pass at the end;
+//! - skips im2col for 1×1 stride-1 convolutions (the input already is the column matrix) and builds the others'
+//!   columns in parallel, a chunk of input channels at a time, so the buffer stays small (`COLUMN_BUDGET`) while
+//!   each product still covers a whole tile of pixels;
+//! - skips the taps that read only zero padding. Output rows (and columns) are grouped into bands that see the same
+//!   range of kernel rows (columns); each band × band block multiplies only by its valid taps. For DeepLabV3's ASPP
+//!   (dilations 12/24/36 on a 64×64 map) that removes 23–61% of the multiplications. Blocks whose taps are all valid
+//!   run as one product with the weight as stored (`[Cout, Cin·k²]`); the others run one product per valid tap,
+//!   reading that tap's `[Cout, Cin]` slice of the weight in place (column stride k²), so no weight is repacked.
+//!
+//! Used only when no gradient is needed: training keeps [`super::conv::conv2d`].
+
+use std::ops::Range;
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+/// The column buffer's size, in floats, above which a block is split into tiles of output rows (8 MiB).
+const COLUMN_BUDGET: usize = 2 << 20;
+
+/// Skip padded taps only when that saves at least this share of the multiplications: a per-tap product is less
+/// efficient than one product over all taps, so a 3×3 conv with padding 1 on a large map runs as one block.
+const MIN_SKIPPED_SHARE: f64 = 0.05;
+
+/// Geometry of one convolution: input `[Cin, H, W]` → output `[Cout, oh, ow]` per image.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ConvGeometry {
+    pub cin: usize,
+    pub h: usize,
+    pub w: usize,
+    pub cout: usize,
+    pub k: usize,
+    pub stride: usize,
+    pub padding: usize,
+    pub dilation: usize,
+    pub oh: usize,
+    pub ow: usize,
+}
+
+impl ConvGeometry {
+    /// `None` when the kernel's span does not fit the padded input or a size is zero.
+    pub fn new(
+        (cin, h, w): (usize, usize, usize),
+        (cout, k): (usize, usize),
+        stride: usize,
+        padding: usize,
+        dilation: usize,
+    ) -> Option<Self> {
+        if cin == 0 || cout == 0 || k == 0 || stride == 0 || dilation == 0 {
+            return None;
+        }
+        let span = dilation * (k - 1) + 1;
+        let oh = (h + 2 * padding).checked_sub(span)? / stride + 1;
+        let ow = (w + 2 * padding).checked_sub(span)? / stride + 1;
+        Some(Self {
+            cin,
+            h,
+            w,
+            cout,
+            k,
+            stride,
+            padding,
+            dilation,
+            oh,
+            ow,
+        })
+    }
+
+    pub fn input_len(&self) -> usize {
+        self.cin * self.h * self.w
+    }
+
+    pub fn output_len(&self) -> usize {
+        self.cout * self.oh * self.ow
+    }
+
+    pub fn weight_len(&self) -> usize {
+        self.cout * self.cin * self.k * self.k
+    }
+
+    /// Input index along an axis of `size` that output index `o` reads through tap `t`, if inside.
+    fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
+        let i = (o * self.stride + t * self.dilation) as isize - self.padding as isize;
+        (i >= 0 && (i as usize) < size).then_some(i as usize)
+    }
+
+    /// Consecutive output indices along an axis that see the same range of valid taps (a range, since the source
+    /// index grows with the tap), each with that range.
+    fn bands(&self, outputs: usize, size: usize) -> Vec<(Range<usize>, Range<usize>)> {
+        let mut bands: Vec<(Range<usize>, Range<usize>)> = Vec::new();
+        for o in 0..outputs {
+            let valid: Vec<usize> = (0..self.k).filter(|&t| self.source(o, t, size).is_some()).collect();
+            let taps = match (valid.first(), valid.last()) {
+                (Some(&a), Some(&b)) => a..b + 1,
+                _ => 0..0,
+            };
+            match bands.last_mut() {
+                Some((outs, t)) if *t == taps => outs.end = o + 1,
+                _ => bands.push((o..o + 1, taps)),
+            }
+        }
+        bands
+    }
+}
+
+/// A rectangle of output pixels and the kernel taps (`rows × cols`) that are valid for every pixel in it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct Block {
+    out_rows: Range<usize>,
+    out_cols: Range<usize>,
+    tap_rows: Range<usize>,
+    tap_cols: Range<usize>,
+    /// Taps may fall outside the input here (read as zero): the single-block plan.
+    checked: bool,
+}
+
+/// The blocks a convolution runs as: one checked block, or the band × band blocks when skipping pays.
+fn plan(g: &ConvGeometry) -> Vec<Block> {
+    let whole = Block {
+        out_rows: 0..g.oh,
+        out_cols: 0..g.ow,
+        tap_rows: 0..g.k,
+        tap_cols: 0..g.k,
+        checked: g.padding > 0,
+    };
+    if g.k == 1 || g.padding == 0 {
+        return vec![whole];
+    }
+    let (rows, cols) = (g.bands(g.oh, g.h), g.bands(g.ow, g.w));
+    let mut blocks = Vec::with_capacity(rows.len() * cols.len());
+    let mut macs = 0usize;
+    for (out_rows, tap_rows) in &rows {
+        for (out_cols, tap_cols) in &cols {
+            macs += out_rows.len() * out_cols.len() * tap_rows.len() * tap_cols.len();
+            blocks.push(Block {
+                out_rows: out_rows.clone(),
+                out_cols: out_cols.clone(),
+                tap_rows: tap_rows.clone(),
+                tap_cols: tap_cols.clone(),
+                checked: false,
+            });
+        }
+    }
+    let full = g.oh * g.ow * g.k * g.k;
+    if (full - macs) as f64 >= MIN_SKIPPED_SHARE * full as f64 {
+        blocks
+    } else {
+        vec![whole]
+    }
+}
+
+/// What is applied to the product: `out = relu?(W ⊛ x + bias + residual)`.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Epilogue<'a> {
+    /// `[Cout]`.
+    pub bias: Option<&'a [f32]>,
+    /// `[Cout, oh·ow]`, this image's.
+    pub residual: Option<&'a [f32]>,
+    pub relu: bool,
+}
+
+fn parallelism() -> Parallelism {
+    match rayon::current_num_threads() {
+        0 | 1 => Parallelism::None,
+        n => Parallelism::Rayon(n),
+    }
+}
+
+/// Reusable buffers, so a network's convolutions do not allocate their columns each time.
+#[derive(Default)]
+pub struct Scratch {
+    columns: Vec<f32>,
+    product: Vec<f32>,
+}
+
+/// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`.
+pub fn conv2d_image(
+    g: &ConvGeometry,
+    x: &[f32],
+    weight: &[f32],
+    epilogue: Epilogue,
+    out: &mut [f32],
+    scratch: &mut Scratch,
+) {
+    assert_eq!(x.len(), g.input_len(), "conv2d_image: input length");
+    assert_eq!(weight.len(), g.weight_len(), "conv2d_image: weight length");
+    assert_eq!(out.len(), g.output_len(), "conv2d_image: output length");
+    let plane = g.oh * g.ow;
+    if let Some(b) = epilogue.bias {
+        assert_eq!(b.len(), g.cout, "conv2d_image: bias length");
+    }
+    if let Some(r) = epilogue.residual {
+        assert_eq!(r.len(), out.len(), "conv2d_image: residual length");
+    }
+
+    // out = bias + residual: the products below add onto it.
+    out.par_chunks_mut(plane).enumerate().for_each(|(co, o)| {
+        let b = epilogue.bias.map_or(0.0, |b| b[co]);
+        match epilogue.residual {
+            Some(r) => o
+                .iter_mut()
+                .zip(&r[co * plane..(co + 1) * plane])
+                .for_each(|(o, r)| *o = r + b),
+            None => o.fill(b),
+        }
+    });
+
+    if g.k == 1 && g.stride == 1 && g.padding == 0 {
+        // SAFETY: `weight` is [cout, cin], `x` is [cin, plane] (oh = h, ow = w here), `out` is [cout, plane]; the
+        // lengths are asserted above.
+        unsafe {
+            product(
+                g.cout,
+                plane,
+                g.cin,
+                out.as_mut_ptr(),
+                plane,
+                weight.as_ptr(),
+                g.cin,
+                1,
+                x.as_ptr(),
+                plane,
+                true,
+            )
+        };
+    } else {
+        for block in plan(g) {
+            run_block(g, &block, x, weight, out, scratch);
+        }
+    }
+
+    if epilogue.relu {
+        out.par_chunks_mut(plane)
+            .for_each(|o| o.iter_mut().for_each(|v| *v = v.max(0.0)));
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, all row-major with unit column stride except `lhs` (`lhs_cs`).
+///
+/// # Safety
+/// Every pointer must cover its matrix: `dst` rows `dst_rs` apart, `lhs` rows `lhs_rs` apart with columns
+/// `lhs_cs` apart, `rhs` rows `rhs_rs` apart.
+#[allow(clippy::too_many_arguments)]
+unsafe fn product(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    lhs_cs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    accumulate: bool,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        lhs_cs as isize,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        parallelism(),
+    )
+}
+
+/// Largest number of output pixels one product covers; bigger blocks are split into tiles of whole output rows.
+const MAX_TILE_PIXELS: usize = 16 << 10;
+
+/// Runs one block: tiles of output rows, each accumulated over chunks of input channels, so the column buffer stays
+/// within [`COLUMN_BUDGET`] while every product still spans many pixels (each chunk of the weight is packed once per
+/// tile, not once per handful of pixels).
+fn run_block(g: &ConvGeometry, block: &Block, x: &[f32], weight: &[f32], out: &mut [f32], scratch: &mut Scratch) {
+    let (k, plane) = (g.k, g.oh * g.ow);
+    let all_taps = block.tap_rows.len() == k && block.tap_cols.len() == k;
+    let taps: Vec<(usize, usize)> = block
+        .tap_rows
+        .clone()
+        .flat_map(|ky| block.tap_cols.clone().map(move |kx| (ky, kx)))
+        .collect();
+    let width = block.out_cols.len();
+    if taps.is_empty() || width == 0 || block.out_rows.is_empty() {
+        return; // every tap reads padding: the output is the epilogue alone
+    }
+    let full_width = width == g.ow;
+    let tile_rows = (MAX_TILE_PIXELS / width).clamp(1, block.out_rows.len());
+    // A chunk is `channels` input channels of every tap (all-taps blocks, rows in the weight's (c, ky, kx) order) or
+    // of one tap (other blocks).
+    let taps_per_chunk = if all_taps { taps.len() } else { 1 };
+    let mut r0 = block.out_rows.start;
+    while r0 < block.out_rows.end {
+        let r1 = (r0 + tile_rows).min(block.out_rows.end);
+        let npix = (r1 - r0) * width;
+        let channels = (COLUMN_BUDGET / (npix * taps_per_chunk)).clamp(1, g.cin);
+        // The product goes straight into `out` when the tile is whole output rows; otherwise into a buffer that is
+        // then added on.
+        let (dst, dst_rs, onto_out) = if full_width {
+            (out[r0 * g.ow..].as_mut_ptr(), plane, true)
+        } else {
+            scratch.product.clear();
+            scratch.product.resize(g.cout * npix, 0.0);
+            (scratch.product.as_mut_ptr(), npix, false)
+        };
+        let groups: Vec<usize> = if all_taps {
+            vec![usize::MAX]
+        } else {
+            (0..taps.len()).collect()
+        };
+        let mut first = true;
+        for &t in &groups {
+            for c0 in (0..g.cin).step_by(channels) {
+                let c1 = (c0 + channels).min(g.cin);
+                let chunk_taps = if all_taps { &taps[..] } else { &taps[t..t + 1] };
+                fill_columns(g, block, chunk_taps, c0..c1, r0..r1, x, &mut scratch.columns);
+                let rows_k = (c1 - c0) * chunk_taps.len();
+                let cols = &scratch.columns[..rows_k * npix];
+                // Weight columns of this chunk: all taps of channels c0..c1 are contiguous; one tap's are k² apart.
+                let (lhs, lhs_cs) = if all_taps {
+                    (&weight[c0 * k * k..], 1)
+                } else {
+                    let (ky, kx) = taps[t];
+                    (&weight[c0 * k * k + ky * k + kx..], k * k)
+                };
+                // SAFETY: `dst` covers [cout, npix] with rows `dst_rs` apart (a tile of whole rows of `out`, or the
+                // product buffer); `lhs` covers [cout, rows_k] with rows cin·k² apart and columns `lhs_cs` apart
+                // inside the weight; `cols` is [rows_k, npix].
+                unsafe {
+                    product(
+                        g.cout,
+                        npix,
+                        rows_k,
+                        dst,
+                        dst_rs,
+                        lhs.as_ptr(),
+                        g.cin * k * k,
+                        lhs_cs,
+                        cols.as_ptr(),
+                        npix,
+                        onto_out || !first,
+                    )
+                };
+                first = false;
+            }
+        }
+        if !full_width {
+            let product = &scratch.product;
+            let c0 = block.out_cols.start;
+            out.par_chunks_mut(plane).enumerate().for_each(|(co, o)| {
+                let p = &product[co * npix..(co + 1) * npix];
+                for (r, oy) in (r0..r1).enumerate() {
+                    let dst = &mut o[oy * g.ow + c0..oy * g.ow + c0 + width];
+                    dst.iter_mut()
+                        .zip(&p[r * width..(r + 1) * width])
+                        .for_each(|(d, s)| *d += s);
+                }
+            });
+        }
+        r0 = r1;
+    }
+}
+
+/// The column matrix of channels `channels` and output rows `rows` of `block`: `[C·taps, npix]`, rows in
+/// `(c, tap)` order (the weight's own order when `taps` is every tap).
+fn fill_columns(
+    g: &ConvGeometry,
+    block: &Block,
+    taps: &[(usize, usize)],
+    channels: Range<usize>,
+    rows: Range<usize>,
+    x: &[f32],
+    columns: &mut Vec<f32>,
+) {
+    let width = block.out_cols.len();
+    let npix = rows.len() * width;
+    let rows_k = channels.len() * taps.len();
+    columns.clear();
+    columns.resize(rows_k * npix, 0.0);
+    columns.par_chunks_mut(npix).enumerate().for_each(|(row, col)| {
+        let c = channels.start + row / taps.len();
+        let (ky, kx) = taps[row % taps.len()];
+        let channel = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (r, oy) in rows.clone().enumerate() {
+            let seg = &mut col[r * width..(r + 1) * width];
+            let Some(iy) = g.source(oy, ky, g.h) else {
+                continue; // stays zero (checked blocks only)
+            };
+            let line = &channel[iy * g.w..(iy + 1) * g.w];
+            let first = block.out_cols.start * g.stride + kx * g.dilation;
+            if !block.checked && g.stride == 1 {
+                let start = first - g.padding;
+                seg.copy_from_slice(&line[start..start + width]);
+            } else if !block.checked {
+                let start = first - g.padding;
+                seg.iter_mut()
+                    .enumerate()
+                    .for_each(|(i, v)| *v = line[start + i * g.stride]);
+            } else {
+                for (i, v) in seg.iter_mut().enumerate() {
+                    if let Some(ix) = g.source(block.out_cols.start + i, kx, g.w) {
+                        *v = line[ix];
+                    }
+                }
+            }
+        }
+    });
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Direct definition of the convolution, in f64.
+    fn reference(g: &ConvGeometry, x: &[f32], w: &[f32], e: &Epilogue) -> Vec<f32> {
+        let mut out = vec![0f32; g.output_len()];
+        for co in 0..g.cout {
+            for oy in 0..g.oh {
+                for ox in 0..g.ow {
+                    let mut s = e.bias.map_or(0.0, |b| b[co] as f64);
+                    for c in 0..g.cin {
+                        for ky in 0..g.k {
+                            for kx in 0..g.k {
+                                if let (Some(iy), Some(ix)) = (g.source(oy, ky, g.h), g.source(ox, kx, g.w)) {
+                                    s += x[(c * g.h + iy) * g.w + ix] as f64
+                                        * w[((co * g.cin + c) * g.k + ky) * g.k + kx] as f64;
+                                }
+                            }
+                        }
+                    }
+                    let i = (co * g.oh + oy) * g.ow + ox;
+                    s += e.residual.map_or(0.0, |r| r[i] as f64);
+                    out[i] = if e.relu { s.max(0.0) as f32 } else { s as f32 };
+                }
+            }
+        }
+        out
+    }
+
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    #[test]
+    fn matches_the_definition_for_every_plan() {
+        // (cin, h, w, cout, k, stride, padding, dilation)
+        let cases = [
+            (5, 7, 6, 4, 1, 1, 0, 1),     // 1×1: no columns
+            (5, 7, 6, 4, 1, 2, 0, 1),     // strided 1×1 (a downsample)
+            (3, 9, 8, 4, 7, 2, 3, 1),     // the stem's 7×7/2
+            (4, 8, 8, 6, 3, 1, 1, 1),     // 3×3 "same"
+            (4, 9, 7, 6, 3, 2, 1, 1),     // 3×3/2
+            (4, 12, 11, 5, 3, 1, 4, 4),   // dilated: bands skip padded taps
+            (3, 10, 10, 4, 3, 1, 12, 12), // dilation above the map: only the centre tap is valid
+            (3, 16, 13, 4, 3, 1, 6, 6),   // ASPP-like
+            (2, 180, 100, 3, 3, 1, 1, 1), // more pixels than one tile: split into tiles of rows
+        ];
+        for (i, &(cin, h, w, cout, k, s, p, d)) in cases.iter().enumerate() {
+            let g = ConvGeometry::new((cin, h, w), (cout, k), s, p, d).unwrap();
+            let x = seeded(g.input_len(), i as u64);
+            let wt = seeded(g.weight_len(), 100 + i as u64);
+            let bias = seeded(cout, 200 + i as u64);
+            let residual = seeded(g.output_len(), 300 + i as u64);
+            for e in [
+                Epilogue::default(),
+                Epilogue {
+                    bias: Some(&bias),
+                    residual: None,
+                    relu: true,
+                },
+                Epilogue {
+                    bias: Some(&bias),
+                    residual: Some(&residual),
+                    relu: true,
+                },
+            ] {
+                let want = reference(&g, &x, &wt, &e);
+                let mut got = vec![f32::NAN; g.output_len()];
+                conv2d_image(&g, &x, &wt, e, &mut got, &mut Scratch::default());
+                let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4, "case {i} {g:?}: max error {err}");
+            }
+        }
+    }
+
+    #[test]
+    fn tiles_split_large_blocks_without_changing_the_result() {
+        // Enough channels and pixels that a block's columns exceed the budget and are built a chunk at a time.
+        let g = ConvGeometry::new((1024, 48, 48), (2, 3), 1, 5, 5).unwrap();
+        assert!(g.cin * 9 * 48 * 48 > COLUMN_BUDGET);
+        let x = seeded(g.input_len(), 1);
+        let wt = seeded(g.weight_len(), 2);
+        let want = reference(&g, &x, &wt, &Epilogue::default());
+        let mut got = vec![0f32; g.output_len()];
+        conv2d_image(&g, &x, &wt, Epilogue::default(), &mut got, &mut Scratch::default());
+        let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+        assert!(err < 1e-3, "max error {err}");
+    }
+
+    #[test]
+    fn aspp_plans_skip_the_padding() {
+        // DeepLabV3's ASPP at 512² (a 64×64 map): the share of multiplications the plan keeps.
+        for (d, keep_at_most) in [(12, 0.77), (24, 0.57), (36, 0.40)] {
+            let g = ConvGeometry::new((8, 64, 64), (8, 3), 1, d, d).unwrap();
+            let blocks = plan(&g);
+            let macs: usize = blocks
+                .iter()
+                .map(|b| b.out_rows.len() * b.out_cols.len() * b.tap_rows.len() * b.tap_cols.len())
+                .sum();
+            let kept = macs as f64 / (64 * 64 * 9) as f64;
+            assert!(kept <= keep_at_most, "dilation {d}: keeps {kept}");
+            assert!(blocks.iter().all(|b| !b.checked));
+        }
+        // A 3×3 "same" conv on a large map keeps one checked block (skipping would save under 5%).
+        let g = ConvGeometry::new((8, 64, 64), (8, 3), 1, 1, 1).unwrap();
+        assert_eq!(plan(&g).len(), 1);
+    }
+}
