@@ -23,6 +23,7 @@ use std::fmt;
 
 use image::imageops::{self, FilterType};
 use image::RgbImage;
+use rayon::prelude::*;
 
 /// Default limit on the pixels the network sees per image; larger images are downscaled (see the module docs).
 pub const DEFAULT_MAX_MODEL_PIXELS: u64 = 1024 * 1024;
@@ -36,6 +37,12 @@ pub trait Segmenter: Send + Sync {
 
     /// Softmax probabilities `[C, H, W]` (row-major f32) at the size of `image`, which is RGB with 8-bit samples.
     fn probabilities(&self, image: &RgbImage) -> anyhow::Result<Probabilities>;
+
+    /// Per-pixel class scores `[C, H, W]` whose argmax is the mask: the probabilities, or anything that orders the
+    /// classes of each pixel the same way (a network's logits, which saves the softmax).
+    fn mask_scores(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        self.probabilities(image)
+    }
 }
 
 /// Per-pixel class probabilities, `[C, H, W]` row-major: `data[(c * height + y) * width + x]`.
@@ -94,24 +101,38 @@ impl Probabilities {
     ) -> Result<Self, ShapeError> {
         let plane = height * width;
         if logits.len() == num_classes * plane && num_classes > 0 {
+            // Per pixel: the maximum and the sum of exponentials, over stripes of pixels in parallel.
+            const STRIPE: usize = 4096;
             let mut max = vec![f32::NEG_INFINITY; plane];
-            for class in logits.chunks_exact(plane) {
-                for (m, &v) in max.iter_mut().zip(class) {
-                    *m = m.max(v);
-                }
-            }
             let mut sum = vec![0f32; plane];
-            for class in logits.chunks_exact_mut(plane) {
-                for ((v, &m), s) in class.iter_mut().zip(&max).zip(sum.iter_mut()) {
-                    *v = (*v - m).exp();
-                    *s += *v;
-                }
-            }
-            for class in logits.chunks_exact_mut(plane) {
-                for (v, &s) in class.iter_mut().zip(&sum) {
-                    *v /= s;
-                }
-            }
+            let classes = &logits;
+            max.par_chunks_mut(STRIPE)
+                .zip(sum.par_chunks_mut(STRIPE))
+                .enumerate()
+                .for_each(|(i, (max, sum))| {
+                    let start = i * STRIPE;
+                    for class in classes.chunks_exact(plane) {
+                        for (m, &v) in max.iter_mut().zip(&class[start..]) {
+                            *m = m.max(v);
+                        }
+                    }
+                    for class in classes.chunks_exact(plane) {
+                        for ((s, &m), &v) in sum.iter_mut().zip(&*max).zip(&class[start..]) {
+                            *s += (v - m).exp();
+                        }
+                    }
+                });
+            // Then every value, in parallel over stripes of each class plane.
+            logits.par_chunks_mut(plane).for_each(|class| {
+                class
+                    .chunks_mut(STRIPE)
+                    .zip(max.chunks(STRIPE).zip(sum.chunks(STRIPE)))
+                    .for_each(|(values, (max, sum))| {
+                        for ((v, &m), &s) in values.iter_mut().zip(max).zip(sum) {
+                            *v = (*v - m).exp() / s;
+                        }
+                    })
+            });
         }
         Self::new(num_classes, height, width, logits)
     }
@@ -148,17 +169,22 @@ impl Probabilities {
 
     /// The most probable class of every pixel (the lowest index on ties).
     pub fn argmax(&self) -> Mask {
+        const STRIPE: usize = 4096;
         let plane = self.height * self.width;
-        let mut best = vec![f32::NEG_INFINITY; plane];
         let mut labels = vec![0u8; plane];
-        for (class, values) in self.data.chunks_exact(plane.max(1)).enumerate() {
-            for ((b, l), &v) in best.iter_mut().zip(labels.iter_mut()).zip(values) {
-                if v > *b {
-                    *b = v;
-                    *l = class_label(class);
+        // Over stripes of pixels in parallel; each stripe walks the class planes in order.
+        labels.par_chunks_mut(STRIPE).enumerate().for_each(|(i, labels)| {
+            let start = i * STRIPE;
+            let mut best = [f32::NEG_INFINITY; STRIPE];
+            for (class, values) in self.data.chunks_exact(plane.max(1)).enumerate() {
+                for ((b, l), &v) in best.iter_mut().zip(labels.iter_mut()).zip(&values[start..]) {
+                    if v > *b {
+                        *b = v;
+                        *l = class_label(class);
+                    }
                 }
             }
-        }
+        });
         Mask {
             width: self.width,
             height: self.height,
@@ -376,6 +402,15 @@ impl Inference {
 
     /// Run the network at [`Self::model_size`]; returns the probabilities at that size.
     fn run(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        self.run_with(image, |input| self.segmenter.probabilities(input))
+    }
+
+    /// Run `network` on the image at [`Self::model_size`] and check the shape of what it returns.
+    fn run_with(
+        &self,
+        image: &RgbImage,
+        network: impl FnOnce(&RgbImage) -> anyhow::Result<Probabilities>,
+    ) -> anyhow::Result<Probabilities> {
         let (width, height) = image.dimensions();
         let (mw, mh) = self.model_size(width, height);
         let resized;
@@ -392,7 +427,7 @@ impl Inference {
             resized = imageops::resize(image, mw, mh, FilterType::Triangle);
             &resized
         };
-        let probabilities = self.segmenter.probabilities(input)?;
+        let probabilities = network(input)?;
         let expected = [self.segmenter.num_classes(), mh as usize, mw as usize];
         anyhow::ensure!(
             probabilities.shape() == expected,
@@ -417,6 +452,13 @@ impl Inference {
     /// The class-index mask at the image's own size.
     pub fn mask(&self, image: &RgbImage) -> anyhow::Result<Mask> {
         let (width, height) = image.dimensions();
+        if self.model_size(width, height) == (width, height) {
+            // At the image's own size the mask is the argmax of any scores that order the classes alike.
+            return Ok(self
+                .run_with(image, |input| self.segmenter.mask_scores(input))?
+                .argmax());
+        }
+        // Resized, the mask follows the interpolated probabilities (interpolated logits could differ at edges).
         let probabilities = self.run(image)?;
         if probabilities.width() == width as usize && probabilities.height() == height as usize {
             Ok(probabilities.argmax())

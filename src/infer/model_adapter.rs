@@ -41,6 +41,20 @@ impl Segmenter for ModelSegmenter {
     }
 
     fn probabilities(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        let (classes, height, width, logits) = self.logits(image)?;
+        Ok(Probabilities::from_logits(classes, height, width, logits)?)
+    }
+
+    /// The logits: the argmax is the same as the probabilities', without the softmax.
+    fn mask_scores(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        let (classes, height, width, logits) = self.logits(image)?;
+        Ok(Probabilities::new(classes, height, width, logits)?)
+    }
+}
+
+impl ModelSegmenter {
+    /// The network's logits `[C, H, W]` for `image`, on the CPU: (classes, height, width, values).
+    fn logits(&self, image: &RgbImage) -> anyhow::Result<(usize, usize, usize, Vec<f32>)> {
         let (width, height) = (image.width() as usize, image.height() as usize);
         let norm = &self.model.meta().normalization;
         let input = normalised_chw(image, norm.mean, norm.std);
@@ -53,7 +67,7 @@ impl Segmenter for ModelSegmenter {
             logits.dims()
         );
         let logits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        Ok(Probabilities::from_logits(classes, height, width, logits)?)
+        Ok((classes, height, width, logits))
     }
 }
 
@@ -94,7 +108,7 @@ mod tests {
                 min_model_side: 32,
             },
         );
-        for (w, h) in [(61, 47), (5, 3), (120, 90)] {
+        for (w, h) in [(61, 47), (5, 3), (120, 90), (40, 36)] {
             let image = RgbImage::from_fn(w, h, |x, y| image::Rgb([(x * 4) as u8, (y * 5) as u8, 77]));
             let p = inference.probabilities(&image)?;
             assert_eq!(p.shape(), [3, h as usize, w as usize]);
@@ -103,7 +117,12 @@ mod tests {
                 let sum: f32 = (0..3).map(|c| p.as_slice()[c * plane + i]).sum();
                 assert!((sum - 1.0).abs() < 1e-4, "{sum}");
             }
-            assert_eq!(inference.mask(&image)?.labels().len(), plane);
+            let mask = inference.mask(&image)?;
+            assert_eq!(mask.labels().len(), plane);
+            if (w, h) == (40, 36) {
+                // At the model's own size the mask comes from the logits (no softmax): the same classes.
+                assert_eq!(mask, p.argmax(), "{w}x{h}");
+            }
         }
         Ok(())
     }

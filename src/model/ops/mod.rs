@@ -23,6 +23,7 @@ pub mod conv_cpu;
 pub mod pool;
 pub mod profile;
 pub mod resize;
+mod winograd;
 
 #[cfg(test)]
 pub(crate) mod gradcheck;
