@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, 
 
 use super::contiguous_slice;
 use super::conv_cpu::{self, ConvGeometry, Epilogue, Scratch};
+use super::conv_cpu_backward;
 use super::profile;
 
 /// Remainder of the last window's reach along one axis: rows past the last window that the output never uses.
@@ -24,6 +25,18 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 
 /// `x` `[B, Cin, H, W]` ⊛ `weight` `[Cout, Cin, k, k]` (no groups), with the padding fix above when needed.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
+    let trains = x.track_op() || weight.track_op();
+    if trains && x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
+        // Our own kernels forward and backward: any size works, no parity fix needed.
+        return x.contiguous()?.apply_op2(
+            &weight.contiguous()?,
+            CpuConv2d {
+                padding,
+                stride,
+                dilation,
+            },
+        );
+    }
     let (_, _, h, w) = x.dims4()?;
     let (_, _, kh, kw) = weight.dims4()?;
     let x = match (
@@ -108,6 +121,8 @@ pub fn use_composed_path_only(on: bool) {
 thread_local! {
     /// Column and product buffers reused by every convolution this thread runs.
     static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+    /// The same for the gradients.
+    static BACKWARD_SCRATCH: RefCell<conv_cpu_backward::Buffers> = RefCell::new(Default::default());
 }
 
 fn conv2d_cpu_inference(
@@ -175,6 +190,85 @@ fn cpu_f32<'a>(s: &'a Storage, l: &Layout) -> Result<&'a [f32]> {
     match s {
         Storage::Cpu(CpuStorage::F32(v)) => contiguous_slice(v, l, "conv2d"),
         _ => candle_core::bail!("conv2d: expected f32 on the CPU"),
+    }
+}
+
+/// The training convolution on the CPU in f32: forward by [`conv_cpu`]'s kernel (Winograd and padded-tap skipping
+/// included), backward by [`conv_cpu_backward`], which rebuilds the input's columns in chunks instead of keeping
+/// them in the graph. The input gradient is skipped when the input needs none (the image).
+struct CpuConv2d {
+    padding: usize,
+    stride: usize,
+    dilation: usize,
+}
+
+impl CpuConv2d {
+    fn geometry(&self, x: &Shape, w: &Shape) -> Result<(usize, ConvGeometry)> {
+        let (b, c, h, wd) = x.dims4()?;
+        let (cout, cin, k, k2) = w.dims4()?;
+        if cin != c || k != k2 {
+            candle_core::bail!("conv2d: input {:?} and weight {:?} do not fit", x.dims(), w.dims())
+        }
+        match ConvGeometry::new((c, h, wd), (cout, k), self.stride, self.padding, self.dilation) {
+            Some(g) => Ok((b, g)),
+            None => candle_core::bail!(
+                "conv2d: input {:?} smaller than the kernel span of {:?}",
+                x.dims(),
+                w.dims()
+            ),
+        }
+    }
+}
+
+impl candle_core::CustomOp2 for CpuConv2d {
+    fn name(&self) -> &'static str {
+        "semseg-conv2d"
+    }
+
+    fn cpu_fwd(&self, s1: &CpuStorage, l1: &Layout, s2: &CpuStorage, l2: &Layout) -> Result<(CpuStorage, Shape)> {
+        let (b, g) = self.geometry(l1.shape(), l2.shape())?;
+        let (CpuStorage::F32(x), CpuStorage::F32(w)) = (s1, s2) else {
+            candle_core::bail!("conv2d: the CPU kernel takes f32")
+        };
+        let (x, w) = (contiguous_slice(x, l1, "conv2d")?, contiguous_slice(w, l2, "conv2d")?);
+        let (n_in, n_out) = (g.input_len(), g.output_len());
+        let mut out = vec![0f32; b * n_out];
+        SCRATCH.with_borrow_mut(|scratch| {
+            for (i, o) in out.chunks_mut(n_out).enumerate() {
+                conv_cpu::conv2d_image(&g, &x[i * n_in..(i + 1) * n_in], w, Epilogue::default(), o, scratch);
+            }
+        });
+        Ok((CpuStorage::F32(out), Shape::from((b, g.cout, g.oh, g.ow))))
+    }
+
+    fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let (b, g) = self.geometry(x.shape(), w.shape())?;
+        let (x, w, grad) = (
+            x.contiguous()?,
+            w.contiguous()?,
+            grad.contiguous()?.to_dtype(DType::F32)?,
+        );
+        let (xg, wg, gg) = (
+            x.storage_and_layout(),
+            w.storage_and_layout(),
+            grad.storage_and_layout(),
+        );
+        let (xs, ws, gs) = (cpu_f32(&xg.0, xg.1)?, cpu_f32(&wg.0, wg.1)?, cpu_f32(&gg.0, gg.1)?);
+        let (n_in, n_out) = (g.input_len(), g.output_len());
+        let mut grad_w = vec![0f32; g.weight_len()];
+        let mut grad_x = x.track_op().then(|| vec![0f32; b * n_in]);
+        BACKWARD_SCRATCH.with_borrow_mut(|buffers| {
+            for i in 0..b {
+                let (xi, gi) = (&xs[i * n_in..(i + 1) * n_in], &gs[i * n_out..(i + 1) * n_out]);
+                conv_cpu_backward::add_weight_grad(&g, xi, gi, &mut grad_w, buffers);
+                if let Some(gx) = grad_x.as_mut() {
+                    conv_cpu_backward::input_grad(&g, ws, gi, &mut gx[i * n_in..(i + 1) * n_in], buffers);
+                }
+            }
+        });
+        let grad_w = Tensor::from_vec(grad_w, w.shape(), w.device())?;
+        let grad_x = grad_x.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
+        Ok((grad_x, Some(grad_w)))
     }
 }
 
@@ -371,6 +465,65 @@ mod tests {
                 conv2d_im2col(&t[0], &t[1], p, s, d)
             })?;
         }
+        Ok(())
+    }
+
+    /// ‖a − b‖ / ‖b‖ over all elements.
+    fn relative_l2(a: &Tensor, b: &Tensor) -> Result<f64> {
+        let a = a.to_dtype(candle_core::DType::F64)?;
+        let b = b.to_dtype(candle_core::DType::F64)?;
+        let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?;
+        Ok((num / den).sqrt())
+    }
+
+    #[test]
+    fn f32_training_kernel_matches_the_f64_reference_forward_and_backward() -> Result<()> {
+        use candle_core::{DType, Var};
+        // (cin, h, w, cout, k, padding, stride, dilation): mixed parity, the stem, strided and plain 1×1, dilated
+        // 3×3 (Winograd on sub-grids forward), and a dilation wider than the map (most taps in the padding).
+        for &(cin, h, w, cout, k, p, s, d) in &[
+            (3, 5, 6, 4, 3, 1, 2, 1),
+            (3, 19, 18, 5, 7, 3, 2, 1),
+            (6, 7, 9, 5, 1, 0, 1, 1),
+            (6, 7, 9, 5, 1, 0, 2, 1),
+            (20, 13, 11, 6, 3, 2, 1, 2),
+            (20, 9, 10, 3, 3, 12, 1, 12),
+        ] {
+            let x64 = seeded(&[2, cin, h, w], 5)?;
+            let w64 = seeded(&[cout, cin, k, k], 6)?;
+            let (x32, w32) = (
+                Var::from_tensor(&x64.to_dtype(DType::F32)?)?,
+                Var::from_tensor(&w64.to_dtype(DType::F32)?)?,
+            );
+            let y32 = conv2d(x32.as_tensor(), w32.as_tensor(), p, s, d)?;
+            let (xr, wr) = (Var::from_tensor(&x64)?, Var::from_tensor(&w64)?);
+            let y64 = conv2d_im2col(xr.as_tensor(), wr.as_tensor(), p, s, d)?;
+            assert_eq!(y32.dims(), y64.dims());
+            let r = seeded(y64.dims(), 7)?;
+            let g32 = (&y32 * r.to_dtype(DType::F32)?)?.sum_all()?.backward()?;
+            let g64 = (&y64 * &r)?.sum_all()?.backward()?;
+            let case = format!("{:?}", (cin, h, w, cout, k, p, s, d));
+            assert!(relative_l2(&y32, &y64)? < 1e-5, "{case}: output");
+            let (gx32, gx64) = (g32.get(x32.as_tensor()).unwrap(), g64.get(xr.as_tensor()).unwrap());
+            assert!(relative_l2(gx32, gx64)? < 1e-5, "{case}: input gradient");
+            let (gw32, gw64) = (g32.get(w32.as_tensor()).unwrap(), g64.get(wr.as_tensor()).unwrap());
+            assert!(relative_l2(gw32, gw64)? < 1e-5, "{case}: weight gradient");
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn no_input_gradient_for_an_input_that_needs_none() -> Result<()> {
+        use candle_core::{DType, Var};
+        let image = seeded(&[1, 3, 8, 8], 1)?.to_dtype(DType::F32)?;
+        let w = Var::from_tensor(&seeded(&[4, 3, 3, 3], 2)?.to_dtype(DType::F32)?)?;
+        let grads = conv2d(&image, w.as_tensor(), 1, 1, 1)?.sum_all()?.backward()?;
+        assert!(grads.get(&image).is_none());
+        assert_eq!(
+            grads.get(w.as_tensor()).map(|g| g.dims().to_vec()),
+            Some(vec![4, 3, 3, 3])
+        );
         Ok(())
     }
 

@@ -282,6 +282,31 @@ pub(crate) unsafe fn product(
     rhs_rs: usize,
     accumulate: bool,
 ) {
+    product_strided(
+        m,
+        n,
+        k,
+        (dst, dst_rs),
+        (lhs, lhs_rs, lhs_cs),
+        (rhs, rhs_rs, 1),
+        accumulate,
+    )
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with any strides (a transposed operand is a swapped pair); `dst` has unit
+/// column stride.
+///
+/// # Safety
+/// Every pointer must cover its matrix with the given (row, column) strides.
+pub(crate) unsafe fn product_strided(
+    m: usize,
+    n: usize,
+    k: usize,
+    (dst, dst_rs): (*mut f32, usize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    accumulate: bool,
+) {
     gemm(
         m,
         n,
@@ -294,7 +319,7 @@ pub(crate) unsafe fn product(
         lhs_cs as isize,
         lhs_rs as isize,
         rhs,
-        1,
+        rhs_cs as isize,
         rhs_rs as isize,
         1.0,
         1.0,
@@ -303,6 +328,25 @@ pub(crate) unsafe fn product(
         false,
         parallelism(),
     )
+}
+
+/// The column matrix of input channels `channels` over every output pixel, `[C·k², oh·ow]` in the weight's
+/// `(c, ky, kx)` order, zeros where a tap reads padding: what the gradients multiply by.
+pub(crate) fn all_columns(g: &ConvGeometry, x: &[f32], channels: Range<usize>, columns: &mut Vec<f32>) {
+    let block = Block {
+        out_rows: 0..g.oh,
+        out_cols: 0..g.ow,
+        tap_rows: 0..g.k,
+        tap_cols: 0..g.k,
+        checked: g.padding > 0,
+    };
+    let taps: Vec<(usize, usize)> = (0..g.k).flat_map(|ky| (0..g.k).map(move |kx| (ky, kx))).collect();
+    fill_columns(g, &block, &taps, channels, 0..g.oh, x, columns);
+}
+
+/// Input channels per chunk so that a chunk's columns over `pixels` stay near [`COLUMN_BUDGET`].
+pub(crate) fn channels_per_chunk(g: &ConvGeometry, pixels: usize) -> usize {
+    (COLUMN_BUDGET / (pixels * g.k * g.k).max(1)).clamp(1, g.cin)
 }
 
 /// Largest number of output pixels one product covers; bigger blocks are split into tiles of whole output rows.

@@ -20,6 +20,7 @@
 pub mod batch_norm;
 pub mod conv;
 pub mod conv_cpu;
+pub mod conv_cpu_backward;
 pub mod pool;
 pub mod profile;
 pub mod resize;

@@ -1,0 +1,158 @@
+//! The gradients of the CPU convolution (f32, NCHW, groups = 1), per image, for [`super::conv::conv2d`] in training.
+//!
+//! Both multiply by the column matrix of the input, rebuilt here a chunk of input channels at a time rather than kept
+//! from the forward pass, so the autograd graph holds no `[Cin·k², L]` buffers (for a ResNet-50 at crop 512 those
+//! were gigabytes, each a fresh allocation the kernel had to zero):
+//! - weight: `dW[Cout, Cin·k²] += dY[Cout, L] · colsᵀ` (1×1 stride-1: `dY · Xᵀ`, no columns);
+//! - input: `dX = col2im(Wᵀ · dY)` (1×1 stride-1: `Wᵀ · dY`, no columns).
+
+use rayon::prelude::*;
+
+use super::conv_cpu::{all_columns, at_least, channels_per_chunk, product_strided, ConvGeometry};
+
+/// Buffers reused across calls.
+#[derive(Default)]
+pub struct Buffers {
+    columns: Vec<f32>,
+}
+
+fn is_pointwise(g: &ConvGeometry) -> bool {
+    g.k == 1 && g.stride == 1 && g.padding == 0
+}
+
+/// `grad_w` `[Cout, Cin, k, k]` += this image's weight gradient, from `x` `[Cin, H, W]` and `grad_y` `[Cout, oh·ow]`.
+pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f32], buffers: &mut Buffers) {
+    assert_eq!(x.len(), g.input_len(), "weight gradient: input length");
+    assert_eq!(grad_y.len(), g.output_len(), "weight gradient: output gradient length");
+    assert_eq!(grad_w.len(), g.weight_len(), "weight gradient: weight length");
+    let l = g.oh * g.ow;
+    let kk = g.cin * g.k * g.k;
+    if is_pointwise(g) {
+        // SAFETY: dY is [cout, l]; Xᵀ is x [cin, l] read with strides (1, l); dW is [cout, cin].
+        unsafe {
+            product_strided(
+                g.cout,
+                g.cin,
+                l,
+                (grad_w.as_mut_ptr(), g.cin),
+                (grad_y.as_ptr(), l, 1),
+                (x.as_ptr(), 1, l),
+                true,
+            )
+        };
+        return;
+    }
+    let chunk = channels_per_chunk(g, l);
+    for c0 in (0..g.cin).step_by(chunk) {
+        let c1 = (c0 + chunk).min(g.cin);
+        all_columns(g, x, c0..c1, &mut buffers.columns);
+        let rows = (c1 - c0) * g.k * g.k;
+        let cols = &buffers.columns[..rows * l];
+        // SAFETY: dW's columns c0·k².. of its [cout, cin·k²] rows; dY is [cout, l]; colsᵀ is cols [rows, l] read
+        // with strides (1, l).
+        unsafe {
+            product_strided(
+                g.cout,
+                rows,
+                l,
+                (grad_w[c0 * g.k * g.k..].as_mut_ptr(), kk),
+                (grad_y.as_ptr(), l, 1),
+                (cols.as_ptr(), 1, l),
+                true,
+            )
+        };
+    }
+}
+
+/// This image's input gradient `[Cin, H, W]` from `weight` `[Cout, Cin, k, k]` and `grad_y` `[Cout, oh·ow]`.
+pub fn input_grad(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut [f32], buffers: &mut Buffers) {
+    assert_eq!(weight.len(), g.weight_len(), "input gradient: weight length");
+    assert_eq!(grad_y.len(), g.output_len(), "input gradient: output gradient length");
+    assert_eq!(grad_x.len(), g.input_len(), "input gradient: input length");
+    let l = g.oh * g.ow;
+    let kk = g.cin * g.k * g.k;
+    if is_pointwise(g) {
+        // SAFETY: Wᵀ is weight [cout, cin] read with strides (1, cin); dY is [cout, l]; dX is [cin, l].
+        unsafe {
+            product_strided(
+                g.cin,
+                l,
+                g.cout,
+                (grad_x.as_mut_ptr(), l),
+                (weight.as_ptr(), 1, g.cin),
+                (grad_y.as_ptr(), l, 1),
+                false,
+            )
+        };
+        return;
+    }
+    grad_x.fill(0.0);
+    let chunk = channels_per_chunk(g, l);
+    let k2 = g.k * g.k;
+    for c0 in (0..g.cin).step_by(chunk) {
+        let c1 = (c0 + chunk).min(g.cin);
+        let rows = (c1 - c0) * k2;
+        let cols = at_least(&mut buffers.columns, rows * l);
+        // SAFETY: cols is [rows, l]; Wᵀ's rows c0·k².. are weight columns read with strides (1, cin·k²); dY is
+        // [cout, l].
+        unsafe {
+            product_strided(
+                rows,
+                l,
+                g.cout,
+                (cols.as_mut_ptr(), l),
+                (weight[c0 * k2..].as_ptr(), 1, kk),
+                (grad_y.as_ptr(), l, 1),
+                false,
+            )
+        };
+        // col2im: each channel's k² rows add onto that channel's plane only, so channels run in parallel.
+        let cols = &*cols;
+        grad_x[c0 * g.h * g.w..c1 * g.h * g.w]
+            .par_chunks_mut(g.h * g.w)
+            .enumerate()
+            .for_each(|(i, plane)| {
+                for ky in 0..g.k {
+                    for kx in 0..g.k {
+                        let row = &cols[((i * g.k + ky) * g.k + kx) * l..][..l];
+                        add_tap(g, ky, kx, row, plane);
+                    }
+                }
+            });
+    }
+}
+
+/// `plane[iy, ix] += row[oy, ox]` for every output pixel whose tap (ky, kx) reads input pixel (iy, ix).
+fn add_tap(g: &ConvGeometry, ky: usize, kx: usize, row: &[f32], plane: &mut [f32]) {
+    // Output columns whose source column is inside: ox·s + kx·d − p in [0, w).
+    let offset = (kx * g.dilation) as isize - g.padding as isize;
+    let first = if offset >= 0 {
+        0
+    } else {
+        ((-offset) as usize).div_ceil(g.stride)
+    };
+    let last = ((g.w as isize - 1 - offset).max(-1) + 1) as usize; // exclusive bound on ox·s
+    let end = last.div_ceil(g.stride).min(g.ow);
+    if first >= end {
+        return;
+    }
+    for oy in 0..g.oh {
+        let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+        if iy < 0 || iy >= g.h as isize {
+            continue;
+        }
+        let line = &mut plane[iy as usize * g.w..(iy as usize + 1) * g.w];
+        let src = &row[oy * g.ow..(oy + 1) * g.ow];
+        if g.stride == 1 {
+            let start = (first as isize + offset) as usize;
+            line[start..start + end - first]
+                .iter_mut()
+                .zip(&src[first..end])
+                .for_each(|(d, s)| *d += s);
+        } else {
+            for ox in first..end {
+                line[(ox as isize * g.stride as isize + offset) as usize] += src[ox];
+            }
+        }
+    }
+}
