@@ -3,6 +3,7 @@
 //! head's with --aux), backward, SGD with momentum 0.9 and weight decay 1e-4 (semseg's own optimizer). Prints lines
 //! shaped like the peer's, for comparison. Threads: `RAYON_NUM_THREADS`.
 //! Usage: bench_train [--size H W] [--batch N] [--steps N] [--models fcn,deeplab,psp] [--backbone resnet-50] [--aux]
+//!   [--profile]: one more step with every convolution and both its gradients timed, summarised on stderr.
 
 use std::time::Instant;
 
@@ -19,6 +20,7 @@ fn main() -> Result<()> {
     semseg::allocator::keep_freed_memory_for_reuse(); // as the semseg binary does
     let mut args = std::env::args().skip(1);
     let (mut h, mut w, mut batch, mut steps, mut aux) = (256usize, 256usize, 2usize, 3usize, false);
+    let mut print_profile = false;
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
     let mut backbone = Backbone::Resnet50;
     while let Some(a) = args.next() {
@@ -36,6 +38,7 @@ fn main() -> Result<()> {
             "--batch" => batch = num("--batch")?,
             "--steps" => steps = num("--steps")?.max(1),
             "--aux" => aux = true,
+            "--profile" => print_profile = true,
             "--models" => {
                 models = args
                     .next()
@@ -66,7 +69,9 @@ fn main() -> Result<()> {
         };
         let mut optimizer = Optimizer::new(sgd, weights::trainable_vars(&vm));
         let mut ts = Vec::new();
-        for step in 0..=steps {
+        for step in 0..=steps + usize::from(print_profile) {
+            let profiling = print_profile && step == steps + 1;
+            semseg::model::ops::profile::enable(profiling);
             let t0 = Instant::now();
             let y = net.forward_t(&x, true)?;
             let mut loss = cross_entropy(&y.out, &targets)?;
@@ -74,7 +79,10 @@ fn main() -> Result<()> {
                 loss = (loss + (cross_entropy(a, &targets)? * 0.4)?)?;
             }
             optimizer.step(&loss.backward()?, 0.01)?;
-            if step > 0 {
+            if profiling {
+                semseg::model::ops::profile::enable(false);
+                print_phases(&semseg::model::ops::profile::take(), t0.elapsed());
+            } else if step > 0 {
                 ts.push(t0.elapsed().as_secs_f64() * 1e3); // step 0 is the warm-up
             }
         }
@@ -90,4 +98,44 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Time and dense GFLOP/s per phase (forward, weight gradient, input gradient) over a step, then the slowest calls.
+fn print_phases(records: &[semseg::model::ops::profile::ConvRecord], step: std::time::Duration) {
+    let mut total = std::time::Duration::ZERO;
+    eprintln!(
+        "\nconvolutions in one profiled step ({:.0} ms):",
+        step.as_secs_f64() * 1e3
+    );
+    for phase in ["forward", "weight-grad", "input-grad"] {
+        let rs: Vec<_> = records.iter().filter(|r| r.phase == phase).collect();
+        let t: std::time::Duration = rs.iter().map(|r| r.elapsed).sum();
+        let macs: u64 = rs.iter().map(|r| r.macs).sum();
+        total += t;
+        eprintln!(
+            "  {phase:<12} {:>3} calls {:>8.0} ms {:>8.1} GMAC {:>7.1} GFLOP/s",
+            rs.len(),
+            t.as_secs_f64() * 1e3,
+            macs as f64 / 1e9,
+            2.0 * macs as f64 / t.as_secs_f64() / 1e9
+        );
+    }
+    eprintln!(
+        "  outside convolutions: {:.0} ms",
+        (step.saturating_sub(total)).as_secs_f64() * 1e3
+    );
+    let mut slow: Vec<_> = records.iter().collect();
+    slow.sort_by(|a, b| b.elapsed.cmp(&a.elapsed));
+    for r in slow.iter().take(12) {
+        eprintln!(
+            "  {:<12} {:>18} {:>18} s{} d{} {:>7.1} ms {:>7.1} GFLOP/s",
+            r.phase,
+            format!("{:?}", r.input),
+            format!("{:?}", r.weight),
+            r.stride,
+            r.dilation,
+            r.elapsed.as_secs_f64() * 1e3,
+            r.gflops()
+        );
+    }
 }

@@ -70,6 +70,7 @@ pub fn conv2d_fused(
 ) -> Result<Tensor> {
     let dims = |t: &Tensor| -> [usize; 4] { t.dims().try_into().unwrap_or([0; 4]) };
     profile::conv(
+        "forward",
         dims(x),
         dims(weight),
         (stride, dilation),
@@ -257,15 +258,42 @@ impl candle_core::CustomOp2 for CpuConv2d {
         let (n_in, n_out) = (g.input_len(), g.output_len());
         let mut grad_w = vec![0f32; g.weight_len()];
         let mut grad_x = x.track_op().then(|| vec![0f32; b * n_in]);
+        let (in_dims, w_dims) = ([b, g.cin, g.h, g.w], [g.cout, g.cin, g.k, g.k]);
+        let out_dims = |_: &()| [b, g.cout, g.oh, g.ow];
+        let sd = (self.stride, self.dilation);
         BACKWARD_SCRATCH.with_borrow_mut(|buffers| {
-            for i in 0..b {
-                let (xi, gi) = (&xs[i * n_in..(i + 1) * n_in], &gs[i * n_out..(i + 1) * n_out]);
-                conv_cpu_backward::add_weight_grad(&g, xi, gi, &mut grad_w, buffers);
-                if let Some(gx) = grad_x.as_mut() {
-                    conv_cpu_backward::input_grad(&g, ws, gi, &mut gx[i * n_in..(i + 1) * n_in], buffers);
-                }
+            profile::conv(
+                "weight-grad",
+                in_dims,
+                w_dims,
+                sd,
+                || {
+                    for i in 0..b {
+                        let (xi, gi) = (&xs[i * n_in..(i + 1) * n_in], &gs[i * n_out..(i + 1) * n_out]);
+                        conv_cpu_backward::add_weight_grad(&g, xi, gi, &mut grad_w, buffers);
+                    }
+                    Ok(())
+                },
+                out_dims,
+            )?;
+            if let Some(gx) = grad_x.as_mut() {
+                profile::conv(
+                    "input-grad",
+                    in_dims,
+                    w_dims,
+                    sd,
+                    || {
+                        for i in 0..b {
+                            let gi = &gs[i * n_out..(i + 1) * n_out];
+                            conv_cpu_backward::input_grad(&g, ws, gi, &mut gx[i * n_in..(i + 1) * n_in], buffers);
+                        }
+                        Ok(())
+                    },
+                    out_dims,
+                )?;
             }
-        });
+            Ok::<_, candle_core::Error>(())
+        })?;
         let grad_w = Tensor::from_vec(grad_w, w.shape(), w.device())?;
         let grad_x = grad_x.map(|v| Tensor::from_vec(v, x.shape(), x.device())).transpose()?;
         Ok((grad_x, Some(grad_w)))

@@ -22,7 +22,7 @@ use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
 /// The column buffer's size, in floats, above which a block is split into tiles of output rows (8 MiB).
-const COLUMN_BUDGET: usize = 2 << 20;
+pub(crate) const COLUMN_BUDGET: usize = 2 << 20;
 
 /// Skip padded taps only when that saves at least this share of the multiplications: a per-tap product is less
 /// efficient than one product over all taps, so a 3×3 conv with padding 1 on a large map runs as one block.
@@ -111,16 +111,24 @@ impl ConvGeometry {
 
 /// A rectangle of output pixels and the kernel taps (`rows × cols`) that are valid for every pixel in it.
 #[derive(Clone, Debug, PartialEq, Eq)]
-struct Block {
-    out_rows: Range<usize>,
-    out_cols: Range<usize>,
-    tap_rows: Range<usize>,
-    tap_cols: Range<usize>,
+pub(crate) struct Block {
+    pub(crate) out_rows: Range<usize>,
+    pub(crate) out_cols: Range<usize>,
+    pub(crate) tap_rows: Range<usize>,
+    pub(crate) tap_cols: Range<usize>,
     /// Taps may fall outside the input here (read as zero): the single-block plan.
-    checked: bool,
+    pub(crate) checked: bool,
 }
 
 impl Block {
+    /// The taps used here, row-major.
+    pub(crate) fn taps(&self) -> Vec<(usize, usize)> {
+        self.tap_rows
+            .clone()
+            .flat_map(|ky| self.tap_cols.clone().map(move |kx| (ky, kx)))
+            .collect()
+    }
+
     /// Multiply-accumulates per (input, output) channel pair.
     fn macs(&self) -> usize {
         self.out_rows.len() * self.out_cols.len() * self.tap_rows.len() * self.tap_cols.len()
@@ -128,7 +136,7 @@ impl Block {
 }
 
 /// The blocks a convolution runs as: one checked block, or the band × band blocks when skipping pays.
-fn plan(g: &ConvGeometry) -> Vec<Block> {
+pub(crate) fn plan(g: &ConvGeometry) -> Vec<Block> {
     let whole = Block {
         out_rows: 0..g.oh,
         out_cols: 0..g.ow,
@@ -286,15 +294,14 @@ pub(crate) unsafe fn product(
         m,
         n,
         k,
-        (dst, dst_rs),
+        (dst, dst_rs, 1),
         (lhs, lhs_rs, lhs_cs),
         (rhs, rhs_rs, 1),
         accumulate,
     )
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with any strides (a transposed operand is a swapped pair); `dst` has unit
-/// column stride.
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with any (row, column) strides; a transposed operand is a swapped pair.
 ///
 /// # Safety
 /// Every pointer must cover its matrix with the given (row, column) strides.
@@ -302,7 +309,7 @@ pub(crate) unsafe fn product_strided(
     m: usize,
     n: usize,
     k: usize,
-    (dst, dst_rs): (*mut f32, usize),
+    (dst, dst_rs, dst_cs): (*mut f32, usize, usize),
     (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
     (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
     accumulate: bool,
@@ -312,7 +319,7 @@ pub(crate) unsafe fn product_strided(
         n,
         k,
         dst,
-        1,
+        dst_cs as isize,
         dst_rs as isize,
         accumulate,
         lhs,
@@ -328,20 +335,6 @@ pub(crate) unsafe fn product_strided(
         false,
         parallelism(),
     )
-}
-
-/// The column matrix of input channels `channels` over every output pixel, `[C·k², oh·ow]` in the weight's
-/// `(c, ky, kx)` order, zeros where a tap reads padding: what the gradients multiply by.
-pub(crate) fn all_columns(g: &ConvGeometry, x: &[f32], channels: Range<usize>, columns: &mut Vec<f32>) {
-    let block = Block {
-        out_rows: 0..g.oh,
-        out_cols: 0..g.ow,
-        tap_rows: 0..g.k,
-        tap_cols: 0..g.k,
-        checked: g.padding > 0,
-    };
-    let taps: Vec<(usize, usize)> = (0..g.k).flat_map(|ky| (0..g.k).map(move |kx| (ky, kx))).collect();
-    fill_columns(g, &block, &taps, channels, 0..g.oh, x, columns);
 }
 
 /// Input channels per chunk so that a chunk's columns over `pixels` stay near [`COLUMN_BUDGET`].
@@ -445,7 +438,7 @@ fn run_block(g: &ConvGeometry, block: &Block, x: &[f32], weight: &[f32], out: &m
 
 /// The column matrix of channels `channels` and output rows `rows` of `block`: `[C·taps, npix]`, rows in
 /// `(c, tap)` order (the weight's own order when `taps` is every tap).
-fn fill_columns(
+pub(crate) fn fill_columns(
     g: &ConvGeometry,
     block: &Block,
     taps: &[(usize, usize)],

@@ -4,16 +4,38 @@
 //! from the forward pass, so the autograd graph holds no `[Cin·k², L]` buffers (for a ResNet-50 at crop 512 those
 //! were gigabytes, each a fresh allocation the kernel had to zero):
 //! - weight: `dW[Cout, Cin·k²] += dY[Cout, L] · colsᵀ` (1×1 stride-1: `dY · Xᵀ`, no columns);
-//! - input: `dX = col2im(Wᵀ · dY)` (1×1 stride-1: `Wᵀ · dY`, no columns).
+//! - input: `dX = col2im(Wᵀ · dY)` (1×1 stride-1: `Wᵀ · dY`, no columns; 3×3 stride-1 "same": the forward kernel on
+//!   dY with the flipped, transposed weight).
 
 use rayon::prelude::*;
 
-use super::conv_cpu::{all_columns, at_least, channels_per_chunk, product_strided, ConvGeometry};
+use super::conv_cpu::{
+    at_least, channels_per_chunk, conv2d_image, fill_columns, plan, product_strided, ConvGeometry, Epilogue, Scratch,
+    COLUMN_BUDGET,
+};
 
 /// Buffers reused across calls.
 #[derive(Default)]
 pub struct Buffers {
     columns: Vec<f32>,
+    gathered: Vec<f32>,
+    flipped: Vec<f32>,
+    forward: Scratch,
+}
+
+/// `W'[ci][co][ky][kx] = W[co][ci][k−1−ky][k−1−kx]`: the weight of the convolution that maps dY to dX.
+fn flipped_transpose<'a>(g: &ConvGeometry, weight: &[f32], buf: &'a mut Vec<f32>) -> &'a [f32] {
+    let k2 = g.k * g.k;
+    let out = at_least(buf, g.weight_len());
+    out.par_chunks_mut(g.cout * k2).enumerate().for_each(|(ci, dst)| {
+        for co in 0..g.cout {
+            let src = &weight[(co * g.cin + ci) * k2..(co * g.cin + ci + 1) * k2];
+            for (t, v) in dst[co * k2..(co + 1) * k2].iter_mut().enumerate() {
+                *v = src[k2 - 1 - t];
+            }
+        }
+    });
+    out
 }
 
 fn is_pointwise(g: &ConvGeometry) -> bool {
@@ -34,7 +56,7 @@ pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut
                 g.cout,
                 g.cin,
                 l,
-                (grad_w.as_mut_ptr(), g.cin),
+                (grad_w.as_mut_ptr(), g.cin, 1),
                 (grad_y.as_ptr(), l, 1),
                 (x.as_ptr(), 1, l),
                 true,
@@ -42,25 +64,72 @@ pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut
         };
         return;
     }
-    let chunk = channels_per_chunk(g, l);
-    for c0 in (0..g.cin).step_by(chunk) {
-        let c1 = (c0 + chunk).min(g.cin);
-        all_columns(g, x, c0..c1, &mut buffers.columns);
-        let rows = (c1 - c0) * g.k * g.k;
-        let cols = &buffers.columns[..rows * l];
-        // SAFETY: dW's columns c0·k².. of its [cout, cin·k²] rows; dY is [cout, l]; colsᵀ is cols [rows, l] read
-        // with strides (1, l).
-        unsafe {
-            product_strided(
-                g.cout,
-                rows,
-                l,
-                (grad_w[c0 * g.k * g.k..].as_mut_ptr(), kk),
-                (grad_y.as_ptr(), l, 1),
-                (cols.as_ptr(), 1, l),
-                true,
-            )
+    // Block by block, as the forward pass: taps that read only padding contribute nothing and are skipped.
+    let plane = l;
+    let k2 = g.k * g.k;
+    for block in plan(g) {
+        let taps = block.taps();
+        let width = block.out_cols.len();
+        let npix = block.out_rows.len() * width;
+        if taps.is_empty() || npix == 0 {
+            continue;
+        }
+        let all_taps = taps.len() == k2;
+        // dY over the block's pixels: in place when the block is whole rows, else gathered.
+        let (dy, dy_rs) = if width == g.ow {
+            (&grad_y[block.out_rows.start * g.ow..], plane)
+        } else {
+            let buf = at_least(&mut buffers.gathered, g.cout * npix);
+            buf.par_chunks_mut(npix).enumerate().for_each(|(co, dst)| {
+                for (r, oy) in block.out_rows.clone().enumerate() {
+                    let src = &grad_y[co * plane + oy * g.ow + block.out_cols.start..][..width];
+                    dst[r * width..(r + 1) * width].copy_from_slice(src);
+                }
+            });
+            (&buffers.gathered[..g.cout * npix], npix)
         };
+        let chunk = (COLUMN_BUDGET / (npix * taps.len())).clamp(1, g.cin);
+        for c0 in (0..g.cin).step_by(chunk) {
+            let c1 = (c0 + chunk).min(g.cin);
+            fill_columns(
+                g,
+                &block,
+                &taps,
+                c0..c1,
+                block.out_rows.clone(),
+                x,
+                &mut buffers.columns,
+            );
+            let cols = &buffers.columns[..(c1 - c0) * taps.len() * npix];
+            // SAFETY: dY is [cout, npix] with rows dy_rs apart; colsᵀ is cols [(c, tap), npix] read with strides
+            // (1, npix) (all taps) or, for one tap, (1, taps·npix) from that tap's first row; dW's columns for
+            // channels c0.. are k² apart per channel (k²·cin per row), one tap at offset ky·k + kx.
+            unsafe {
+                if all_taps {
+                    product_strided(
+                        g.cout,
+                        (c1 - c0) * k2,
+                        npix,
+                        (grad_w[c0 * k2..].as_mut_ptr(), kk, 1),
+                        (dy.as_ptr(), dy_rs, 1),
+                        (cols.as_ptr(), 1, npix),
+                        true,
+                    );
+                } else {
+                    for (ti, &(ky, kx)) in taps.iter().enumerate() {
+                        product_strided(
+                            g.cout,
+                            c1 - c0,
+                            npix,
+                            (grad_w[c0 * k2 + ky * g.k + kx..].as_mut_ptr(), kk, k2),
+                            (dy.as_ptr(), dy_rs, 1),
+                            (cols[ti * npix..].as_ptr(), 1, taps.len() * npix),
+                            true,
+                        );
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -78,12 +147,28 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut
                 g.cin,
                 l,
                 g.cout,
-                (grad_x.as_mut_ptr(), l),
+                (grad_x.as_mut_ptr(), l, 1),
                 (weight.as_ptr(), 1, g.cin),
                 (grad_y.as_ptr(), l, 1),
                 false,
             )
         };
+        return;
+    }
+    if g.stride == 1 && 2 * g.padding == g.dilation * (g.k - 1) {
+        // A stride-1 "same" convolution's input gradient is the same convolution of dY by the weight with input and
+        // output channels swapped and the taps flipped, so it gets the forward kernel's Winograd and tap skipping.
+        let flipped = flipped_transpose(g, weight, &mut buffers.flipped);
+        let back = ConvGeometry::new((g.cout, g.oh, g.ow), (g.cin, g.k), 1, g.padding, g.dilation)
+            .expect("the transposed geometry of a valid same-size convolution is valid");
+        conv2d_image(
+            &back,
+            grad_y,
+            flipped,
+            Epilogue::default(),
+            grad_x,
+            &mut buffers.forward,
+        );
         return;
     }
     grad_x.fill(0.0);
@@ -100,7 +185,7 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut
                 rows,
                 l,
                 g.cout,
-                (cols.as_mut_ptr(), l),
+                (cols.as_mut_ptr(), l, 1),
                 (weight[c0 * k2..].as_ptr(), 1, kk),
                 (grad_y.as_ptr(), l, 1),
                 false,

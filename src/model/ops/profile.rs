@@ -1,4 +1,5 @@
-//! An opt-in record of every convolution's time, for the per-layer profile (`examples/bench_infer --profile`).
+//! An opt-in record of every convolution's time, for the per-layer profiles (`examples/bench_infer --profile`,
+//! `examples/bench_train --profile`, which also times each convolution's two gradients).
 //!
 //! Off by default: one relaxed atomic load per convolution. When on, each convolution appends its shape, the
 //! multiply-accumulates it was asked for and its wall time; the bench prints them beside the whole forward's time,
@@ -14,6 +15,8 @@ static RECORDS: Mutex<Vec<ConvRecord>> = Mutex::new(Vec::new());
 /// One convolution call.
 #[derive(Clone, Debug)]
 pub struct ConvRecord {
+    /// `forward`, `weight-grad` or `input-grad`.
+    pub phase: &'static str,
     /// `[B, Cin, H, W]`.
     pub input: [usize; 4],
     /// `[Cout, Cin, k, k]`.
@@ -46,8 +49,9 @@ pub fn take() -> Vec<ConvRecord> {
     std::mem::take(&mut *RECORDS.lock().unwrap_or_else(|e| e.into_inner()))
 }
 
-/// Runs `f`, recording it as a convolution when profiling is on.
+/// Runs `f`, recording it as a convolution (or one of its gradients) when profiling is on.
 pub(crate) fn conv<T>(
+    phase: &'static str,
     input: [usize; 4],
     weight: [usize; 4],
     (stride, dilation): (usize, usize),
@@ -63,6 +67,7 @@ pub(crate) fn conv<T>(
     let output = output_dims(&out);
     let macs = (output.iter().product::<usize>() * weight[1] * weight[2] * weight[3]) as u64;
     RECORDS.lock().unwrap_or_else(|e| e.into_inner()).push(ConvRecord {
+        phase,
         input,
         weight,
         stride,
