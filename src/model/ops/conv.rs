@@ -268,10 +268,7 @@ impl candle_core::CustomOp2 for CpuConv2d {
                 w_dims,
                 sd,
                 || {
-                    for i in 0..b {
-                        let (xi, gi) = (&xs[i * n_in..(i + 1) * n_in], &gs[i * n_out..(i + 1) * n_out]);
-                        conv_cpu_backward::add_weight_grad(&g, xi, gi, &mut grad_w, buffers);
-                    }
+                    conv_cpu_backward::weight_grad(&g, xs, gs, &mut grad_w, buffers);
                     Ok(())
                 },
                 out_dims,

@@ -388,7 +388,7 @@ fn run_block(g: &ConvGeometry, block: &Block, x: &[f32], weight: &[f32], out: &m
             for c0 in (0..g.cin).step_by(channels) {
                 let c1 = (c0 + channels).min(g.cin);
                 let chunk_taps = if all_taps { &taps[..] } else { &taps[t..t + 1] };
-                fill_columns(g, block, chunk_taps, c0..c1, r0..r1, x, &mut scratch.columns);
+                fill_columns(g, block, chunk_taps, c0..c1, r0..r1, &[x], &mut scratch.columns);
                 let rows_k = (c1 - c0) * chunk_taps.len();
                 let cols = &scratch.columns[..rows_k * npix];
                 // Weight columns of this chunk: all taps of channels c0..c1 are contiguous; one tap's are k² apart.
@@ -436,47 +436,50 @@ fn run_block(g: &ConvGeometry, block: &Block, x: &[f32], weight: &[f32], out: &m
     }
 }
 
-/// The column matrix of channels `channels` and output rows `rows` of `block`: `[C·taps, npix]`, rows in
-/// `(c, tap)` order (the weight's own order when `taps` is every tap).
+/// The column matrix of channels `channels` and output rows `rows` of `block` for each of `images`:
+/// `[C·taps, images·npix]` (each image's pixels one after the other), rows in `(c, tap)` order (the weight's own
+/// order when `taps` is every tap).
 pub(crate) fn fill_columns(
     g: &ConvGeometry,
     block: &Block,
     taps: &[(usize, usize)],
     channels: Range<usize>,
     rows: Range<usize>,
-    x: &[f32],
+    images: &[&[f32]],
     columns: &mut Vec<f32>,
 ) {
     let width = block.out_cols.len();
     let npix = rows.len() * width;
     let rows_k = channels.len() * taps.len();
     // Every element is written below (zeros included), so the buffer is not cleared first.
-    at_least(columns, rows_k * npix)
-        .par_chunks_mut(npix)
+    at_least(columns, rows_k * npix * images.len())
+        .par_chunks_mut(npix * images.len())
         .enumerate()
         .for_each(|(row, col)| {
             let c = channels.start + row / taps.len();
             let (ky, kx) = taps[row % taps.len()];
-            let channel = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-            for (r, oy) in rows.clone().enumerate() {
-                let seg = &mut col[r * width..(r + 1) * width];
-                let Some(iy) = g.source(oy, ky, g.h) else {
-                    seg.fill(0.0); // a padding row (checked blocks only)
-                    continue;
-                };
-                let line = &channel[iy * g.w..(iy + 1) * g.w];
-                let first = block.out_cols.start * g.stride + kx * g.dilation;
-                if !block.checked && g.stride == 1 {
-                    let start = first - g.padding;
-                    seg.copy_from_slice(&line[start..start + width]);
-                } else if !block.checked {
-                    let start = first - g.padding;
-                    seg.iter_mut()
-                        .enumerate()
-                        .for_each(|(i, v)| *v = line[start + i * g.stride]);
-                } else {
-                    for (i, v) in seg.iter_mut().enumerate() {
-                        *v = g.source(block.out_cols.start + i, kx, g.w).map_or(0.0, |ix| line[ix]);
+            for (x, col) in images.iter().zip(col.chunks_mut(npix)) {
+                let channel = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+                for (r, oy) in rows.clone().enumerate() {
+                    let seg = &mut col[r * width..(r + 1) * width];
+                    let Some(iy) = g.source(oy, ky, g.h) else {
+                        seg.fill(0.0); // a padding row (checked blocks only)
+                        continue;
+                    };
+                    let line = &channel[iy * g.w..(iy + 1) * g.w];
+                    let first = block.out_cols.start * g.stride + kx * g.dilation;
+                    if !block.checked && g.stride == 1 {
+                        let start = first - g.padding;
+                        seg.copy_from_slice(&line[start..start + width]);
+                    } else if !block.checked {
+                        let start = first - g.padding;
+                        seg.iter_mut()
+                            .enumerate()
+                            .for_each(|(i, v)| *v = line[start + i * g.stride]);
+                    } else {
+                        for (i, v) in seg.iter_mut().enumerate() {
+                            *v = g.source(block.out_cols.start + i, kx, g.w).map_or(0.0, |ix| line[ix]);
+                        }
                     }
                 }
             }

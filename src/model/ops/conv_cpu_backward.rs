@@ -42,31 +42,41 @@ fn is_pointwise(g: &ConvGeometry) -> bool {
     g.k == 1 && g.stride == 1 && g.padding == 0
 }
 
-/// `grad_w` `[Cout, Cin, k, k]` += this image's weight gradient, from `x` `[Cin, H, W]` and `grad_y` `[Cout, oh·ow]`.
-pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f32], buffers: &mut Buffers) {
-    assert_eq!(x.len(), g.input_len(), "weight gradient: input length");
-    assert_eq!(grad_y.len(), g.output_len(), "weight gradient: output gradient length");
+/// `grad_w` `[Cout, Cin, k, k]` = the batch's weight gradient, from `x` `[B, Cin, H, W]` and `grad_y`
+/// `[B, Cout, oh·ow]`. The images' pixels go side by side into each product (its inner dimension), so small feature
+/// maps still make large products.
+pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f32], buffers: &mut Buffers) {
+    let b = x.len() / g.input_len().max(1);
+    assert_eq!(x.len(), b * g.input_len(), "weight gradient: input length");
+    assert_eq!(
+        grad_y.len(),
+        b * g.output_len(),
+        "weight gradient: output gradient length"
+    );
     assert_eq!(grad_w.len(), g.weight_len(), "weight gradient: weight length");
-    let l = g.oh * g.ow;
+    grad_w.fill(0.0);
+    let plane = g.oh * g.ow;
     let kk = g.cin * g.k * g.k;
+    let k2 = g.k * g.k;
+    let images: Vec<&[f32]> = x.chunks(g.input_len()).collect();
     if is_pointwise(g) {
-        // SAFETY: dY is [cout, l]; Xᵀ is x [cin, l] read with strides (1, l); dW is [cout, cin].
-        unsafe {
-            product_strided(
-                g.cout,
-                g.cin,
-                l,
-                (grad_w.as_mut_ptr(), g.cin, 1),
-                (grad_y.as_ptr(), l, 1),
-                (x.as_ptr(), 1, l),
-                true,
-            )
-        };
+        for (i, xi) in images.iter().enumerate() {
+            // SAFETY: dY is [cout, l]; Xᵀ is x [cin, l] read with strides (1, l); dW is [cout, cin].
+            unsafe {
+                product_strided(
+                    g.cout,
+                    g.cin,
+                    plane,
+                    (grad_w.as_mut_ptr(), g.cin, 1),
+                    (grad_y[i * g.output_len()..].as_ptr(), plane, 1),
+                    (xi.as_ptr(), 1, plane),
+                    true,
+                )
+            };
+        }
         return;
     }
     // Block by block, as the forward pass: taps that read only padding contribute nothing and are skipped.
-    let plane = l;
-    let k2 = g.k * g.k;
     for block in plan(g) {
         let taps = block.taps();
         let width = block.out_cols.len();
@@ -75,20 +85,19 @@ pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut
             continue;
         }
         let all_taps = taps.len() == k2;
-        // dY over the block's pixels: in place when the block is whole rows, else gathered.
-        let (dy, dy_rs) = if width == g.ow {
-            (&grad_y[block.out_rows.start * g.ow..], plane)
-        } else {
-            let buf = at_least(&mut buffers.gathered, g.cout * npix);
-            buf.par_chunks_mut(npix).enumerate().for_each(|(co, dst)| {
+        let n = b * npix; // the product's inner dimension: every image's pixels of this block
+                          // dY over the block's pixels, image after image: [cout, b·npix].
+        let dy = at_least(&mut buffers.gathered, g.cout * n);
+        dy.par_chunks_mut(n).enumerate().for_each(|(co, dst)| {
+            for (i, dst) in dst.chunks_mut(npix).enumerate() {
                 for (r, oy) in block.out_rows.clone().enumerate() {
-                    let src = &grad_y[co * plane + oy * g.ow + block.out_cols.start..][..width];
+                    let src = &grad_y[i * g.output_len() + co * plane + oy * g.ow + block.out_cols.start..][..width];
                     dst[r * width..(r + 1) * width].copy_from_slice(src);
                 }
-            });
-            (&buffers.gathered[..g.cout * npix], npix)
-        };
-        let chunk = (COLUMN_BUDGET / (npix * taps.len())).clamp(1, g.cin);
+            }
+        });
+        let dy = &buffers.gathered[..g.cout * n];
+        let chunk = (COLUMN_BUDGET / (n * taps.len())).clamp(1, g.cin);
         for c0 in (0..g.cin).step_by(chunk) {
             let c1 = (c0 + chunk).min(g.cin);
             fill_columns(
@@ -97,22 +106,22 @@ pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut
                 &taps,
                 c0..c1,
                 block.out_rows.clone(),
-                x,
+                &images,
                 &mut buffers.columns,
             );
-            let cols = &buffers.columns[..(c1 - c0) * taps.len() * npix];
-            // SAFETY: dY is [cout, npix] with rows dy_rs apart; colsᵀ is cols [(c, tap), npix] read with strides
-            // (1, npix) (all taps) or, for one tap, (1, taps·npix) from that tap's first row; dW's columns for
-            // channels c0.. are k² apart per channel (k²·cin per row), one tap at offset ky·k + kx.
+            let cols = &buffers.columns[..(c1 - c0) * taps.len() * n];
+            // SAFETY: dY is [cout, n]; colsᵀ is cols [(c, tap), n] read with strides (1, n) (all taps) or, for one
+            // tap, (1, taps·n) from that tap's first row; dW's columns for channels c0.. are k² apart per channel
+            // (k²·cin per row), one tap at offset ky·k + kx.
             unsafe {
                 if all_taps {
                     product_strided(
                         g.cout,
                         (c1 - c0) * k2,
-                        npix,
+                        n,
                         (grad_w[c0 * k2..].as_mut_ptr(), kk, 1),
-                        (dy.as_ptr(), dy_rs, 1),
-                        (cols.as_ptr(), 1, npix),
+                        (dy.as_ptr(), n, 1),
+                        (cols.as_ptr(), 1, n),
                         true,
                     );
                 } else {
@@ -120,10 +129,10 @@ pub fn add_weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut
                         product_strided(
                             g.cout,
                             c1 - c0,
-                            npix,
+                            n,
                             (grad_w[c0 * k2 + ky * g.k + kx..].as_mut_ptr(), kk, k2),
-                            (dy.as_ptr(), dy_rs, 1),
-                            (cols[ti * npix..].as_ptr(), 1, taps.len() * npix),
+                            (dy.as_ptr(), n, 1),
+                            (cols[ti * n..].as_ptr(), 1, taps.len() * n),
                             true,
                         );
                     }
