@@ -179,7 +179,12 @@ impl BatchNorm2d {
         Ok((scale, shift))
     }
 
-    fn forward_train(&self, x: &Tensor) -> Result<Tensor> {
+    /// Training mode, then ReLU when `relu`: fused into the normalisation where the fused op runs.
+    pub fn forward_train_relu(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+        self.forward_train(x, relu)
+    }
+
+    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = b * h * w;
         if n < 2 {
@@ -191,7 +196,7 @@ impl BatchNorm2d {
             )
         }
         if ops::batch_norm::supports(x, &self.weight) {
-            let (y, stats) = ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps)?;
+            let (y, stats) = ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
             let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
             let device = self.running_mean.device();
             let batch_mean = Tensor::from_slice(&stats.mean, c, device)?;
@@ -232,7 +237,11 @@ impl BatchNorm2d {
             .affine(1.0 / (n - 1) as f64, 0.0)?
             .to_dtype(rm_dtype)?;
         self.update_running(&batch_mean, &batch_var)?;
-        Ok(y)
+        if relu {
+            y.relu()
+        } else {
+            Ok(y)
+        }
     }
 
     /// `running = (1 − m)·running + m·batch`, outside the graph; the batch statistics are `[C]`.
@@ -266,7 +275,7 @@ impl ModuleT for BatchNorm2d {
             )
         }
         if train {
-            self.forward_train(x)
+            self.forward_train(x, false)
         } else {
             self.forward_eval(x)
         }
@@ -337,7 +346,11 @@ impl ConvBn {
             }
             return self.conv.forward_with(x, residual, relu);
         };
-        let mut y = bn.forward_t(&self.conv.forward(x)?, train)?;
+        let z = self.conv.forward(x)?;
+        if train && residual.is_none() {
+            return bn.forward_train_relu(&z, relu); // the ReLU rides on the BatchNorm op
+        }
+        let mut y = bn.forward_t(&z, train)?;
         if let Some(r) = residual {
             y = (y + r)?;
         }

@@ -30,10 +30,20 @@ pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
 
 /// `x` `[B, C, H, W]`, `weight`/`bias` `[C]` → (`y` `[B, C, H, W]`, differentiable with respect to all three; the
 /// batch statistics, detached).
-pub fn batch_norm_train(x: &Tensor, weight: &Tensor, bias: &Tensor, eps: f64) -> Result<(Tensor, BatchStats)> {
+///
+/// With `relu`, the output is `max(y, 0)` in the same pass, and backward masks the gradient by the output's sign
+/// in its own kernel: Candle's separate ReLU is one single-threaded pass forward and three backward.
+pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, BatchStats)> {
     let stats = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
         eps,
+        relu,
         stats: Arc::clone(&stats),
     };
     let y = x
@@ -51,6 +61,7 @@ fn lock(m: &Mutex<Option<BatchStats>>) -> std::sync::MutexGuard<'_, Option<Batch
 
 struct BatchNormTrain {
     eps: f64,
+    relu: bool,
     /// Written by the forward pass, read by the caller (running statistics) and by the backward pass.
     stats: Arc<Mutex<Option<BatchStats>>>,
 }
@@ -88,6 +99,7 @@ fn forward<T: WithDType>(
     bias: &[T],
     shape: (usize, usize, usize),
     eps: f64,
+    relu: bool,
 ) -> (Vec<T>, BatchStats) {
     let (_, c, hw) = shape;
     let stats = channel_stats(x, shape);
@@ -104,7 +116,8 @@ fn forward<T: WithDType>(
         .for_each(|(plane, (out, input))| {
             let (scale, shift) = affine[plane % c];
             for (o, v) in out.iter_mut().zip(input) {
-                *o = T::from_f64(v.to_f64() * scale + shift);
+                let y = v.to_f64() * scale + shift;
+                *o = T::from_f64(if relu { y.max(0.0) } else { y });
             }
         });
     (y, stats)
@@ -141,6 +154,7 @@ impl CustomOp3 for BatchNormTrain {
                     contiguous_slice(b, bl, "batch norm")?,
                     shape,
                     self.eps,
+                    self.relu,
                 );
                 (CpuStorage::F32(y), stats)
             }
@@ -151,6 +165,7 @@ impl CustomOp3 for BatchNormTrain {
                     contiguous_slice(b, bl, "batch norm")?,
                     shape,
                     self.eps,
+                    self.relu,
                 );
                 (CpuStorage::F64(y), stats)
             }
@@ -165,13 +180,17 @@ impl CustomOp3 for BatchNormTrain {
         x: &Tensor,
         weight: &Tensor,
         _bias: &Tensor,
-        _res: &Tensor,
+        res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let stats = lock(&self.stats)
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("batch norm: backward before forward".into()))?;
-        let grad = grad.contiguous()?;
+        let mut grad = grad.contiguous()?;
+        if self.relu {
+            // Through the ReLU first: no gradient where the output was clamped to zero.
+            grad = grad.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
+        }
         let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
         // [2, C]: Σ dy and Σ dy·x̂ per channel.
         let sums = grad
@@ -305,6 +324,36 @@ impl CustomOp2 for InputGrad {
     }
 }
 
+/// (dy, y) → dy where y > 0, else 0: the ReLU's backward, in parallel.
+struct ReluMask;
+
+impl GradKernel for ReluMask {
+    fn run<T: WithDType>(&self, dy: &[T], y: &[T], _shape: (usize, usize, usize)) -> Vec<T> {
+        let mut out = vec![T::zero(); dy.len()];
+        const STRIPE: usize = 1 << 14;
+        out.par_chunks_mut(STRIPE)
+            .zip(dy.par_chunks(STRIPE).zip(y.par_chunks(STRIPE)))
+            .for_each(|(o, (dy, y))| {
+                for ((o, &d), &v) in o.iter_mut().zip(dy).zip(y) {
+                    if v > T::zero() {
+                        *o = d;
+                    }
+                }
+            });
+        out
+    }
+}
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "semseg-relu-mask"
+    }
+
+    fn cpu_fwd(&self, gs: &CpuStorage, gl: &Layout, ys: &CpuStorage, yl: &Layout) -> Result<(CpuStorage, Shape)> {
+        Ok((run_grad_kernel(self, gs, gl, ys, yl)?, yl.shape().clone()))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -330,9 +379,12 @@ mod tests {
 
     #[test]
     fn gradients_match_finite_differences() -> Result<()> {
-        check_gradients(&[&[2, 3, 4, 5], &[3], &[3]], |t| {
-            Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5)?.0)
-        })
+        for relu in [false, true] {
+            check_gradients(&[&[2, 3, 4, 5], &[3], &[3]], |t| {
+                Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5, relu)?.0)
+            })?;
+        }
+        Ok(())
     }
 
     #[test]
@@ -341,23 +393,36 @@ mod tests {
         let w = seeded(&[4], 2)?.to_dtype(DType::F32)?;
         let b = seeded(&[4], 3)?.to_dtype(DType::F32)?;
         let r = seeded(&[3, 4, 5, 6], 4)?.to_dtype(DType::F32)?;
-        let vars: Vec<candle_core::Var> = [&x, &w, &b]
-            .iter()
-            .map(|t| candle_core::Var::from_tensor(t))
-            .collect::<Result<_>>()?;
-        let (fused, stats) = batch_norm_train(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
-        let reference = composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
-        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar() };
-        assert!(max_diff(&fused, &reference)? < 1e-5);
-        let g_fused = (&fused * &r)?.sum_all()?.backward()?;
-        let g_ref = (&reference * &r)?.sum_all()?.backward()?;
-        for v in &vars {
-            let (a, b) = (
-                g_fused.get(v.as_tensor()).expect("fused grad"),
-                g_ref.get(v.as_tensor()).expect("grad"),
-            );
-            assert!(max_diff(a, b)? < 1e-4, "{:?}", v.dims());
+        for relu in [false, true] {
+            let vars: Vec<candle_core::Var> = [&x, &w, &b]
+                .iter()
+                .map(|t| candle_core::Var::from_tensor(t))
+                .collect::<Result<_>>()?;
+            let (fused, _) = batch_norm_train(
+                vars[0].as_tensor(),
+                vars[1].as_tensor(),
+                vars[2].as_tensor(),
+                1e-5,
+                relu,
+            )?;
+            let mut reference = composed(vars[0].as_tensor(), vars[1].as_tensor(), vars[2].as_tensor(), 1e-5)?;
+            if relu {
+                reference = reference.relu()?;
+            }
+            let max_diff =
+                |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar() };
+            assert!(max_diff(&fused, &reference)? < 1e-5, "relu {relu}");
+            let g_fused = (&fused * &r)?.sum_all()?.backward()?;
+            let g_ref = (&reference * &r)?.sum_all()?.backward()?;
+            for v in &vars {
+                let (a, b) = (
+                    g_fused.get(v.as_tensor()).expect("fused grad"),
+                    g_ref.get(v.as_tensor()).expect("grad"),
+                );
+                assert!(max_diff(a, b)? < 1e-4, "relu {relu}: {:?}", v.dims());
+            }
         }
+        let (_, stats) = batch_norm_train(&x, &w, &b, 1e-5, false)?;
         let mean = x
             .mean_keepdim(3)?
             .mean_keepdim(2)?
