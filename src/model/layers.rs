@@ -180,11 +180,7 @@ impl BatchNorm2d {
     }
 
     /// Training mode, then ReLU when `relu`: fused into the normalisation where the fused op runs.
-    pub fn forward_train_relu(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
-        self.forward_train(x, relu)
-    }
-
-    fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
+    pub fn forward_train(&self, x: &Tensor, relu: bool) -> Result<Tensor> {
         let (b, c, h, w) = x.dims4()?;
         let n = b * h * w;
         if n < 2 {
@@ -348,7 +344,7 @@ impl ConvBn {
         };
         let z = self.conv.forward(x)?;
         if train && residual.is_none() {
-            return bn.forward_train_relu(&z, relu); // the ReLU rides on the BatchNorm op
+            return bn.forward_train(&z, relu); // the ReLU rides on the BatchNorm op
         }
         let mut y = bn.forward_t(&z, train)?;
         if let Some(r) = residual {

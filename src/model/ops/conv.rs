@@ -280,10 +280,14 @@ impl candle_core::CustomOp2 for CpuConv2d {
                     w_dims,
                     sd,
                     || {
-                        for i in 0..b {
-                            let gi = &gs[i * n_out..(i + 1) * n_out];
-                            conv_cpu_backward::input_grad(&g, ws, gi, &mut gx[i * n_in..(i + 1) * n_in], buffers);
-                        }
+                        // The forward kernel's buffers serve the stride-1 input gradient: one set per thread.
+                        SCRATCH.with_borrow_mut(|forward| {
+                            for i in 0..b {
+                                let gi = &gs[i * n_out..(i + 1) * n_out];
+                                let gxi = &mut gx[i * n_in..(i + 1) * n_in];
+                                conv_cpu_backward::input_grad(&g, ws, gi, gxi, buffers, forward);
+                            }
+                        });
                         Ok(())
                     },
                     out_dims,

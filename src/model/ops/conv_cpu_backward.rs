@@ -20,7 +20,6 @@ pub struct Buffers {
     columns: Vec<f32>,
     gathered: Vec<f32>,
     flipped: Vec<f32>,
-    forward: Scratch,
 }
 
 /// `W'[ci][co][ky][kx] = W[co][ci][k−1−ky][k−1−kx]`: the weight of the convolution that maps dY to dX.
@@ -145,7 +144,14 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f3
 }
 
 /// This image's input gradient `[Cin, H, W]` from `weight` `[Cout, Cin, k, k]` and `grad_y` `[Cout, oh·ow]`.
-pub fn input_grad(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut [f32], buffers: &mut Buffers) {
+pub fn input_grad(
+    g: &ConvGeometry,
+    weight: &[f32],
+    grad_y: &[f32],
+    grad_x: &mut [f32],
+    buffers: &mut Buffers,
+    forward: &mut Scratch,
+) {
     assert_eq!(weight.len(), g.weight_len(), "input gradient: weight length");
     assert_eq!(grad_y.len(), g.output_len(), "input gradient: output gradient length");
     assert_eq!(grad_x.len(), g.input_len(), "input gradient: input length");
@@ -172,14 +178,7 @@ pub fn input_grad(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut
         let flipped = flipped_transpose(g, weight, &mut buffers.flipped);
         let back = ConvGeometry::new((g.cout, g.oh, g.ow), (g.cin, g.k), 1, g.padding, g.dilation)
             .expect("the transposed geometry of a valid same-size convolution is valid");
-        conv2d_image(
-            &back,
-            grad_y,
-            flipped,
-            Epilogue::default(),
-            grad_x,
-            &mut buffers.forward,
-        );
+        conv2d_image(&back, grad_y, flipped, Epilogue::default(), grad_x, forward);
         return;
     }
     grad_x.fill(0.0);
