@@ -24,7 +24,16 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 }
 
 /// `x` `[B, Cin, H, W]` ⊛ `weight` `[Cout, Cin, k, k]` (no groups), with the padding fix above when needed.
+///
+/// With the `cuda` feature, an f32 or bf16 `x` on a CUDA device goes to cuDNN ([`super::conv_cuda`]): forward,
+/// input gradient (skipped for an input that needs none) and weight gradient; a weight of another dtype is cast to
+/// x's first (f32 master weights under bf16 activations).
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        // cuDNN forward and backward (any size, no parity fix); a weight of another dtype is cast to x's.
+        return super::conv_cuda::conv2d(x, weight, padding, stride, dilation);
+    }
     let trains = x.track_op() || weight.track_op();
     if trains && x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
         // Our own kernels forward and backward: any size works, no parity fix needed.
@@ -98,10 +107,21 @@ fn conv2d_fused_unprofiled(
         return conv2d_cpu_inference(x, weight, bias, residual, relu, (padding, stride, dilation));
     }
     let mut y = conv2d(x, weight, padding, stride, dilation)?;
+    // Under mixed precision the bias (f32 master) or a residual may differ from the activations' dtype.
+    let dtype = y.dtype();
+    let same_dtype = |t: &Tensor| -> Result<Tensor> {
+        if t.dtype() == dtype {
+            Ok(t.clone())
+        } else {
+            t.to_dtype(dtype)
+        }
+    };
     if let Some(b) = bias {
+        let b = same_dtype(b)?;
         y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
     }
     if let Some(r) = residual {
+        let r = same_dtype(r)?;
         y = (y + r)?;
     }
     if relu {

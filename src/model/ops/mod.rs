@@ -21,6 +21,8 @@ pub mod batch_norm;
 pub mod conv;
 pub mod conv_cpu;
 pub mod conv_cpu_backward;
+#[cfg(feature = "cuda")]
+pub mod conv_cuda;
 pub mod pool;
 pub mod profile;
 pub mod resize;
