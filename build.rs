@@ -14,4 +14,9 @@ fn main() {
     if ci || asked {
         println!("cargo::rustc-cfg=semseg_external_tests");
     }
+    // The compute capability Candle's CUDA kernels are compiled for (bf16 kernels need 80 or more): recorded so the
+    // binary can refuse precision=bf16 by name instead of failing on a missing kernel.
+    println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
+    let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_default();
+    println!("cargo::rustc-env=SEMSEG_CUDA_COMPUTE_CAP={cap}");
 }

@@ -33,7 +33,7 @@ fn main() -> Result<()> {
     let image = image::open(&image_path)
         .with_context(|| format!("cannot read {image_path}"))?
         .to_rgb8();
-    let segmenter = semseg::infer::model_adapter::load(std::path::Path::new(&model))?;
+    let segmenter = semseg::infer::model_adapter::load(std::path::Path::new(&model), &semseg::compute::Compute::cpu())?;
     // The server's limits, so a large image is resized exactly as it would be there.
     let inference = Inference::new(segmenter, InferenceLimits::default());
     for _ in 0..warmup {

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use image::{Rgb, RgbImage};
 
+use crate::compute::{Compute, ComputeArgs};
 use crate::data::image_io::read_rgb;
 use crate::infer::encode::{mask_png, voc_palette};
 use crate::infer::{model_adapter, Inference, Mask};
@@ -51,6 +52,8 @@ pub struct DemoArgs {
     /// Train and exit without serving.
     #[arg(long)]
     pub no_serve: bool,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// Run the demo. `ml_root` is the global `--ml-root` when it was given on the command line (never the default or
@@ -70,9 +73,9 @@ pub fn run(args: &DemoArgs, ml_root: Option<&Path>) -> Result<()> {
 
     tracing::info!(
         epochs = args.epochs,
-        "training a ResNet-18 FCN from scratch on the CPU; each epoch logs its #metrics lines"
+        "training a ResNet-18 FCN from scratch; each epoch logs its #metrics lines"
     );
-    match train::job::run(&ml, &stop).context("the demo's training job failed")? {
+    match train::job::run(&ml, &stop, args.compute.device).context("the demo's training job failed")? {
         train::job::Outcome::Interrupted { epochs } => {
             tracing::warn!(epochs, "training interrupted; not serving");
             return Ok(());
@@ -86,8 +89,9 @@ pub fn run(args: &DemoArgs, ml_root: Option<&Path>) -> Result<()> {
     let image = first_validation_image(&ml)?;
     let model_dir = ml.model_dir();
     // Loaded before listening, so the curl line works as soon as it is printed.
-    let segmenter =
-        model_adapter::load(&model_dir).with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+    let compute = Compute::open(args.compute.device, args.compute.precision)?;
+    let segmenter = model_adapter::load(&model_dir, &compute)
+        .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     let config = ServeConfig {
         addr: SocketAddr::new(IpAddr::V4(Ipv4Addr::UNSPECIFIED), args.port),
         ..ServeConfig::default()

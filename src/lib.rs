@@ -12,6 +12,7 @@
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
 pub mod allocator;
+pub mod compute;
 pub mod data;
 pub mod demo;
 pub mod infer;

@@ -60,6 +60,46 @@ enum Command {
     /// deleted and recreated), train a ResNet-18 FCN on it (about 3 minutes on 2 CPU cores), then serve the model on
     /// port 8080 and print a curl command that segments one of its images. Ctrl-C stops it.
     Demo(demo::DemoArgs),
+    /// Check the compute device's kernels against the CPU: convolution and BatchNorm forward and backward on small
+    /// seeded tensors in each precision. Prints a JSON report and exits non-zero when a case is out of tolerance
+    /// (the first thing to run on a new GPU machine).
+    DeviceCheck(DeviceCheckArgs),
+}
+
+#[derive(Debug, clap::Args)]
+struct DeviceCheckArgs {
+    /// The device to check: auto, cpu, cuda or cuda:N.
+    #[arg(long, env = "SEMSEG_DEVICE", default_value = "auto")]
+    device: semseg::compute::DeviceChoice,
+    /// Also write the JSON report to this file (stdout carries the log lines too).
+    #[arg(long, value_name = "FILE")]
+    out: Option<PathBuf>,
+}
+
+fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
+    let compute = semseg::compute::Compute::open(args.device, semseg::model::precision::Precision::Fp32)?;
+    let report = semseg::model::ops::device_check::compare_with_cpu(&compute.device)?;
+    let text = serde_json::to_string_pretty(&report)?;
+    println!("{text}");
+    if let Some(path) = &args.out {
+        std::fs::write(path, &text).map_err(|e| anyhow::anyhow!("cannot write {}: {e}", path.display()))?;
+    }
+    let failed: Vec<String> = report["cases"]
+        .as_array()
+        .map(|cases| {
+            cases
+                .iter()
+                .filter(|case| case["pass"] != true)
+                .map(|case| format!("{} {} {}", case["mode"], case["op"], case["case"]).replace('"', ""))
+                .collect()
+        })
+        .unwrap_or_default();
+    anyhow::ensure!(
+        failed.is_empty() && report["pass"] == true,
+        "out of tolerance: {}",
+        failed.join("; ")
+    );
+    Ok(())
 }
 
 /// `semseg train` options: S3 transfers for runs outside SageMaker (AWS credentials, region and endpoint come from the
@@ -79,6 +119,10 @@ struct TrainArgs {
     /// directory is empty (resume after a lost spot instance).
     #[arg(long, value_name = "S3_URI")]
     checkpoints: Option<S3Uri>,
+    /// Where to train: auto (the GPU when this build has CUDA and one is present, else the CPU), cpu, cuda or
+    /// cuda:N. The precision is the `precision` hyperparameter.
+    #[arg(long, env = "SEMSEG_DEVICE", default_value = "auto")]
+    device: semseg::compute::DeviceChoice,
     #[command(flatten)]
     s3: S3Args,
 }
@@ -200,6 +244,7 @@ fn main() -> ExitCode {
             })(),
         ),
         Command::Demo(args) => report("demo", demo::run(&args, ml_root_typed.then_some(cli.ml_root.as_path()))),
+        Command::DeviceCheck(args) => report("device-check", device_check(&args)),
     }
 }
 
@@ -229,7 +274,7 @@ fn train_job(ml: &MlRoot, args: &TrainArgs) -> ExitCode {
         let stop = Arc::new(AtomicBool::new(false));
         signal_hook::flag::register(signal_hook::consts::SIGTERM, Arc::clone(&stop))?;
         signal_hook::flag::register(signal_hook::consts::SIGINT, Arc::clone(&stop))?;
-        let outcome = train::job::run_mirrored(ml, &stop, mirror.as_ref())?;
+        let outcome = train::job::run_mirrored(ml, &stop, args.device, mirror.as_ref())?;
         tracing::info!(?outcome, "training finished");
         Ok(())
     });

@@ -9,6 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
+use crate::compute::{Compute, ComputeArgs};
 use crate::data::image_io;
 use crate::infer::model_adapter;
 use crate::infer::{encode, Inference, InferenceLimits, DEFAULT_MAX_MODEL_PIXELS};
@@ -30,6 +31,8 @@ pub struct PredictArgs {
     /// Images with more pixels are downscaled to this many before the network runs (outputs stay full size).
     #[arg(long, env = "SEMSEG_MAX_MODEL_PIXELS", default_value_t = DEFAULT_MAX_MODEL_PIXELS)]
     pub max_model_pixels: u64,
+    #[command(flatten)]
+    pub compute: ComputeArgs,
 }
 
 /// What one image produced.
@@ -43,7 +46,8 @@ pub struct Predicted {
 /// `semseg predict`.
 pub fn run(args: &PredictArgs) -> anyhow::Result<Vec<Predicted>> {
     let stems = output_stems(&args.images)?;
-    let segmenter = model_adapter::load(&args.model)
+    let compute = Compute::open(args.compute.device, args.compute.precision)?;
+    let segmenter = model_adapter::load(&args.model, &compute)
         .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
     let inference = Inference::new(
         segmenter,

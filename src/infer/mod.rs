@@ -43,7 +43,24 @@ pub trait Segmenter: Send + Sync {
     fn mask_scores(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
         self.probabilities(image)
     }
+
+    /// The class-index mask `[H, W]` at the size of `image`: the argmax of [`Self::mask_scores`], unless the
+    /// segmenter can do better (a GPU model takes the argmax there and copies back only the mask).
+    fn mask(&self, image: &RgbImage) -> anyhow::Result<Mask> {
+        Ok(self.mask_scores(image)?.argmax())
+    }
+
+    /// Runs the network once on a small grey image, so the first request does not pay for one-time set-up (GPU
+    /// kernel loading, convolution algorithm choice, buffers).
+    fn warm_up(&self) -> anyhow::Result<()> {
+        self.mask(&RgbImage::from_pixel(WARM_UP_SIDE, WARM_UP_SIDE, image::Rgb([128, 128, 128])))
+            .map(|_| ())
+    }
 }
+
+/// Side of the warm-up image: large enough to touch every layer at a realistic tile size, small enough to cost
+/// well under a second on a CPU.
+const WARM_UP_SIDE: u32 = 128;
 
 /// Per-pixel class probabilities, `[C, H, W]` row-major: `data[(c * height + y) * width + x]`.
 #[derive(Clone, PartialEq)]
@@ -454,9 +471,14 @@ impl Inference {
         let (width, height) = image.dimensions();
         if self.model_size(width, height) == (width, height) {
             // At the image's own size the mask is the argmax of any scores that order the classes alike.
-            return Ok(self
-                .run_with(image, |input| self.segmenter.mask_scores(input))?
-                .argmax());
+            let mask = self.segmenter.mask(image)?;
+            anyhow::ensure!(
+                (mask.width(), mask.height()) == (width as usize, height as usize),
+                "the network returned a {}x{} mask for a {width}x{height} image",
+                mask.width(),
+                mask.height()
+            );
+            return Ok(mask);
         }
         // Resized, the mask follows the interpolated probabilities (interpolated logits could differ at edges).
         let probabilities = self.run(image)?;

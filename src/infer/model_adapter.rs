@@ -9,7 +9,8 @@ use anyhow::Context;
 use candle_core::{Device, Tensor};
 use image::RgbImage;
 
-use super::{normalised_chw, Probabilities, Segmenter};
+use super::{normalised_chw, Mask, Probabilities, Segmenter};
+use crate::compute::Compute;
 use crate::model::artifact::InferenceModel;
 
 /// An artifact loaded for inference on one device.
@@ -41,8 +42,29 @@ impl Segmenter for ModelSegmenter {
     }
 
     fn probabilities(&self, image: &RgbImage) -> anyhow::Result<Probabilities> {
+        if !self.device.is_cpu() {
+            // Softmax on the GPU; only the probabilities come back.
+            let logits = self.device_logits(image)?;
+            let (classes, height, width) = (logits.dim(1)?, logits.dim(2)?, logits.dim(3)?);
+            let probabilities = candle_nn::ops::softmax(&logits, 1)?;
+            let values = probabilities.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+            return Ok(Probabilities::new(classes, height, width, values)?);
+        }
         let (classes, height, width, logits) = self.logits(image)?;
         Ok(Probabilities::from_logits(classes, height, width, logits)?)
+    }
+
+    fn mask(&self, image: &RgbImage) -> anyhow::Result<Mask> {
+        if self.device.is_cpu() {
+            // The host's parallel argmax over the logits (no softmax).
+            return Ok(self.mask_scores(image)?.argmax());
+        }
+        // Argmax on the GPU; only the H·W class indices come back.
+        let logits = self.device_logits(image)?;
+        let (height, width) = (logits.dim(2)?, logits.dim(3)?);
+        let labels = logits.argmax(1)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+        let labels = labels.into_iter().map(|l| l.min(255) as u8).collect();
+        Ok(Mask::new(width, height, labels)?)
     }
 
     /// The logits: the argmax is the same as the probabilities', without the softmax.
@@ -55,6 +77,14 @@ impl Segmenter for ModelSegmenter {
 impl ModelSegmenter {
     /// The network's logits `[C, H, W]` for `image`, on the CPU: (classes, height, width, values).
     fn logits(&self, image: &RgbImage) -> anyhow::Result<(usize, usize, usize, Vec<f32>)> {
+        let logits = self.device_logits(image)?;
+        let (classes, height, width) = (logits.dim(1)?, logits.dim(2)?, logits.dim(3)?);
+        let logits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
+        Ok((classes, height, width, logits))
+    }
+
+    /// The network's logits `[1, C, H, W]` f32 for `image`, left on the model's device.
+    fn device_logits(&self, image: &RgbImage) -> anyhow::Result<Tensor> {
         let (width, height) = (image.width() as usize, image.height() as usize);
         let norm = &self.model.meta().normalization;
         let input = normalised_chw(image, norm.mean, norm.std);
@@ -66,18 +96,18 @@ impl ModelSegmenter {
             "the network returned logits of shape {:?} for a {width}x{height} image and {classes} classes",
             logits.dims()
         );
-        let logits = logits.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<f32>()?;
-        Ok((classes, height, width, logits))
+        Ok(logits)
     }
 }
 
 /// The model behind `serve`, `predict` and `demo`: the artifact in `dir` (a `model.tar.gz` there is unpacked first),
-/// on the first CUDA GPU when there is one (and the build has CUDA), else on the CPU.
-pub fn load(dir: &Path) -> anyhow::Result<Arc<dyn Segmenter>> {
+/// on `compute`'s device, its activations in `compute`'s dtype.
+pub fn load(dir: &Path, compute: &Compute) -> anyhow::Result<Arc<dyn Segmenter>> {
     let dir = crate::model::package::unpack_in_place(dir)?;
-    let device = Device::cuda_if_available(0).context("cannot open the GPU")?;
-    tracing::info!(dir = %dir.display(), device = ?device, "loading the model");
-    Ok(Arc::new(ModelSegmenter::load(&dir, device)?))
+    tracing::info!(dir = %dir.display(), device = %crate::compute::describe(&compute.device), "loading the model");
+    let mut segmenter = ModelSegmenter::load(&dir, compute.device.clone())?;
+    segmenter.model = segmenter.model.with_compute_dtype(compute.mode.compute_dtype);
+    Ok(Arc::new(segmenter))
 }
 
 #[cfg(test)]
@@ -99,7 +129,7 @@ mod tests {
         )?;
         let dir = tempfile::tempdir()?;
         save_varmap(dir.path(), &ModelMeta::new(&config), &varmap)?;
-        let segmenter = load(dir.path())?;
+        let segmenter = load(dir.path(), &Compute::cpu())?;
         assert_eq!(segmenter.num_classes(), 3);
         let inference = Inference::new(
             segmenter,

@@ -351,6 +351,14 @@ impl InferenceModel {
         &self.meta
     }
 
+    /// The same model running its activations in `dtype` (bf16 for mixed precision); logits stay f32.
+    pub fn with_compute_dtype(self, dtype: DType) -> Self {
+        Self {
+            meta: self.meta,
+            net: self.net.with_compute_dtype(dtype),
+        }
+    }
+
     pub fn network(&self) -> &SegmentationModel {
         &self.net
     }

@@ -16,6 +16,7 @@ pub mod config;
 pub mod heads;
 pub mod layers;
 pub mod ops;
+pub mod precision;
 pub mod package;
 pub mod resnet;
 pub mod seeded_init;

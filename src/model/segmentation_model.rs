@@ -1,6 +1,6 @@
 //! The whole network, as torchvision's `_SimpleSegmentationModel`: backbone → head → bilinear resize to the input.
 
-use candle_core::{Result, Tensor};
+use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use super::config::{Algorithm, ModelConfig};
@@ -24,6 +24,8 @@ pub struct SegmentationModel {
     head: Head,
     aux: Option<FcnHead>,
     folded: bool,
+    /// dtype of the activations (bf16 in mixed precision); weights stay as built and each op casts them.
+    compute_dtype: DType,
 }
 
 impl SegmentationModel {
@@ -54,7 +56,18 @@ impl SegmentationModel {
             head,
             aux,
             folded: false,
+            compute_dtype: DType::F32,
         })
+    }
+
+    /// The same network running its activations in `dtype` (`BF16` for mixed precision); logits come back as f32.
+    pub fn with_compute_dtype(mut self, dtype: DType) -> Self {
+        self.compute_dtype = dtype;
+        self
+    }
+
+    pub fn compute_dtype(&self) -> DType {
+        self.compute_dtype
     }
 
     pub fn config(&self) -> &ModelConfig {
@@ -76,6 +89,7 @@ impl SegmentationModel {
             head: self.head.fold()?,
             aux: None,
             folded: true,
+            compute_dtype: self.compute_dtype,
         })
     }
 
@@ -86,10 +100,11 @@ impl SegmentationModel {
         if c != 3 {
             candle_core::bail!("the network takes 3-channel images, got input {:?}", x.dims())
         }
-        let feats = self.backbone.forward_t(x, train)?;
-        let out = resize_bilinear(&self.head.forward_t(&feats.layer4, train)?, h, w)?;
+        let x = x.to_dtype(self.compute_dtype)?; // a no-op in fp32
+        let feats = self.backbone.forward_t(&x, train)?;
+        let out = resize_bilinear(&self.head.forward_t(&feats.layer4, train)?, h, w)?.to_dtype(DType::F32)?;
         let aux = match &self.aux {
-            Some(head) => Some(resize_bilinear(&head.forward_t(&feats.layer3, train)?, h, w)?),
+            Some(head) => Some(resize_bilinear(&head.forward_t(&feats.layer3, train)?, h, w)?.to_dtype(DType::F32)?),
             None => None,
         };
         Ok(SegOutput { out, aux })
@@ -168,6 +183,45 @@ mod tests {
         for (name, var) in data.iter() {
             let has = grads.get(var.as_tensor()).is_some();
             assert_eq!(has, crate::model::weights::is_trainable(name), "{name}");
+        }
+        Ok(())
+    }
+
+    /// bf16 mixed precision through the whole network on the CPU's generic kernels: f32 master weights get f32
+    /// gradients, the logits come back f32 and close to the f32 network's, and the folded inference model runs too.
+    /// (The GPU runs the same graph on its own kernels; `semseg device-check` compares those.)
+    #[test]
+    fn bf16_activations_train_and_infer_with_f32_weights() -> Result<()> {
+        for alg in Algorithm::ALL {
+            let (vm, net) = build(alg, OutputStride::Eight, true)?;
+            let half = net.clone().with_compute_dtype(DType::BF16);
+            let x = Tensor::randn(0f32, 1.0, (2, 3, 33, 40), &Device::Cpu)?;
+            let y = half.forward_t(&x, true)?;
+            assert_eq!((y.out.dtype(), y.out.dims()), (DType::F32, &[2, 3, 33, 40][..]));
+            let aux = y.aux.expect("aux");
+            assert_eq!(aux.dtype(), DType::F32);
+            let loss = (y.out.sqr()?.mean_all()? + aux.sqr()?.mean_all()?)?;
+            let grads = loss.backward()?;
+            let data = vm.data().lock().expect("varmap lock");
+            for (name, var) in data.iter() {
+                if crate::model::weights::is_trainable(name) {
+                    let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{alg}: no gradient for {name}"));
+                    assert_eq!(g.dtype(), DType::F32, "{name}");
+                }
+            }
+            drop(data);
+            let want = net.logits(&x)?;
+            let got = half.logits(&x)?;
+            let rel =
+                ((&want - &got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()?;
+            assert!(rel < 5e-2, "{alg}: bf16 vs f32 relative L2 {rel}");
+            let folded = half.fold_batchnorm()?;
+            assert_eq!(folded.compute_dtype(), DType::BF16);
+            let folded_logits = folded.logits(&x)?;
+            assert_eq!(folded_logits.dtype(), DType::F32);
+            let rel = ((&want - &folded_logits)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?
+                .to_scalar::<f32>()?;
+            assert!(rel < 5e-2, "{alg}: folded bf16 vs f32 relative L2 {rel}");
         }
         Ok(())
     }

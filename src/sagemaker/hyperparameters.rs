@@ -13,6 +13,8 @@ use std::str::FromStr;
 use serde::Serialize;
 use serde_json::Value;
 
+use crate::model::precision::Precision;
+
 // The network words are the model's own types, so a parsed job builds its network without translation.
 pub use crate::model::config::{Algorithm, Backbone, OutputStride};
 
@@ -211,6 +213,13 @@ pub const SPECS: &[Spec] = &[
         "a non-negative integer",
         "Seed for shuffling, augmentation and initialisation.",
     ),
+    extension(
+        "precision",
+        "auto",
+        "auto, fp32, bf16",
+        "Numeric precision: auto (TF32 convolutions and matmuls on GPUs that have it, fp32 elsewhere), fp32 (strict), \
+         bf16 (mixed precision on the GPU: bf16 activations, f32 weights, statistics and loss; fp32 on the CPU).",
+    ),
 ];
 
 /// A bad hyperparameter file or value, phrased for the job's FailureReason.
@@ -304,6 +313,9 @@ pub struct Hyperparameters {
     pub syncbn: bool,
     pub output_stride: OutputStride,
     pub seed: u64,
+    /// Left out of the JSON at its default, so checkpoints written before it existed still resume.
+    #[serde(skip_serializing_if = "Precision::is_auto")]
+    pub precision: Precision,
 }
 
 /// What parsing produced besides the values: reserved names that were skipped, for the log.
@@ -372,6 +384,7 @@ impl Hyperparameters {
         let syncbn = p.boolean("syncbn");
         let output_stride = p.integer("output_stride", |v| v == 8 || v == 16);
         let seed = p.integer("seed", |_| true);
+        let precision = p.choice::<Precision>("precision");
 
         // Rules that involve two hyperparameters.
         if let (Some(LrScheduler::Step), Some(steps), Some(epochs)) = (lr_scheduler, &lr_scheduler_step, &epochs) {
@@ -425,6 +438,7 @@ impl Hyperparameters {
                 syncbn: syncbn?,
                 output_stride: OutputStride::try_from(u32::try_from(output_stride?).ok()?).ok()?,
                 seed: seed?,
+                precision: precision?,
             })
         })();
         hp.map(|hp| (hp, notes))
@@ -610,6 +624,16 @@ mod tests {
         assert_eq!(hp.early_stopping_tolerance, 0.0);
         assert!(!hp.syncbn);
         assert_eq!(hp.output_stride, OutputStride::Eight);
+        assert_eq!(hp.precision, Precision::Auto);
+        // The default stays out of the JSON, so checkpoints written before `precision` existed still resume.
+        assert!(serde_json::to_value(&hp).unwrap().get("precision").is_none());
+    }
+
+    #[test]
+    fn precision_is_parsed_and_recorded_when_not_the_default() {
+        let hp = parse(&format!(r#"{{{REQUIRED}, "precision": "BF16"}}"#)).unwrap();
+        assert_eq!(hp.precision, Precision::Bf16);
+        assert_eq!(serde_json::to_value(&hp).unwrap()["precision"], "bf16");
     }
 
     #[test]
@@ -678,6 +702,7 @@ mod tests {
             ("early_stopping", "1", "True, False"),
             ("syncbn", "maybe", "True, False"),
             ("output_stride", "32", "8, 16"),
+            ("precision", "fp16", "auto, fp32, bf16"),
         ];
         for (name, value, allowed) in bad {
             let err = parse(&format!(r#"{{{REQUIRED}, "{name}": "{value}"}}"#)).unwrap_err();

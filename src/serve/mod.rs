@@ -106,6 +106,8 @@ pub struct ServeArgs {
     /// Seconds in-flight requests get to finish after SIGTERM (SageMaker sends SIGKILL 30 s after SIGTERM).
     #[arg(long, env = "SEMSEG_DRAIN_TIMEOUT", default_value_t = 25.0)]
     pub drain_timeout: f64,
+    #[command(flatten)]
+    pub compute: crate::compute::ComputeArgs,
 }
 
 /// Everything the server needs to run, resolved from [`ServeArgs`] (or built directly in tests).
@@ -349,9 +351,16 @@ pub async fn shutdown_signal() {
 pub fn run(args: &ServeArgs, ml: &MlRoot) -> anyhow::Result<()> {
     let config = ServeConfig::from_args(args)?;
     let model_dir = args.model.clone().unwrap_or_else(|| ml.model_dir());
+    let compute_args = args.compute;
     let load = move || {
-        crate::infer::model_adapter::load(&model_dir)
-            .with_context(|| format!("cannot load the model in {}", model_dir.display()))
+        let compute = crate::compute::Compute::open(compute_args.device, compute_args.precision)?;
+        let segmenter = crate::infer::model_adapter::load(&model_dir, &compute)
+            .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
+        // Before /ping turns healthy: the first request should not pay for kernel loading and algorithm choice.
+        let started = std::time::Instant::now();
+        segmenter.warm_up().context("the model failed its warm-up run")?;
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "model warmed up");
+        Ok(segmenter)
     };
     run_until_signal(config, load, |_| {})
 }

@@ -18,6 +18,7 @@ use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
 use super::{incremental, pretrained, report, validation};
+use crate::compute::{Compute, DeviceChoice};
 use crate::data::epoch_source::EpochSource;
 use crate::data::loader::LoaderConfig;
 use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
@@ -49,15 +50,21 @@ pub enum Outcome {
 }
 
 /// Run the training job under `ml`. `stop` is raised by SIGTERM.
-pub fn run(ml: &MlRoot, stop: &AtomicBool) -> Result<Outcome> {
-    run_mirrored(ml, stop, None)
+pub fn run(ml: &MlRoot, stop: &AtomicBool, device: DeviceChoice) -> Result<Outcome> {
+    run_mirrored(ml, stop, device, None)
 }
 
 /// [`run`], copying `checkpoints/` to S3 through `mirror` after every checkpoint save (`train --checkpoints`).
-pub fn run_mirrored(ml: &MlRoot, stop: &AtomicBool, mirror: Option<&CheckpointMirror>) -> Result<Outcome> {
+pub fn run_mirrored(
+    ml: &MlRoot,
+    stop: &AtomicBool,
+    device: DeviceChoice,
+    mirror: Option<&CheckpointMirror>,
+) -> Result<Outcome> {
     // s3:// references in File-mode manifests are downloaded here, before the inputs are checked.
     let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
-    let mut job = TrainingJob::start_or_resume(ml, &inputs, mirror)?;
+    let compute = Compute::open(device, inputs.hyperparameters.precision)?;
+    let mut job = TrainingJob::start_or_resume(ml, &inputs, &compute, mirror)?;
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;
         let started = Instant::now();
@@ -78,6 +85,13 @@ pub fn run_mirrored(ml: &MlRoot, stop: &AtomicBool, mirror: Option<&CheckpointMi
             learning_rate: trained.learning_rate,
         };
         report::log_metrics(&record, started.elapsed().as_secs_f64());
+        if let Some(bytes) = trained.gpu_memory_max {
+            tracing::info!(
+                epoch = epoch_number,
+                gpu_memory_max_gib = format!("{:.2}", bytes as f64 / (1u64 << 30) as f64),
+                "GPU memory in use at its highest sample this epoch (after a forward or a backward)"
+            );
+        }
         if job.end_epoch(record, &scores)? == Continue::StopEarly {
             tracing::info!(
                 epoch = epoch_number,
@@ -100,6 +114,8 @@ struct EpochTraining {
     /// Mean loss over the epoch's batches.
     loss: f64,
     images_per_second: f64,
+    /// The most GPU memory in use at any sample of the epoch (None on the CPU).
+    gpu_memory_max: Option<u64>,
     /// The rate of the epoch's last step.
     learning_rate: f64,
 }
@@ -137,10 +153,11 @@ impl<'a> TrainingJob<'a> {
     fn start_or_resume(
         ml: &'a MlRoot,
         inputs: &'a TrainingInputs,
+        compute: &Compute,
         mirror: Option<&'a CheckpointMirror>,
     ) -> Result<Self> {
         let hp = &inputs.hyperparameters;
-        let device = select_device()?;
+        let device = compute.device.clone();
         let config = ModelConfig::new(
             hp.algorithm,
             hp.backbone,
@@ -150,7 +167,9 @@ impl<'a> TrainingJob<'a> {
         )?;
         let varmap = VarMap::new();
         // Weights drawn from the job's seed, so the same hyperparameters train the same network.
-        let model = SegmentationModel::new(&config, seeded_var_builder(&varmap, hp.seed, DType::F32, &device))?;
+        // f32 master weights in every precision; the activations take the compute dtype.
+        let model = SegmentationModel::new(&config, seeded_var_builder(&varmap, hp.seed, DType::F32, &device))?
+            .with_compute_dtype(compute.mode.compute_dtype);
         tracing::info!(model = %config, device = ?device, "network built");
         let mut optimizer = Optimizer::new(optimizer_config(hp), weights::trainable_vars(&varmap));
 
@@ -237,6 +256,13 @@ impl<'a> TrainingJob<'a> {
         let loader = self.train.batches(u64::from(epoch), loader_config)?;
         let (mut loss_sum, mut batches, mut images) = (0.0f64, 0usize, 0usize);
         let mut learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
+        // GPU memory in use, sampled after each forward (activations held) and backward (gradients held).
+        let mut gpu_memory_max: Option<u64> = None;
+        let mut sample_gpu_memory = |device: &Device| {
+            if let Some(used) = crate::compute::gpu_memory_used(device) {
+                gpu_memory_max = Some(gpu_memory_max.map_or(used, |m| m.max(used)));
+            }
+        };
         for batch in loader {
             if stop.load(Ordering::SeqCst) {
                 return Ok(None);
@@ -252,6 +278,7 @@ impl<'a> TrainingJob<'a> {
                 loss = (loss + (cross_entropy(aux, &targets)? * AUX_LOSS_WEIGHT)?)?;
             }
             let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            sample_gpu_memory(&self.device);
             if !loss_value.is_finite() {
                 bail!(
                     "the training loss became {loss_value} at epoch {}; lower learning_rate (now {})",
@@ -260,7 +287,9 @@ impl<'a> TrainingJob<'a> {
                 );
             }
             learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
-            self.optimizer.step(&loss.backward()?, learning_rate)?;
+            let grads = loss.backward()?;
+            sample_gpu_memory(&self.device);
+            self.optimizer.step(&grads, learning_rate)?;
             self.state.iterations_done += 1;
             loss_sum += loss_value;
             batches += 1;
@@ -270,6 +299,7 @@ impl<'a> TrainingJob<'a> {
             loss: loss_sum / batches.max(1) as f64,
             images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             learning_rate,
+            gpu_memory_max,
         }))
     }
 
@@ -352,22 +382,6 @@ fn optimizer_config(hp: &Hyperparameters) -> OptimizerConfig {
         gamma1: hp.gamma1,
         gamma2: hp.gamma2,
     }
-}
-
-/// CUDA when built with it and a GPU is present, else the CPU. Chosen once and logged.
-pub fn select_device() -> Result<Device> {
-    #[cfg(feature = "cuda")]
-    {
-        match Device::new_cuda(0) {
-            Ok(device) => {
-                tracing::info!("training on CUDA device 0");
-                return Ok(device);
-            }
-            Err(e) => tracing::warn!("no usable GPU ({e}); training on the CPU"),
-        }
-    }
-    tracing::info!(threads = candle_core::utils::get_num_threads(), "training on the CPU");
-    Ok(Device::Cpu)
 }
 
 /// Start weights: an earlier model from the `model` channel (incremental training), or ImageNet backbone weights

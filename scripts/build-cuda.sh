@@ -1,0 +1,70 @@
+#!/usr/bin/env bash
+# Builds the CUDA binary (`--features cuda`) on a machine without a GPU, and packs it with the PyTorch peer scripts
+# into a git-ignored folder that travels to a GPU machine beside the checkout (scripts/gpu-check.sh runs from there).
+#
+#   scripts/build-cuda.sh                 # toolchain in /tmp/cuda13 (installed on first use), binary in .gpucarry/
+#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # A100; default 90 (H100/H200)
+#
+# The toolchain is CUDA 13.0 from NVIDIA's PyPI wheels (nvcc 13.0.88: PTX from a newer nvcc does not load on driver
+# 580), cuDNN 9 headers and library, and a link-time stub for libcuda.so.1 (the driver's library, absent here).
+# A cold build takes about 20 minutes on 2 cores (candle-kernels' nvcc work); later ones a few minutes.
+# Environment: CUDA_TOOLCHAIN (default /tmp/cuda13), CARGO_TARGET_DIR (default target-cuda), CARRY (default .gpucarry),
+# PEER (the peer scripts to copy, default ../shared/bench/peer; skipped when absent).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+toolchain=${CUDA_TOOLCHAIN:-/tmp/cuda13}
+carry=${CARRY:-.gpucarry}
+peer=${PEER:-../shared/bench/peer}
+export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-target-cuda}
+
+install_toolchain() {
+  local dir=$1
+  mkdir -p "$dir"
+  python3 -m pip install -q --target "$dir/wheels" \
+    "nvidia-cuda-nvcc==13.0.88" "nvidia-cuda-crt==13.0.88" "nvidia-nvvm==13.0.88" \
+    "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-nvrtc==13.0.88" \
+    "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35"
+  local root=$dir/wheels/nvidia/cu13
+  # The wheels ship only versioned sonames; the linker wants the plain names.
+  (cd "$root/lib" && for l in cublas cublasLt cudart nvrtc; do ln -sf "lib$l.so.13" "lib$l.so"; done \
+    && ln -sf libcurand.so.10 libcurand.so)
+  # libcuda comes with the driver: link against a stub with the same soname, exporting every cu* function that
+  # cudarc's driver bindings declare.
+  cargo fetch --locked
+  local cudarc_src
+  cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)
+  mkdir -p "$root/lib/stubs"
+  grep -ohP 'pub unsafe fn \Kcu\w+(?=\()' "$cudarc_src/src/driver/sys/mod.rs" | sort -u \
+    | awk '{print "void " $1 "(void){}"}' > "$dir/libcuda_stub.c"
+  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib/stubs/libcuda.so" "$dir/libcuda_stub.c"
+  python3 -m pip download -q --no-deps "nvidia-cudnn-cu13==9.21.1.3" -d "$dir/cudnn-wheel"
+  (cd "$dir" && unzip -q -o cudnn-wheel/nvidia_cudnn_cu13-*.whl 'nvidia/cudnn/include/*' 'nvidia/cudnn/lib/libcudnn.so.9' \
+    && ln -sf libcudnn.so.9 nvidia/cudnn/lib/libcudnn.so)
+  cat > "$dir/env.sh" <<ENV
+export CUDA_HOME=$root CUDA_PATH=$root CUDA_ROOT=$root
+export PATH=$root/bin:\$PATH
+export LIBRARY_PATH=$root/lib:$root/lib/stubs:$dir/nvidia/cudnn/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}
+export CPATH=$dir/nvidia/cudnn/include\${CPATH:+:\$CPATH}
+export CUDNN_LIB=$dir/nvidia/cudnn
+export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}
+ENV
+}
+
+[ -f "$toolchain/env.sh" ] || install_toolchain "$toolchain"
+# shellcheck disable=SC1091
+source "$toolchain/env.sh"
+# cuDNN's library must be on the link path too (the setup script of ../shared/gpu leaves it out).
+export LIBRARY_PATH=$toolchain/nvidia/cudnn/lib:${LIBRARY_PATH:-}
+nvcc --version | tail -n 2
+echo "building for compute capability $CUDA_COMPUTE_CAP into $CARGO_TARGET_DIR"
+cargo build --release --locked --features cuda --bin semseg
+
+mkdir -p "$carry"
+strip -o "$carry/semseg-cuda" "$CARGO_TARGET_DIR/release/semseg"
+xz -6 -T2 -f "$carry/semseg-cuda"
+if [ -d "$peer" ]; then
+  mkdir -p "$carry/peer"
+  cp "$peer"/{seg_models.py,torch_train.py,torch_infer.py,export_reference.py} "$carry/peer/"
+fi
+ls -l "$carry" "$carry"/peer 2>/dev/null
+echo "ready: run scripts/gpu-check.sh on the GPU machine (carry $carry)"

@@ -1,0 +1,212 @@
+//! Where and how the network runs: one device choice and one precision, shared by `train`, `serve`, `predict` and
+//! `demo`. The GPU when the binary is built with `cuda` and one is present, else the CPU; `--device` /
+//! `SEMSEG_DEVICE` choose explicitly. The choice is logged once. The ops decide CPU or GPU kernels inside
+//! themselves (`model::ops`), so nothing past this point branches on the device.
+
+use std::fmt;
+use std::str::FromStr;
+
+use anyhow::Context;
+use candle_core::Device;
+
+use crate::model::precision::{self, MathMode, Precision};
+
+/// `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum DeviceChoice {
+    #[default]
+    Auto,
+    Cpu,
+    Cuda(usize),
+}
+
+impl FromStr for DeviceChoice {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let text = s.trim().to_ascii_lowercase();
+        match text.as_str() {
+            "auto" => Ok(Self::Auto),
+            "cpu" => Ok(Self::Cpu),
+            "cuda" | "gpu" => Ok(Self::Cuda(0)),
+            _ => text
+                .strip_prefix("cuda:")
+                .or_else(|| text.strip_prefix("gpu:"))
+                .and_then(|n| n.parse().ok())
+                .map(Self::Cuda)
+                .ok_or_else(|| format!("unknown device {s:?}; expected auto, cpu, cuda or cuda:N")),
+        }
+    }
+}
+
+impl fmt::Display for DeviceChoice {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Cpu => f.write_str("cpu"),
+            Self::Cuda(n) => write!(f, "cuda:{n}"),
+        }
+    }
+}
+
+/// `--device` and `--precision`, for the commands that run the network outside a training job (a training job reads
+/// its precision from the `precision` hyperparameter).
+#[derive(Debug, Clone, Copy, clap::Args)]
+pub struct ComputeArgs {
+    /// Where the network runs: auto (the GPU when this build has CUDA and one is present, else the CPU), cpu, cuda
+    /// or cuda:N.
+    #[arg(long, env = "SEMSEG_DEVICE", default_value = "auto")]
+    pub device: DeviceChoice,
+    /// Numeric precision: auto (TF32 on GPUs that have it, fp32 elsewhere), fp32 (strict) or bf16 (GPU mixed
+    /// precision; fp32 on the CPU).
+    #[arg(long, env = "SEMSEG_PRECISION", default_value = "auto")]
+    pub precision: Precision,
+}
+
+/// The device and the numeric mode in force for this process.
+#[derive(Debug, Clone)]
+pub struct Compute {
+    pub device: Device,
+    pub precision: Precision,
+    pub mode: MathMode,
+}
+
+impl Compute {
+    /// Opens the device, resolves the precision on it, installs it for the ops and logs the result once.
+    pub fn open(choice: DeviceChoice, precision: Precision) -> anyhow::Result<Self> {
+        let device = open_device(choice)?;
+        let (mode, fallback) = precision::resolve(precision, &device);
+        if let Some(note) = fallback {
+            tracing::warn!("{note}");
+        }
+        precision::install(mode);
+        tracing::info!(
+            device = %describe(&device),
+            requested = %choice,
+            %precision,
+            compute_dtype = ?mode.compute_dtype,
+            tf32 = mode.tf32,
+            cpu_threads = candle_core::utils::get_num_threads(),
+            "compute device chosen"
+        );
+        Ok(Self {
+            device,
+            precision,
+            mode,
+        })
+    }
+
+    /// The strict-fp32 CPU, for tests and tools.
+    pub fn cpu() -> Self {
+        Self {
+            device: Device::Cpu,
+            precision: Precision::Fp32,
+            mode: MathMode::STRICT_F32,
+        }
+    }
+}
+
+/// Bytes of memory in use on `device`'s GPU (the whole GPU, as nvidia-smi counts it: this process's tensors, the
+/// CUDA context, cuDNN workspaces and any other process); `None` on the CPU or when the driver cannot say.
+pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        cuda.cuda_stream().context().bind_to_thread().ok()?;
+        let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
+        return Some(total.saturating_sub(free) as u64);
+    }
+    let _ = device;
+    None
+}
+
+/// "cpu" or "cuda:N".
+pub fn describe(device: &Device) -> String {
+    match device.location() {
+        candle_core::DeviceLocation::Cpu => "cpu".into(),
+        candle_core::DeviceLocation::Cuda { gpu_id } => format!("cuda:{gpu_id}"),
+        candle_core::DeviceLocation::Metal { gpu_id } => format!("metal:{gpu_id}"),
+    }
+}
+
+fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
+    match choice {
+        DeviceChoice::Cpu => Ok(Device::Cpu),
+        DeviceChoice::Auto => Ok(first_gpu().unwrap_or(Device::Cpu)),
+        DeviceChoice::Cuda(ordinal) => open_cuda(ordinal),
+    }
+}
+
+#[cfg(feature = "cuda")]
+fn first_gpu() -> Option<Device> {
+    if !candle_core::utils::cuda_is_available() {
+        return None;
+    }
+    match Device::new_cuda(0) {
+        Ok(device) => Some(device),
+        Err(error) => {
+            tracing::warn!("no usable GPU ({error}); running on the CPU");
+            None
+        }
+    }
+}
+
+#[cfg(not(feature = "cuda"))]
+fn first_gpu() -> Option<Device> {
+    None
+}
+
+#[cfg(feature = "cuda")]
+fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
+    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))
+}
+
+#[cfg(not(feature = "cuda"))]
+fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
+    Err(anyhow::anyhow!(
+        "device cuda:{ordinal} was asked for, but this binary was built without CUDA support; use --device cpu (or \
+         SEMSEG_DEVICE=cpu), or the CUDA build (Dockerfile.train, scripts/build-cuda.sh)"
+    ))
+    .context("cannot open the GPU")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_device_names() {
+        assert_eq!("auto".parse(), Ok(DeviceChoice::Auto));
+        assert_eq!("CPU".parse(), Ok(DeviceChoice::Cpu));
+        assert_eq!("cuda".parse(), Ok(DeviceChoice::Cuda(0)));
+        assert_eq!("cuda:3".parse(), Ok(DeviceChoice::Cuda(3)));
+        assert_eq!("gpu:1".parse(), Ok(DeviceChoice::Cuda(1)));
+        for bad in ["cuda:", "cuda:x", "tpu", ""] {
+            let err = bad.parse::<DeviceChoice>().unwrap_err();
+            assert!(err.contains("auto, cpu, cuda or cuda:N"), "{bad}: {err}");
+        }
+        assert_eq!(DeviceChoice::Cuda(2).to_string(), "cuda:2");
+    }
+
+    #[test]
+    fn cpu_and_auto_open_the_cpu_without_a_gpu() -> anyhow::Result<()> {
+        let compute = Compute::open(DeviceChoice::Cpu, Precision::Auto)?;
+        assert!(compute.device.is_cpu());
+        assert_eq!(compute.mode, MathMode::STRICT_F32);
+        if !candle_core::utils::cuda_is_available() {
+            assert!(Compute::open(DeviceChoice::Auto, Precision::Fp32)?.device.is_cpu());
+        }
+        Ok(())
+    }
+
+    #[test]
+    fn the_cpu_reports_no_gpu_memory() {
+        assert_eq!(gpu_memory_used(&Device::Cpu), None);
+    }
+
+    #[cfg(not(feature = "cuda"))]
+    #[test]
+    fn asking_for_cuda_in_a_cpu_build_says_so() {
+        let err = format!("{:#}", Compute::open(DeviceChoice::Cuda(0), Precision::Auto).unwrap_err());
+        assert!(err.contains("built without CUDA") && err.contains("--device cpu"), "{err}");
+    }
+}
