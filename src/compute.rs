@@ -206,7 +206,13 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn asking_for_cuda_in_a_cpu_build_says_so() {
-        let err = format!("{:#}", Compute::open(DeviceChoice::Cuda(0), Precision::Auto).unwrap_err());
-        assert!(err.contains("built without CUDA") && err.contains("--device cpu"), "{err}");
+        let err = format!(
+            "{:#}",
+            Compute::open(DeviceChoice::Cuda(0), Precision::Auto).unwrap_err()
+        );
+        assert!(
+            err.contains("built without CUDA") && err.contains("--device cpu"),
+            "{err}"
+        );
     }
 }

@@ -53,8 +53,12 @@ pub trait Segmenter: Send + Sync {
     /// Runs the network once on a small grey image, so the first request does not pay for one-time set-up (GPU
     /// kernel loading, convolution algorithm choice, buffers).
     fn warm_up(&self) -> anyhow::Result<()> {
-        self.mask(&RgbImage::from_pixel(WARM_UP_SIDE, WARM_UP_SIDE, image::Rgb([128, 128, 128])))
-            .map(|_| ())
+        self.mask(&RgbImage::from_pixel(
+            WARM_UP_SIDE,
+            WARM_UP_SIDE,
+            image::Rgb([128, 128, 128]),
+        ))
+        .map(|_| ())
     }
 }
 

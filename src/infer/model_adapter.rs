@@ -62,7 +62,11 @@ impl Segmenter for ModelSegmenter {
         // Argmax on the GPU; only the H·W class indices come back.
         let logits = self.device_logits(image)?;
         let (height, width) = (logits.dim(2)?, logits.dim(3)?);
-        let labels = logits.argmax(1)?.flatten_all()?.to_device(&Device::Cpu)?.to_vec1::<u32>()?;
+        let labels = logits
+            .argmax(1)?
+            .flatten_all()?
+            .to_device(&Device::Cpu)?
+            .to_vec1::<u32>()?;
         let labels = labels.into_iter().map(|l| l.min(255) as u8).collect();
         Ok(Mask::new(width, height, labels)?)
     }

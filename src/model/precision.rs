@@ -39,7 +39,10 @@ impl FromStr for Precision {
             "auto" => Ok(Self::Auto),
             "fp32" | "float32" | "f32" => Ok(Self::Fp32),
             "bf16" | "bfloat16" => Ok(Self::Bf16),
-            other => Err(format!("unknown precision {other:?}; expected one of {}", Self::CHOICES)),
+            other => Err(format!(
+                "unknown precision {other:?}; expected one of {}",
+                Self::CHOICES
+            )),
         }
     }
 }
@@ -110,7 +113,9 @@ pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<Strin
 /// Whether Candle's bf16 CUDA kernels exist in this binary (they are compiled only for compute capability ≥ 80). An
 /// unknown capability (a build that did not record it) is taken as new enough.
 fn bf16_kernels_built() -> bool {
-    env!("SEMSEG_CUDA_COMPUTE_CAP").parse::<u32>().map_or(true, |cap| cap >= 80)
+    env!("SEMSEG_CUDA_COMPUTE_CAP")
+        .parse::<u32>()
+        .map_or(true, |cap| cap >= 80)
 }
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);

@@ -205,7 +205,9 @@ mod tests {
             let data = vm.data().lock().expect("varmap lock");
             for (name, var) in data.iter() {
                 if crate::model::weights::is_trainable(name) {
-                    let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("{alg}: no gradient for {name}"));
+                    let g = grads
+                        .get(var.as_tensor())
+                        .unwrap_or_else(|| panic!("{alg}: no gradient for {name}"));
                     assert_eq!(g.dtype(), DType::F32, "{name}");
                 }
             }
