@@ -55,3 +55,80 @@ fn a_truncated_jpeg_fails_naming_the_file_and_the_problem() {
     let mask = image::open(out.join("whole.png")).unwrap();
     assert_eq!((mask.width(), mask.height()), (48, 32));
 }
+
+#[test]
+fn the_device_and_precision_choices_are_honoured_or_refused_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    write_model(&model);
+    let image = dir.path().join("a.png");
+    image::RgbImage::from_fn(40, 24, |x, y| image::Rgb([(x * 6) as u8, (y * 9) as u8, 40]))
+        .save(&image)
+        .unwrap();
+    let out = dir.path().join("masks");
+    let predict = |extra: &[&str]| {
+        let mut args = vec![
+            "predict",
+            "--model",
+            model.to_str().unwrap(),
+            "--out",
+            out.to_str().unwrap(),
+            image.to_str().unwrap(),
+        ];
+        args.extend_from_slice(extra);
+        semseg(&args)
+    };
+
+    // The CPU in each precision: bf16 falls back to fp32 with a warning, and the masks are identical.
+    let mut masks = Vec::new();
+    for precision in ["auto", "fp32", "bf16"] {
+        let run = predict(&["--device", "cpu", "--precision", precision]);
+        let log = text(&run);
+        assert!(run.status.success(), "{precision}: {log}");
+        assert!(
+            log.contains("compute device chosen") && log.contains("device=cpu"),
+            "{log}"
+        );
+        assert_eq!(
+            log.contains("no CPU kernels"),
+            precision == "bf16",
+            "{precision}: {log}"
+        );
+        masks.push(std::fs::read(out.join("a.png")).unwrap());
+    }
+    assert!(
+        masks.windows(2).all(|w| w[0] == w[1]),
+        "the CPU is fp32 in every precision"
+    );
+
+    for (extra, says) in [
+        (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
+        (["--precision", "fp16"], "expected one of auto, fp32, bf16"),
+    ] {
+        let run = predict(&extra);
+        let log = text(&run);
+        assert!(!run.status.success() && log.contains(says), "{extra:?}: {log}");
+    }
+    if !cfg!(feature = "cuda") {
+        let run = predict(&["--device", "cuda:1"]);
+        let log = text(&run);
+        assert!(!run.status.success(), "{log}");
+        assert!(
+            log.contains("cuda:1") && log.contains("built without CUDA support"),
+            "{log}"
+        );
+    }
+}
+
+#[test]
+fn device_check_passes_on_the_cpu_and_writes_its_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let report = dir.path().join("report.json");
+    let run = semseg(&["device-check", "--device", "cpu", "--out", report.to_str().unwrap()]);
+    assert!(run.status.success(), "{}", text(&run));
+    let report: serde_json::Value = serde_json::from_slice(&std::fs::read(&report).unwrap()).unwrap();
+    assert_eq!(report["pass"], true, "{report}");
+    let cases = report["cases"].as_array().unwrap();
+    assert!(cases.len() >= 10, "{report}");
+    assert!(cases.iter().all(|c| c["pass"] == true), "{report}");
+}
