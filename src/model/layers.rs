@@ -192,11 +192,11 @@ impl BatchNorm2d {
             )
         }
         if ops::batch_norm::supports(x, &self.weight) {
-            let (y, stats) = ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+            // The fused op (CPU, or CUDA with the `cuda` feature); its statistics stay on x's device.
+            let (y, batch_mean, batch_var) =
+                ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
             let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
-            let device = self.running_mean.device();
-            let batch_mean = Tensor::from_slice(&stats.mean, c, device)?;
-            let batch_var = (Tensor::from_slice(&stats.var, c, device)? * unbiased)?;
+            let batch_var = (batch_var * unbiased)?;
             self.update_running(&batch_mean, &batch_var)?;
             return Ok(y);
         }

@@ -1,4 +1,5 @@
-//! Training-mode BatchNorm2d on the CPU as one fused op. Composed from Candle's ops it is about ten autograd nodes,
+//! Training-mode BatchNorm2d on the CPU as one fused op (on CUDA, [`super::batch_norm_cuda`]; [`batch_norm_train`]
+//! dispatches). Composed from Candle's ops it is about ten autograd nodes,
 //! each materialising a full-size activation (sub, sqr, mul, add and their broadcast-sum backwards over strided
 //! axes); fused, the forward is two passes over the input (statistics, then the affine map) and the backward two
 //! (per-channel sums, then the input gradient), in parallel over channels / planes.
@@ -23,18 +24,46 @@ pub struct BatchStats {
     pub count: usize,
 }
 
-/// Whether [`batch_norm_train`] handles this input (CPU, f32 or f64, the same dtype as the parameters).
+/// Whether [`batch_norm_train`] handles this input: on the CPU f32 or f64 with parameters of the same dtype; on CUDA
+/// (with the `cuda` feature) f32 or bf16 with f32 parameters ([`super::batch_norm_cuda`]).
 pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
-    x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype()
+    if x.device().is_cpu() {
+        return matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype();
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return matches!(x.dtype(), DType::F32 | DType::BF16) && weight.dtype() == DType::F32;
+    }
+    false
 }
 
 /// `x` `[B, C, H, W]`, `weight`/`bias` `[C]` → (`y` `[B, C, H, W]`, differentiable with respect to all three; the
-/// batch statistics, detached).
+/// batch mean `[C]`; the biased batch variance `[C]`), the statistics detached and on x's device: f64 on the CPU
+/// (exactly what the kernel computed), f32 on CUDA (left on the GPU: no synchronisation per layer).
 ///
 /// With `relu`, the output is `max(y, 0)` in the same pass, and backward masks the gradient by the output's sign
 /// in its own parallel kernel: Candle's separate ReLU costs a pass forward and five backward (zeros, compare, cast,
 /// multiply, add).
 pub fn batch_norm_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    relu: bool,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::batch_norm_cuda::batch_norm_train(x, weight, bias, eps, relu);
+    }
+    let (y, stats) = batch_norm_train_cpu(x, weight, bias, eps, relu)?;
+    let channels = stats.mean.len();
+    let mean = Tensor::from_slice(&stats.mean, channels, x.device())?;
+    let var = Tensor::from_slice(&stats.var, channels, x.device())?;
+    Ok((y, mean, var))
+}
+
+/// The CPU op, with its statistics as computed.
+fn batch_norm_train_cpu(
     x: &Tensor,
     weight: &Tensor,
     bias: &Tensor,
@@ -399,7 +428,7 @@ mod tests {
                 .iter()
                 .map(|t| candle_core::Var::from_tensor(t))
                 .collect::<Result<_>>()?;
-            let (fused, _) = batch_norm_train(
+            let (fused, _, _) = batch_norm_train(
                 vars[0].as_tensor(),
                 vars[1].as_tensor(),
                 vars[2].as_tensor(),
@@ -423,16 +452,29 @@ mod tests {
                 assert!(max_diff(a, b)? < 1e-4, "relu {relu}: {:?}", v.dims());
             }
         }
-        let (_, stats) = batch_norm_train(&x, &w, &b, 1e-5, false)?;
+        let (_, batch_mean, batch_var) = batch_norm_train(&x, &w, &b, 1e-5, false)?;
         let mean = x
             .mean_keepdim(3)?
             .mean_keepdim(2)?
             .mean_keepdim(0)?
             .flatten_all()?
             .to_dtype(DType::F64)?;
-        for (got, want) in stats.mean.iter().zip(mean.to_vec1::<f64>()?) {
+        let var = x
+            .broadcast_sub(&mean.to_dtype(DType::F32)?.reshape((1, 4, 1, 1))?)?
+            .sqr()?
+            .mean_keepdim(3)?
+            .mean_keepdim(2)?
+            .mean_keepdim(0)?
+            .flatten_all()?
+            .to_dtype(DType::F64)?;
+        assert_eq!((batch_mean.dtype(), batch_mean.dims()), (DType::F64, &[4][..]));
+        for (got, want) in batch_mean.to_vec1::<f64>()?.iter().zip(mean.to_vec1::<f64>()?) {
             assert!((got - want).abs() < 1e-5);
         }
+        for (got, want) in batch_var.to_vec1::<f64>()?.iter().zip(var.to_vec1::<f64>()?) {
+            assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
+        }
+        let (_, stats) = batch_norm_train_cpu(&x, &w, &b, 1e-5, false)?;
         assert_eq!(stats.count, 3 * 5 * 6);
         Ok(())
     }

@@ -1,0 +1,351 @@
+//! A self-check of the training ops on one device against an f64 CPU reference: the convolution (forward, input
+//! and weight gradients; cuDNN on CUDA), the fused convolution epilogue (bias, residual, ReLU) and the fused
+//! training BatchNorm (forward with and without ReLU, its three gradients and the batch statistics), in each
+//! precision mode: strict fp32, fp32 with TF32 allowed, and bf16 activations with f32 weights.
+//!
+//! The reference sees the same input values the device does (bf16-rounded in bf16 mode), so the errors measure the
+//! kernels' arithmetic, not the rounding of the inputs. Each case reports the relative L2 error
+//! `‖device − reference‖ / ‖reference‖` of every output and passes when all are within its mode's threshold.
+//! On the CPU the bf16 mode is skipped (the CPU kernels are f32) and the TF32 flag changes nothing, so a CPU run
+//! checks the CPU f32 kernels against f64.
+
+use anyhow::Context;
+use candle_core::{DType, Device, Tensor, Var};
+use serde_json::{json, Value};
+
+use super::{batch_norm, conv};
+use crate::model::precision::{self, MathMode};
+
+/// Relative-L2 limits per mode.
+pub const STRICT_F32_MAX: f64 = 1e-5;
+pub const TF32_MAX: f64 = 2e-3;
+pub const BF16_MAX: f64 = 3e-2;
+
+/// (cin, h, w, cout, k, padding, stride, dilation).
+type ConvGeometry = (usize, usize, usize, usize, usize, usize, usize, usize);
+
+/// Batch 2: 1×1 (plain and strided), 3×3 stride 1 and 2 on odd
+/// sizes, dilated 3×3 (d = 2, and d = 12 on a map smaller than the dilation), the 7×7 stride-2 stem, and one
+/// larger 3×3 so that cuDNN picks a real (tiled / Winograd / FFT) algorithm.
+const CONV_CASES: &[ConvGeometry] = &[
+    (16, 9, 9, 8, 1, 0, 1, 1),
+    (16, 9, 10, 8, 1, 0, 2, 1),
+    (8, 12, 12, 8, 3, 1, 1, 1),
+    (8, 5, 7, 6, 3, 1, 2, 1),
+    (8, 13, 11, 6, 3, 2, 1, 2),
+    (8, 9, 10, 4, 3, 12, 1, 12),
+    (3, 19, 18, 8, 7, 3, 2, 1),
+    (64, 24, 20, 64, 3, 1, 1, 1),
+];
+
+/// BatchNorm inputs `[B, C, H, W]`: odd sizes, one value per plane (the ASPP pooling branch), a bigger map that
+/// splits each channel over several blocks, and channels with a large mean (cancellation in the variance).
+const BN_CASES: &[([usize; 4], f64, f64)] = &[
+    ([2, 8, 5, 7], 1.0, 0.0),
+    ([3, 16, 1, 1], 1.0, 0.0),
+    ([2, 32, 40, 36], 1.0, 0.0),
+    ([2, 8, 9, 11], 0.5, 20.0),
+];
+
+const EPS: f64 = 1e-5;
+
+#[derive(Clone, Copy, Debug)]
+struct Mode {
+    name: &'static str,
+    dtype: DType,
+    tf32: bool,
+    max: f64,
+}
+
+const MODES: [Mode; 3] = [
+    Mode {
+        name: "fp32",
+        dtype: DType::F32,
+        tf32: false,
+        max: STRICT_F32_MAX,
+    },
+    Mode {
+        name: "tf32",
+        dtype: DType::F32,
+        tf32: true,
+        max: TF32_MAX,
+    },
+    Mode {
+        name: "bf16",
+        dtype: DType::BF16,
+        tf32: false,
+        max: BF16_MAX,
+    },
+];
+
+/// Restores the process's TF32 setting when dropped.
+struct RestoreTf32(bool);
+
+impl Drop for RestoreTf32 {
+    fn drop(&mut self) {
+        precision::install(MathMode {
+            compute_dtype: DType::F32,
+            tf32: self.0,
+        });
+    }
+}
+
+/// Runs every case on `device` and returns `{device, pass, thresholds, cases: [{mode, op, case, errors, max,
+/// pass, error?}], skipped: [...]}`. A case that fails to run is reported (with its error) as failed; the
+/// function itself fails only when the reference cannot be computed.
+pub fn compare_with_cpu(device: &Device) -> anyhow::Result<Value> {
+    let _restore = RestoreTf32(precision::tf32_allowed());
+    let mut cases = Vec::new();
+    let mut skipped = Vec::new();
+    for mode in MODES {
+        if mode.dtype == DType::BF16 && device.is_cpu() {
+            skipped.push(json!({"mode": mode.name, "why": "no CPU bf16 kernels"}));
+            continue;
+        }
+        precision::install(MathMode {
+            compute_dtype: mode.dtype,
+            tf32: mode.tf32,
+        });
+        for (i, &geometry) in CONV_CASES.iter().enumerate() {
+            let (cin, h, w, cout, k, p, s, d) = geometry;
+            let name = format!("{cin}x{h}x{w} -> {cout}, k{k} p{p} s{s} d{d}");
+            let seed = 100 + 10 * i as u64;
+            let run = conv_case(device, mode, geometry, seed).with_context(|| format!("conv {name}"));
+            cases.push(report(mode, "conv", &name, run));
+            let run = fused_case(device, mode, geometry, seed + 5).with_context(|| format!("conv_fused {name}"));
+            cases.push(report(mode, "conv_fused", &name, run));
+        }
+        for (i, &(shape, scale, offset)) in BN_CASES.iter().enumerate() {
+            for relu in [false, true] {
+                let name = format!("{shape:?} x*{scale}+{offset}{}", if relu { " relu" } else { "" });
+                let run = bn_case(device, mode, shape, (scale, offset), relu, 500 + 10 * i as u64)
+                    .with_context(|| format!("batch_norm {name}"));
+                cases.push(report(mode, "batch_norm", &name, run));
+            }
+        }
+    }
+    let pass = cases.iter().all(|c| c["pass"] == json!(true));
+    Ok(json!({
+        "device": format!("{device:?}"),
+        "pass": pass,
+        "thresholds": {"fp32": STRICT_F32_MAX, "tf32": TF32_MAX, "bf16": BF16_MAX},
+        "cases": cases,
+        "skipped": skipped,
+    }))
+}
+
+fn report(mode: Mode, op: &str, case: &str, run: anyhow::Result<Vec<(&'static str, f64)>>) -> Value {
+    match run {
+        Ok(errors) => {
+            // NaN fails (the comparison is false).
+            let pass = errors.iter().all(|(_, e)| *e <= mode.max);
+            let errors: serde_json::Map<String, Value> =
+                errors.into_iter().map(|(k, e)| (k.to_string(), json!(e))).collect();
+            json!({"mode": mode.name, "op": op, "case": case, "errors": errors, "max": mode.max, "pass": pass})
+        }
+        Err(e) => json!({"mode": mode.name, "op": op, "case": case, "max": mode.max, "pass": false,
+                         "error": format!("{e:#}")}),
+    }
+}
+
+/// Deterministic values in (−1, 1), f64 on the CPU.
+fn seeded(shape: &[usize], seed: u64) -> candle_core::Result<Tensor> {
+    let n: usize = shape.iter().product();
+    let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+    let data: Vec<f64> = (0..n)
+        .map(|_| {
+            s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((s >> 11) as f64 / (1u64 << 53) as f64) * 2.0 - 1.0
+        })
+        .collect();
+    Tensor::from_vec(data, shape, &Device::Cpu)
+}
+
+/// ‖a − b‖ / ‖b‖ in f64 on the CPU (0 when both are zero).
+fn relative_l2(a: &Tensor, b: &Tensor) -> anyhow::Result<f64> {
+    anyhow::ensure!(a.dims() == b.dims(), "shapes differ: {:?} vs {:?}", a.dims(), b.dims());
+    let a = a.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let b = b.to_device(&Device::Cpu)?.to_dtype(DType::F64)?;
+    let num = (&a - &b)?.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    let den = b.sqr()?.sum_all()?.to_scalar::<f64>()?.sqrt();
+    Ok(if den == 0.0 && num == 0.0 { 0.0 } else { num / den })
+}
+
+/// `t` (f64, CPU) as the device sees it: rounded to `dtype` and moved.
+fn on_device(t: &Tensor, dtype: DType, device: &Device) -> candle_core::Result<Tensor> {
+    t.to_dtype(dtype)?.to_device(device)
+}
+
+/// The values of a device tensor, exactly, as f64 on the CPU (the reference's input).
+fn as_reference(t: &Tensor) -> candle_core::Result<Tensor> {
+    t.to_device(&Device::Cpu)?.to_dtype(DType::F64)
+}
+
+fn grad(grads: &candle_core::backprop::GradStore, v: &Var, what: &str) -> anyhow::Result<Tensor> {
+    grads
+        .get(v.as_tensor())
+        .cloned()
+        .with_context(|| format!("no gradient for {what}"))
+}
+
+/// The weight as the device's convolution sees it: f32 master values, cast to the activations' dtype inside the op.
+fn weight_reference(w32: &Tensor, dtype: DType) -> candle_core::Result<Tensor> {
+    as_reference(&w32.to_dtype(dtype)?)
+}
+
+fn conv_case(
+    device: &Device,
+    mode: Mode,
+    (cin, h, w, cout, k, p, s, d): ConvGeometry,
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let x64 = seeded(&[2, cin, h, w], seed)?;
+    let w64 = (seeded(&[cout, cin, k, k], seed + 1)? / ((cin * k * k) as f64).sqrt())?;
+    let xd = Var::from_tensor(&on_device(&x64, mode.dtype, device)?)?;
+    let wd = Var::from_tensor(&on_device(&w64, DType::F32, device)?)?;
+    let y = conv::conv2d(xd.as_tensor(), wd.as_tensor(), p, s, d)?;
+    let r64 = seeded(y.dims(), seed + 2)?;
+    let r = on_device(&r64, DType::F32, device)?;
+    let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let (dx, dw) = (grad(&grads, &xd, "x")?, grad(&grads, &wd, "weight")?);
+    anyhow::ensure!(
+        dw.dtype() == DType::F32,
+        "the weight gradient is {:?}, not f32",
+        dw.dtype()
+    );
+
+    let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
+    let wr = Var::from_tensor(&weight_reference(wd.as_tensor(), mode.dtype)?)?;
+    let yr = conv::conv2d(xr.as_tensor(), wr.as_tensor(), p, s, d)?;
+    let rr = as_reference(&r)?;
+    let gr = (&yr * &rr)?.sum_all()?.backward()?;
+    Ok(vec![
+        ("y", relative_l2(&y, &yr)?),
+        ("dx", relative_l2(&dx, &grad(&gr, &xr, "x (reference)")?)?),
+        ("dw", relative_l2(&dw, &grad(&gr, &wr, "weight (reference)")?)?),
+    ])
+}
+
+/// Inference: `relu(conv(x, w) + bias + residual)` with an f32 bias, nothing tracked.
+fn fused_case(
+    device: &Device,
+    mode: Mode,
+    (cin, h, w, cout, k, p, s, d): ConvGeometry,
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let x64 = seeded(&[2, cin, h, w], seed)?;
+    let w64 = (seeded(&[cout, cin, k, k], seed + 1)? / ((cin * k * k) as f64).sqrt())?;
+    let b64 = (seeded(&[cout], seed + 2)? * 0.5)?;
+    let xd = on_device(&x64, mode.dtype, device)?;
+    let wd = on_device(&w64, DType::F32, device)?;
+    let bd = on_device(&b64, DType::F32, device)?;
+    let y0 = conv::conv2d(&xd, &wd, p, s, d)?;
+    let resd = on_device(&seeded(y0.dims(), seed + 3)?, mode.dtype, device)?;
+    let y = conv::conv2d_fused(&xd, &wd, Some(&bd), Some(&resd), true, (p, s, d))?;
+    anyhow::ensure!(
+        y.dtype() == mode.dtype,
+        "output dtype {:?}, expected {:?}",
+        y.dtype(),
+        mode.dtype
+    );
+
+    let (xr, wr, br, resr) = (
+        as_reference(&xd)?,
+        weight_reference(&wd, mode.dtype)?,
+        as_reference(&bd.to_dtype(mode.dtype)?)?,
+        as_reference(&resd)?,
+    );
+    let yr = conv::conv2d(&xr, &wr, p, s, d)?
+        .broadcast_add(&br.reshape((1, cout, 1, 1))?)?
+        .add(&resr)?
+        .relu()?;
+    Ok(vec![("y", relative_l2(&y, &yr)?)])
+}
+
+fn bn_case(
+    device: &Device,
+    mode: Mode,
+    shape: [usize; 4],
+    (scale, offset): (f64, f64),
+    relu: bool,
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let c = shape[1];
+    let x64 = seeded(&shape, seed)?.affine(scale, offset)?;
+    let g64 = (seeded(&[c], seed + 1)?.affine(0.5, 1.0))?;
+    let b64 = (seeded(&[c], seed + 2)? * 0.3)?;
+    let xd = Var::from_tensor(&on_device(&x64, mode.dtype, device)?)?;
+    let gd = Var::from_tensor(&on_device(&g64, DType::F32, device)?)?;
+    let bd = Var::from_tensor(&on_device(&b64, DType::F32, device)?)?;
+    anyhow::ensure!(
+        batch_norm::supports(xd.as_tensor(), gd.as_tensor()),
+        "the fused BatchNorm does not take {:?} on {:?} in this build",
+        mode.dtype,
+        device
+    );
+    let (y, mean, var) = batch_norm::batch_norm_train(xd.as_tensor(), gd.as_tensor(), bd.as_tensor(), EPS, relu)?;
+    anyhow::ensure!(
+        y.dtype() == mode.dtype,
+        "output dtype {:?}, expected {:?}",
+        y.dtype(),
+        mode.dtype
+    );
+    anyhow::ensure!(
+        mean.dims() == [c] && var.dims() == [c] && mean.device().same_device(device),
+        "statistics {:?} / {:?} on {:?}, expected [{c}] on the device",
+        mean.dims(),
+        var.dims(),
+        mean.device()
+    );
+    let r64 = seeded(&shape, seed + 3)?;
+    let r = on_device(&r64, DType::F32, device)?;
+    let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let (dx, dg, db) = (
+        grad(&grads, &xd, "x")?,
+        grad(&grads, &gd, "gamma")?,
+        grad(&grads, &bd, "beta")?,
+    );
+    anyhow::ensure!(
+        dg.dtype() == DType::F32 && db.dtype() == DType::F32,
+        "parameter gradients {:?} / {:?}, expected f32",
+        dg.dtype(),
+        db.dtype()
+    );
+
+    let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
+    let gr = Var::from_tensor(&as_reference(gd.as_tensor())?)?;
+    let br = Var::from_tensor(&as_reference(bd.as_tensor())?)?;
+    let (yr, mean_r, var_r) = batch_norm::batch_norm_train(xr.as_tensor(), gr.as_tensor(), br.as_tensor(), EPS, relu)?;
+    let rr = as_reference(&r)?;
+    let gref = (&yr * &rr)?.sum_all()?.backward()?;
+    Ok(vec![
+        ("y", relative_l2(&y, &yr)?),
+        ("mean", relative_l2(&mean, &mean_r)?),
+        ("var", relative_l2(&var, &var_r)?),
+        ("dx", relative_l2(&dx, &grad(&gref, &xr, "x (reference)")?)?),
+        ("dgamma", relative_l2(&dg, &grad(&gref, &gr, "gamma (reference)")?)?),
+        ("dbeta", relative_l2(&db, &grad(&gref, &br, "beta (reference)")?)?),
+    ])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_cpu_kernels_pass_their_own_device_check() -> anyhow::Result<()> {
+        let report = compare_with_cpu(&Device::Cpu)?;
+        let cases = report["cases"].as_array().expect("cases");
+        // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 8 batch norm) each.
+        assert_eq!(
+            cases.len(),
+            2 * (2 * CONV_CASES.len() + 2 * BN_CASES.len()),
+            "{report:#}"
+        );
+        let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();
+        assert!(failed.is_empty(), "failed cases: {failed:#?}");
+        assert_eq!(report["pass"], json!(true));
+        assert_eq!(report["skipped"][0]["mode"], json!("bf16"));
+        Ok(())
+    }
+}
