@@ -714,8 +714,13 @@ fn filter_algo(a: u32) -> sys::cudnnConvolutionBwdFilterAlgo_t {
     unsafe { std::mem::transmute::<u32, sys::cudnnConvolutionBwdFilterAlgo_t>(a) }
 }
 
-/// Picks the best-ranked algorithm that succeeds, fits [`WORKSPACE_LIMIT`], and (strict f32) does not use tensor
-/// cores; sets the descriptor's math type to the chosen one.
+/// Picks the best-ranked algorithm that succeeds and fits [`WORKSPACE_LIMIT`]; sets the descriptor's math type to
+/// the chosen one.
+///
+/// Strict f32 never runs with anything but `CUDNN_FMA_MATH` on the descriptor (that, not the ranking, is what keeps
+/// TF32 out). PyTorch relies on the heuristics ranking only FMA entries for an FMA descriptor; should some come back
+/// with another math type, the FMA-ranked ones are tried first and the others only with FMA forced (an algorithm
+/// that has no FMA variant then fails its workspace query and is passed over).
 fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key) -> Result<Choice> {
     let requested = requested_math(key.dtype, key.tf32);
     let strict = key.dtype == DType::F32 && !key.tf32;
@@ -724,18 +729,20 @@ fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key) -> Result<Choice> 
         Pass::BackwardData => sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32,
         Pass::BackwardFilter => sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32,
     };
-    let candidates = d.candidates(h, pass)?;
+    let mut candidates = d.candidates(h, pass)?;
+    if strict {
+        // Stable: the heuristics' order is kept within each group.
+        candidates.sort_by_key(|c| c.math != sys::cudnnMathType_t::CUDNN_FMA_MATH);
+    }
     let mut tried = Vec::new();
     for c in &candidates {
-        let usable = c.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS
-            && c.algo < count
-            && c.memory <= WORKSPACE_LIMIT
-            && (!strict || c.math == sys::cudnnMathType_t::CUDNN_FMA_MATH);
+        let usable =
+            c.status == sys::cudnnStatus_t::CUDNN_STATUS_SUCCESS && c.algo < count && c.memory <= WORKSPACE_LIMIT;
         if !usable {
             tried.push(format!("{}:{:?}/{:?}/{}B", c.algo, c.status, c.math, c.memory));
             continue;
         }
-        // As PyTorch: the algorithm runs with the math type it was ranked with (strict f32: FMA, as requested).
+        // As PyTorch: the algorithm runs with the math type it was ranked with; strict f32 always with FMA.
         let math = if strict { requested } else { c.math };
         d.conv.set_math(math)?;
         match d.workspace(h, pass, c.algo) {
