@@ -27,12 +27,25 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 ///
 /// With the `cuda` feature, an f32 or bf16 `x` on a CUDA device goes to cuDNN ([`super::conv_cuda`]): forward,
 /// input gradient (skipped for an input that needs none) and weight gradient; a weight of another dtype is cast to
-/// x's first (f32 master weights under bf16 activations).
+/// x's first (f32 master weights under bf16 activations). A bf16/f16 `x` on the CPU is convolved in f32 and the
+/// result cast back to x's dtype.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
         // cuDNN forward and backward (any size, no parity fix); a weight of another dtype is cast to x's.
         return super::conv_cuda::conv2d(x, weight, padding, stride, dilation);
+    }
+    if x.device().is_cpu() && matches!(x.dtype(), DType::BF16 | DType::F16) {
+        // No half-precision CPU kernels: convolve in f32 (the weight as it is, f32 master or not) and hand back x's
+        // dtype; both casts are differentiable, so the f32 paths below serve training too.
+        let y = conv2d(
+            &x.to_dtype(DType::F32)?,
+            &weight.to_dtype(DType::F32)?,
+            padding,
+            stride,
+            dilation,
+        )?;
+        return y.to_dtype(x.dtype());
     }
     let trains = x.track_op() || weight.track_op();
     if trains && x.device().is_cpu() && x.dtype() == DType::F32 && weight.dtype() == DType::F32 {
