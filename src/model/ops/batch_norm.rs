@@ -1,4 +1,4 @@
-//! Training-mode BatchNorm2d on the CPU as one fused op (on CUDA, [`super::batch_norm_cuda`]; [`batch_norm_train`]
+//! Training-mode BatchNorm2d on the CPU as one fused op (on CUDA, `batch_norm_cuda`; [`batch_norm_train`]
 //! dispatches). Composed from Candle's ops it is about ten autograd nodes,
 //! each materialising a full-size activation (sub, sqr, mul, add and their broadcast-sum backwards over strided
 //! axes); fused, the forward is two passes over the input (statistics, then the affine map) and the backward two
@@ -25,7 +25,7 @@ pub struct BatchStats {
 }
 
 /// Whether [`batch_norm_train`] handles this input: on the CPU f32 or f64 with parameters of the same dtype; on CUDA
-/// (with the `cuda` feature) f32 or bf16 with f32 parameters ([`super::batch_norm_cuda`]).
+/// (with the `cuda` feature) f32 or bf16 with f32 parameters (`batch_norm_cuda`).
 pub fn supports(x: &Tensor, weight: &Tensor) -> bool {
     if x.device().is_cpu() {
         return matches!(x.dtype(), DType::F32 | DType::F64) && weight.dtype() == x.dtype();

@@ -25,7 +25,7 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 
 /// `x` `[B, Cin, H, W]` ⊛ `weight` `[Cout, Cin, k, k]` (no groups), with the padding fix above when needed.
 ///
-/// With the `cuda` feature, an f32 or bf16 `x` on a CUDA device goes to cuDNN ([`super::conv_cuda`]): forward,
+/// With the `cuda` feature, an f32 or bf16 `x` on a CUDA device goes to cuDNN (`conv_cuda`): forward,
 /// input gradient (skipped for an input that needs none) and weight gradient; a weight of another dtype is cast to
 /// x's first (f32 master weights under bf16 activations). A bf16/f16 `x` on the CPU is convolved in f32 and the
 /// result cast back to x's dtype.

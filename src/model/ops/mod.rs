@@ -9,13 +9,13 @@
 //! Custom ops with kernels of their own; each dispatches on the device inside the op, so callers never branch:
 //! - [`batch_norm::batch_norm_train`]: training-mode BatchNorm2d fused into one op (forward and backward two passes
 //!   each, instead of ten composed nodes with full-size intermediates), ReLU optionally fused. CPU f32/f64, and with
-//!   the `cuda` feature CUDA f32/bf16 with f32 parameters ([`batch_norm_cuda`]: NVRTC kernels, statistics left on
+//!   the `cuda` feature CUDA f32/bf16 with f32 parameters (`batch_norm_cuda`: NVRTC kernels, statistics left on
 //!   the GPU). Other devices and dtypes take the composed path in [`crate::model::layers`] (see
 //!   [`batch_norm::supports`]);
 //! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity (Candle's
 //!   uses one `output_padding` for both axes). On the CPU, when a gradient is needed, it runs as im2col + matmul
 //!   custom ops (Candle's CPU conv backward is about six forward passes; this one is about two); with the `cuda`
-//!   feature, f32/bf16 on CUDA runs on cuDNN forward, backward-data and backward-filter ([`conv_cuda`]; TF32 only
+//!   feature, f32/bf16 on CUDA runs on cuDNN forward, backward-data and backward-filter (`conv_cuda`; TF32 only
 //!   when [`crate::model::precision::tf32_allowed`]); elsewhere, and for CPU inference, it is Candle's own `conv2d`.
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]); [`device_check`] compares
