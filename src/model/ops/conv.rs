@@ -120,21 +120,13 @@ fn conv2d_fused_unprofiled(
         return conv2d_cpu_inference(x, weight, bias, residual, relu, (padding, stride, dilation));
     }
     let mut y = conv2d(x, weight, padding, stride, dilation)?;
-    // Under mixed precision the bias (f32 master) or a residual may differ from the activations' dtype.
-    let dtype = y.dtype();
-    let same_dtype = |t: &Tensor| -> Result<Tensor> {
-        if t.dtype() == dtype {
-            Ok(t.clone())
-        } else {
-            t.to_dtype(dtype)
-        }
-    };
+    // Under mixed precision the bias (f32 master) or a residual may differ from the activations' dtype
+    // (`to_dtype` is a no-op when they agree).
     if let Some(b) = bias {
-        let b = same_dtype(b)?;
-        y = y.broadcast_add(&b.reshape((1, (), 1, 1))?)?;
+        y = y.broadcast_add(&b.to_dtype(y.dtype())?.reshape((1, (), 1, 1))?)?;
     }
     if let Some(r) = residual {
-        let r = same_dtype(r)?;
+        let r = r.to_dtype(y.dtype())?;
         y = (y + r)?;
     }
     if relu {

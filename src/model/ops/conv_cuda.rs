@@ -41,13 +41,8 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilati
     if !matches!(x.dtype(), DType::F32 | DType::BF16) {
         candle_core::bail!("conv2d (cuDNN): input dtype {:?}, expected f32 or bf16", x.dtype())
     }
-    let weight = if weight.dtype() == x.dtype() {
-        weight.clone()
-    } else {
-        weight.to_dtype(x.dtype())?
-    };
     let x = x.contiguous()?;
-    let weight = weight.contiguous()?;
+    let weight = weight.to_dtype(x.dtype())?.contiguous()?; // a no-op when the dtypes agree
     let geometry = Geometry::new(x.dims(), weight.dims(), padding, stride, dilation)?;
     x.apply_op2(
         &weight,
