@@ -25,7 +25,7 @@ use std::rc::Rc;
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
-use candle_core::cuda_backend::{CudaDType, CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice, DeviceId};
 use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
@@ -165,20 +165,7 @@ impl CustomOp2 for CudnnConv2d {
         let g = &self.geometry;
         check_layout(xl, g.x_len(), "input")?;
         check_layout(wl, g.w_len(), "weight")?;
-        let dev = xs.device();
-        let out = match (&xs.slice, &ws.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(w)) => {
-                wrap(run_forward(dev, g, DType::F32, x, xl, w, wl)?, dev)
-            }
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(w)) => {
-                wrap(run_forward(dev, g, DType::BF16, x, xl, w, wl)?, dev)
-            }
-            _ => candle_core::bail!(
-                "conv2d (cuDNN): input {:?} and weight {:?} must both be f32 or both bf16",
-                xs.dtype(),
-                ws.dtype()
-            ),
-        };
+        let out = run_pass(Pass::Forward, g, (xs, xl), (ws, wl), g.y_len())?;
         Ok((out, Shape::from_dims(&[g.b, g.cout, g.oh, g.ow])))
     }
 
@@ -221,20 +208,7 @@ impl CustomOp2 for BackwardData {
         let g = &self.0;
         check_layout(gl, g.y_len(), "output gradient")?;
         check_layout(wl, g.w_len(), "weight")?;
-        let dev = gs.device();
-        let out = match (&gs.slice, &ws.slice) {
-            (CudaStorageSlice::F32(dy), CudaStorageSlice::F32(w)) => {
-                wrap(run_backward_data(dev, g, DType::F32, dy, gl, w, wl)?, dev)
-            }
-            (CudaStorageSlice::BF16(dy), CudaStorageSlice::BF16(w)) => {
-                wrap(run_backward_data(dev, g, DType::BF16, dy, gl, w, wl)?, dev)
-            }
-            _ => candle_core::bail!(
-                "conv2d backward-data (cuDNN): gradient {:?} and weight {:?} must both be f32 or both bf16",
-                gs.dtype(),
-                ws.dtype()
-            ),
-        };
+        let out = run_pass(Pass::BackwardData, g, (gs, gl), (ws, wl), g.x_len())?;
         Ok((out, Shape::from_dims(&[g.b, g.cin, g.h, g.w])))
     }
 }
@@ -261,26 +235,9 @@ impl CustomOp2 for BackwardFilter {
         let g = &self.0;
         check_layout(xl, g.x_len(), "input")?;
         check_layout(gl, g.y_len(), "output gradient")?;
-        let dev = xs.device();
-        let out = match (&xs.slice, &gs.slice) {
-            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(dy)) => {
-                wrap(run_backward_filter(dev, g, DType::F32, x, xl, dy, gl)?, dev)
-            }
-            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(dy)) => {
-                wrap(run_backward_filter(dev, g, DType::BF16, x, xl, dy, gl)?, dev)
-            }
-            _ => candle_core::bail!(
-                "conv2d backward-filter (cuDNN): input {:?} and gradient {:?} must both be f32 or both bf16",
-                xs.dtype(),
-                gs.dtype()
-            ),
-        };
+        let out = run_pass(Pass::BackwardFilter, g, (xs, xl), (gs, gl), g.w_len())?;
         Ok((out, Shape::from_dims(&[g.cout, g.cin, g.k, g.k])))
     }
-}
-
-fn wrap<T: CudaDType>(slice: CudaSlice<T>, dev: &CudaDevice) -> CudaStorage {
-    CudaStorage::wrap_cuda_slice(slice, dev.clone())
 }
 
 /// The op's inputs are made contiguous before it runs; a start offset is allowed (taken off in [`view`]).
@@ -306,70 +263,53 @@ fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<cudarc::driver::CudaVi
     }
 }
 
-fn run_forward<T: DeviceRepr>(
-    dev: &CudaDevice,
+/// Runs one cuDNN pass on its two operands (in [`launch`]'s order: forward x, w; backward-data dy, w;
+/// backward-filter x, dy), both f32 or both bf16, into a fresh output of `out_len` elements.
+fn run_pass(
+    pass: Pass,
     g: &Geometry,
-    dtype: DType,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
-) -> Result<CudaSlice<T>> {
-    let stream = dev.cuda_stream();
-    let (x, w) = (view(x, xl)?, view(w, wl)?);
-    // SAFETY: cuDNN writes every element of y (beta = 0) before anything reads it.
-    let mut y = unsafe { dev.alloc::<T>(g.y_len()) }?;
-    {
-        let (xp, _x_read) = x.device_ptr(&stream);
-        let (wp, _w_read) = w.device_ptr(&stream);
-        let (yp, _y_write) = y.device_ptr_mut(&stream);
-        launch(dev, &stream, Pass::Forward, g, dtype, [xp, wp, yp])?;
+    (a, al): (&CudaStorage, &Layout),
+    (b, bl): (&CudaStorage, &Layout),
+    out_len: usize,
+) -> Result<CudaStorage> {
+    let dev = a.device();
+    match (&a.slice, &b.slice) {
+        (CudaStorageSlice::F32(a), CudaStorageSlice::F32(b)) => {
+            let out = run_typed(dev, pass, g, DType::F32, (a, al), (b, bl), out_len)?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        (CudaStorageSlice::BF16(a), CudaStorageSlice::BF16(b)) => {
+            let out = run_typed(dev, pass, g, DType::BF16, (a, al), (b, bl), out_len)?;
+            Ok(CudaStorage::wrap_cuda_slice(out, dev.clone()))
+        }
+        _ => candle_core::bail!(
+            "conv2d {pass:?} (cuDNN): operands {:?} and {:?} must both be f32 or both bf16",
+            a.dtype(),
+            b.dtype()
+        ),
     }
-    Ok(y)
 }
 
-fn run_backward_data<T: DeviceRepr>(
+fn run_typed<T: DeviceRepr>(
     dev: &CudaDevice,
+    pass: Pass,
     g: &Geometry,
     dtype: DType,
-    dy: &CudaSlice<T>,
-    gl: &Layout,
-    w: &CudaSlice<T>,
-    wl: &Layout,
+    (a, al): (&CudaSlice<T>, &Layout),
+    (b, bl): (&CudaSlice<T>, &Layout),
+    out_len: usize,
 ) -> Result<CudaSlice<T>> {
     let stream = dev.cuda_stream();
-    let (dy, w) = (view(dy, gl)?, view(w, wl)?);
-    // SAFETY: cuDNN writes every element of dx (beta = 0).
-    let mut dx = unsafe { dev.alloc::<T>(g.x_len()) }?;
+    let (a, b) = (view(a, al)?, view(b, bl)?);
+    // SAFETY: cuDNN writes every element of the output (beta = 0) before anything reads it.
+    let mut out = unsafe { dev.alloc::<T>(out_len) }?;
     {
-        let (dyp, _dy_read) = dy.device_ptr(&stream);
-        let (wp, _w_read) = w.device_ptr(&stream);
-        let (dxp, _dx_write) = dx.device_ptr_mut(&stream);
-        launch(dev, &stream, Pass::BackwardData, g, dtype, [dyp, wp, dxp])?;
+        let (ap, _a_read) = a.device_ptr(&stream);
+        let (bp, _b_read) = b.device_ptr(&stream);
+        let (op, _out_write) = out.device_ptr_mut(&stream);
+        launch(dev, &stream, pass, g, dtype, [ap, bp, op])?;
     }
-    Ok(dx)
-}
-
-fn run_backward_filter<T: DeviceRepr>(
-    dev: &CudaDevice,
-    g: &Geometry,
-    dtype: DType,
-    x: &CudaSlice<T>,
-    xl: &Layout,
-    dy: &CudaSlice<T>,
-    gl: &Layout,
-) -> Result<CudaSlice<T>> {
-    let stream = dev.cuda_stream();
-    let (x, dy) = (view(x, xl)?, view(dy, gl)?);
-    // SAFETY: cuDNN writes every element of dw (beta = 0).
-    let mut dw = unsafe { dev.alloc::<T>(g.w_len()) }?;
-    {
-        let (xp, _x_read) = x.device_ptr(&stream);
-        let (dyp, _dy_read) = dy.device_ptr(&stream);
-        let (dwp, _dw_write) = dw.device_ptr_mut(&stream);
-        launch(dev, &stream, Pass::BackwardFilter, g, dtype, [xp, dyp, dwp])?;
-    }
-    Ok(dw)
+    Ok(out)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
