@@ -92,7 +92,7 @@ pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<Strin
             Some(format!(
                 "precision=bf16 needs CUDA kernels built for compute capability 80 or more; this binary was built for \
                  {} (CUDA_COMPUTE_CAP): running TF32 instead",
-                env!("SEMSEG_CUDA_COMPUTE_CAP")
+                BUILT_COMPUTE_CAP.unwrap_or("?")
             )),
         ),
         (Precision::Bf16, true) => (
@@ -110,12 +110,15 @@ pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<Strin
     }
 }
 
+/// The `CUDA_COMPUTE_CAP` this binary was built with, as `build.rs` recorded it (absent from a build without it).
+const BUILT_COMPUTE_CAP: Option<&str> = option_env!("SEMSEG_CUDA_COMPUTE_CAP");
+
 /// Whether Candle's bf16 CUDA kernels exist in this binary (they are compiled only for compute capability ≥ 80). An
 /// unknown capability (a build that did not record it) is taken as new enough.
 fn bf16_kernels_built() -> bool {
-    env!("SEMSEG_CUDA_COMPUTE_CAP")
-        .parse::<u32>()
-        .map_or(true, |cap| cap >= 80)
+    BUILT_COMPUTE_CAP
+        .and_then(|cap| cap.parse::<u32>().ok())
+        .is_none_or(|cap| cap >= 80)
 }
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
