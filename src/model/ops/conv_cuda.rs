@@ -139,7 +139,7 @@ impl Geometry {
     }
 }
 
-/// The forward op: `(x, weight) → y`; backward through [`BackwardData`] and [`BackwardFilter`].
+/// The forward op: `(x, weight) → y`; backward through two [`Backward`] ops.
 struct CudnnConv2d {
     geometry: Geometry,
     /// Whether x needs a gradient (false for the image): recorded when the op is built.
@@ -173,12 +173,26 @@ impl CustomOp2 for CudnnConv2d {
         let grad = grad.to_dtype(x.dtype())?.contiguous()?;
         let (x, w) = (x.contiguous()?, w.contiguous()?);
         let dx = if self.input_grad {
-            Some(grad.apply_op2_no_bwd(&w, &BackwardData(self.geometry))?)
+            let pass = Pass::BackwardData;
+            Some(grad.apply_op2_no_bwd(
+                &w,
+                &Backward {
+                    pass,
+                    geometry: self.geometry,
+                },
+            )?)
         } else {
             None
         };
         let dw = if w.track_op() {
-            Some(x.apply_op2_no_bwd(&grad, &BackwardFilter(self.geometry))?)
+            let pass = Pass::BackwardFilter;
+            Some(x.apply_op2_no_bwd(
+                &grad,
+                &Backward {
+                    pass,
+                    geometry: self.geometry,
+                },
+            )?)
         } else {
             None
         };
@@ -186,39 +200,18 @@ impl CustomOp2 for CudnnConv2d {
     }
 }
 
-/// `(dy, weight) → dx`, no backward.
-struct BackwardData(Geometry);
-
-impl CustomOp2 for BackwardData {
-    fn name(&self) -> &'static str {
-        "semseg-cudnn-conv2d-backward-data"
-    }
-
-    fn cpu_fwd(
-        &self,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-        _: &candle_core::CpuStorage,
-        _: &Layout,
-    ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("semseg-cudnn-conv2d-backward-data runs on CUDA devices only")
-    }
-
-    fn cuda_fwd(&self, gs: &CudaStorage, gl: &Layout, ws: &CudaStorage, wl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let g = &self.0;
-        check_layout(gl, g.y_len(), "output gradient")?;
-        check_layout(wl, g.w_len(), "weight")?;
-        let out = run_pass(Pass::BackwardData, g, (gs, gl), (ws, wl), g.x_len())?;
-        Ok((out, Shape::from_dims(&[g.b, g.cin, g.h, g.w])))
-    }
+/// One gradient pass as a no-backward op: backward-data `(dy, weight) → dx`, backward-filter `(x, dy) → dweight`.
+struct Backward {
+    pass: Pass,
+    geometry: Geometry,
 }
 
-/// `(x, dy) → dweight`, no backward.
-struct BackwardFilter(Geometry);
-
-impl CustomOp2 for BackwardFilter {
+impl CustomOp2 for Backward {
     fn name(&self) -> &'static str {
-        "semseg-cudnn-conv2d-backward-filter"
+        match self.pass {
+            Pass::BackwardFilter => "semseg-cudnn-conv2d-backward-filter",
+            _ => "semseg-cudnn-conv2d-backward-data",
+        }
     }
 
     fn cpu_fwd(
@@ -228,15 +221,29 @@ impl CustomOp2 for BackwardFilter {
         _: &candle_core::CpuStorage,
         _: &Layout,
     ) -> Result<(candle_core::CpuStorage, Shape)> {
-        candle_core::bail!("semseg-cudnn-conv2d-backward-filter runs on CUDA devices only")
+        candle_core::bail!("{} runs on CUDA devices only", self.name())
     }
 
-    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
-        let g = &self.0;
-        check_layout(xl, g.x_len(), "input")?;
-        check_layout(gl, g.y_len(), "output gradient")?;
-        let out = run_pass(Pass::BackwardFilter, g, (xs, xl), (gs, gl), g.w_len())?;
-        Ok((out, Shape::from_dims(&[g.cout, g.cin, g.k, g.k])))
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        let g = &self.geometry;
+        let (a_len, b_len, out_dims, names) = match self.pass {
+            Pass::BackwardFilter => (
+                g.x_len(),
+                g.y_len(),
+                [g.cout, g.cin, g.k, g.k],
+                ("input", "output gradient"),
+            ),
+            _ => (
+                g.y_len(),
+                g.w_len(),
+                [g.b, g.cin, g.h, g.w],
+                ("output gradient", "weight"),
+            ),
+        };
+        check_layout(al, a_len, names.0)?;
+        check_layout(bl, b_len, names.1)?;
+        let out = run_pass(self.pass, g, (a, al), (b, bl), out_dims.iter().product())?;
+        Ok((out, Shape::from_dims(&out_dims)))
     }
 }
 
