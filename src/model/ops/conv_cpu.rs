@@ -201,6 +201,7 @@ pub struct Scratch {
     columns: Vec<f32>,
     product: Vec<f32>,
     winograd: super::winograd::Buffers,
+    tapwise: super::tapwise::Buffers,
 }
 
 /// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`.
@@ -258,6 +259,9 @@ pub fn conv2d_image(
         let direct_macs: usize = blocks.iter().map(Block::macs).sum();
         if super::winograd::applies(g, direct_macs) {
             super::winograd::conv2d_add(g, x, weight, out, &mut scratch.winograd);
+        } else if g.stride == 1 && blocks.len() > 1 {
+            // Skipping the padded taps pays: one large product per tap rather than many small ones per block.
+            super::tapwise::conv2d_add(g, x, weight, out, &mut scratch.tapwise);
         } else {
             for block in blocks {
                 run_block(g, &block, x, weight, out, scratch);
@@ -537,7 +541,8 @@ mod tests {
             (4, 9, 7, 6, 3, 2, 1, 1),     // 3×3/2
             (4, 12, 11, 5, 3, 1, 4, 4),   // dilated: bands skip padded taps
             (3, 10, 10, 4, 3, 1, 12, 12), // dilation above the map: only the centre tap is valid
-            (3, 16, 13, 4, 3, 1, 6, 6),   // ASPP-like
+            (3, 16, 13, 4, 3, 1, 6, 6),   // ASPP-like: one product per tap over its valid pixels
+            (3, 11, 9, 4, 5, 1, 5, 3),    // 5×5 dilated, no centre tap whose rows are whole
             (2, 180, 100, 3, 3, 1, 1, 1), // more pixels than one tile: split into tiles of rows
         ];
         // One scratch for all: buffers left over from a larger convolution must not leak into a smaller one.

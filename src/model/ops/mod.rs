@@ -33,6 +33,7 @@ pub mod device_check;
 pub mod pool;
 pub mod profile;
 pub mod resize;
+mod tapwise;
 mod winograd;
 
 #[cfg(test)]
