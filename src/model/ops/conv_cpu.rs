@@ -305,6 +305,48 @@ pub(crate) unsafe fn product(
     )
 }
 
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, all row-major, on the calling thread (for callers that run many
+/// independent products in parallel).
+///
+/// # Safety
+/// Every pointer must cover its matrix: `dst` rows `dst_rs` apart, `lhs` rows `lhs_rs` apart, `rhs` rows `rhs_rs`
+/// apart.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn product_single_threaded(
+    m: usize,
+    n: usize,
+    k: usize,
+    dst: *mut f32,
+    dst_rs: usize,
+    lhs: *const f32,
+    lhs_rs: usize,
+    rhs: *const f32,
+    rhs_rs: usize,
+    accumulate: bool,
+) {
+    gemm(
+        m,
+        n,
+        k,
+        dst,
+        1,
+        dst_rs as isize,
+        accumulate,
+        lhs,
+        1,
+        lhs_rs as isize,
+        rhs,
+        1,
+        rhs_rs as isize,
+        1.0,
+        1.0,
+        false,
+        false,
+        false,
+        Parallelism::None,
+    )
+}
+
 /// Columns of the product per task when it is split over its columns (below this, gemm's own parallelism).
 const MIN_COLUMNS_PER_TASK: usize = 256;
 

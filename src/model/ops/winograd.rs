@@ -14,7 +14,7 @@
 
 use rayon::prelude::*;
 
-use super::conv_cpu::{at_least, product, ConvGeometry};
+use super::conv_cpu::{at_least, product_single_threaded, ConvGeometry};
 
 /// Output tile side.
 const M: usize = 4;
@@ -114,26 +114,29 @@ pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut 
         let cc = (c0 + chunk).min(g.cin) - c0;
         transform_inputs(g, &tiles, x, c0..c0 + cc, &mut buffers.input);
         transform_weights(g, weight, c0..c0 + cc, &mut buffers.weight);
-        let (u, v, m) = (&buffers.weight, &buffers.input, &mut buffers.product[..g.cout * A2 * t]);
-        for xi in 0..A2 {
+        let (u, v) = (&buffers.weight, &buffers.input);
+        // The 36 products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per
+        // task, rather than each product split across the threads with a wait after each.
+        let m = buffers.product[..g.cout * A2 * t].as_mut_ptr() as usize;
+        (0..A2).into_par_iter().for_each(|xi| {
             // SAFETY: M[co][ξ][·] rows are A2·t apart (length t); U[co][ξ][·] rows A2·cc apart (length cc);
-            // V[c][ξ][·] rows A2·t apart (length t); all offsets by ξ stay inside their buffers.
+            // V[c][ξ][·] rows A2·t apart (length t); all offsets by ξ stay inside their buffers, and tasks write
+            // disjoint elements of M (their own ξ).
             unsafe {
-                product(
+                product_single_threaded(
                     g.cout,
                     t,
                     cc,
-                    m[xi * t..].as_mut_ptr(),
+                    (m as *mut f32).add(xi * t),
                     A2 * t,
                     u[xi * cc..].as_ptr(),
                     A2 * cc,
-                    1,
                     v[xi * t..].as_ptr(),
                     A2 * t,
                     c0 > 0,
                 )
             };
-        }
+        });
     }
     transform_outputs(g, &tiles, &buffers.product[..g.cout * A2 * t], out);
 }
