@@ -343,8 +343,12 @@ impl ConvBn {
             return self.conv.forward_with(x, residual, relu);
         };
         let z = self.conv.forward(x)?;
-        if train && residual.is_none() {
-            return bn.forward_train(&z, relu); // the ReLU rides on the BatchNorm op
+        if train {
+            return match residual {
+                None => bn.forward_train(&z, relu), // the ReLU rides on the BatchNorm op
+                Some(r) if relu => ops::add_relu::add_relu(&bn.forward_t(&z, true)?, r),
+                Some(r) => bn.forward_t(&z, true)? + r,
+            };
         }
         let mut y = bn.forward_t(&z, train)?;
         if let Some(r) = residual {

@@ -355,7 +355,7 @@ impl CustomOp2 for InputGrad {
 }
 
 /// (dy, y) → dy where y > 0, else 0: the ReLU's backward, in parallel.
-struct ReluMask;
+pub(crate) struct ReluMask;
 
 impl GradKernel for ReluMask {
     fn run<T: WithDType>(&self, dy: &[T], y: &[T], _shape: (usize, usize, usize)) -> Vec<T> {

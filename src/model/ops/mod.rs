@@ -12,6 +12,8 @@
 //!   the `cuda` feature CUDA f32/bf16 with f32 parameters (`batch_norm_cuda`: NVRTC kernels, statistics left on
 //!   the GPU). Other devices and dtypes take the composed path in [`crate::model::layers`] (see
 //!   [`batch_norm::supports`]);
+//! - [`add_relu::add_relu`]: a residual block's shortcut add and ReLU in one op (CPU f32/f64), one mask pass
+//!   backward instead of five;
 //! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity (Candle's
 //!   uses one `output_padding` for both axes). On the CPU, when a gradient is needed, it runs as im2col + matmul
 //!   custom ops (Candle's CPU conv backward is about six forward passes; this one is about two); with the `cuda`
@@ -21,6 +23,7 @@
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]); [`device_check`] compares
 //! a device's ops with the f64 CPU reference in each precision mode (`semseg device-check` on a GPU).
 
+pub mod add_relu;
 pub mod batch_norm;
 #[cfg(feature = "cuda")]
 pub mod batch_norm_cuda;
