@@ -207,10 +207,19 @@ fn transform_inputs(g: &ConvGeometry, tiles: &[Tile], x: &[f32], channels: std::
                             continue;
                         }
                         let line = &plane[iy as usize * g.w..(iy as usize + 1) * g.w];
-                        for (b, p) in row.iter_mut().enumerate() {
-                            let ix = tile.rx as isize + d * ((tile.tx * M + b) as isize - 1);
-                            if ix >= 0 && ix < g.w as isize {
-                                p[l] = line[ix as usize];
+                        let first = tile.rx as isize + d * (tile.tx * M) as isize - d;
+                        if first >= 0 && first + d * (A as isize - 1) < g.w as isize {
+                            // An interior tile: all six columns inside, no check per element.
+                            let first = first as usize;
+                            for (b, p) in row.iter_mut().enumerate() {
+                                p[l] = line[first + b * d as usize];
+                            }
+                        } else {
+                            for (b, p) in row.iter_mut().enumerate() {
+                                let ix = first + d * b as isize;
+                                if ix >= 0 && ix < g.w as isize {
+                                    p[l] = line[ix as usize];
+                                }
                             }
                         }
                     }
