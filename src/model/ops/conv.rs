@@ -543,6 +543,8 @@ mod tests {
             (6, 7, 9, 5, 1, 0, 2, 1),
             (20, 13, 11, 6, 3, 2, 1, 2),
             (20, 9, 10, 3, 3, 12, 1, 12),
+            (16, 16, 14, 5, 3, 6, 1, 6), // ASPP-like: padded taps skipped tap by tap, forward and both gradients
+            (8, 12, 11, 4, 3, 3, 1, 2),  // stride 1, not "same": the input gradient takes col2im
         ] {
             let x64 = seeded(&[2, cin, h, w], 5)?;
             let w64 = seeded(&[cout, cin, k, k], 6)?;

@@ -20,6 +20,7 @@ pub struct Buffers {
     columns: Vec<f32>,
     gathered: Vec<f32>,
     flipped: Vec<f32>,
+    tapwise: super::tapwise::Buffers,
 }
 
 /// `W'[ci][co][ky][kx] = W[co][ci][k−1−ky][k−1−kx]`: the weight of the convolution that maps dY to dX.
@@ -75,8 +76,14 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f3
         }
         return;
     }
-    // Block by block, as the forward pass: taps that read only padding contribute nothing and are skipped.
-    for block in plan(g) {
+    let blocks = plan(g);
+    if g.stride == 1 && blocks.len() > 1 {
+        // Skipping the padded taps pays: one large product per tap and image, as the forward pass.
+        super::tapwise::weight_grad_add(g, &images, grad_y, grad_w, &mut buffers.tapwise);
+        return;
+    }
+    // Block by block: taps that read only padding contribute nothing and are skipped.
+    for block in blocks {
         let taps = block.taps();
         let width = block.out_cols.len();
         let npix = block.out_rows.len() * width;

@@ -42,7 +42,7 @@ fn span(g: &ConvGeometry, t: usize, size: usize, outputs: usize) -> Option<(usiz
 /// Adds the convolution of `x` `[Cin, H, W]` by `weight` `[Cout, Cin, k, k]` onto `out` `[Cout, oh, ow]`.
 pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut [f32], buffers: &mut Buffers) {
     assert_eq!(g.stride, 1, "tap-wise convolution: stride 1 only");
-    let (k2, plane, hw) = (g.k * g.k, g.oh * g.ow, g.h * g.w);
+    let (k2, plane) = (g.k * g.k, g.oh * g.ow);
     // Tap-major weight, so each tap's [Cout, Cin] is packed from contiguous rows (its columns are k² apart as
     // stored: each product would read the whole weight for a ninth of it).
     let taps = at_least(&mut buffers.weight, g.weight_len());
@@ -62,12 +62,7 @@ pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut 
         let input: &[f32] = if whole_rows {
             x
         } else {
-            let buf = at_least(&mut buffers.input, g.cin * g.h * nx);
-            buf.par_chunks_mut(g.h * nx).enumerate().for_each(|(c, dst)| {
-                for (iy, row) in dst.chunks_mut(nx).enumerate() {
-                    row.copy_from_slice(&x[c * hw + iy * g.w + ix0..][..nx]);
-                }
-            });
+            compact_columns(x, g.cin, (g.h, g.w), ix0..ix0 + nx, &mut buffers.input);
             &buffers.input[..g.cin * g.h * nx]
         };
         let (dst, dst_plane) = if whole_rows {
@@ -106,4 +101,75 @@ pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut 
             });
         }
     }
+}
+
+/// Adds the batch's weight gradient onto `grad_w` `[Cout, Cin, k, k]`, from `images` (each `[Cin, H, W]`) and
+/// `grad_y` `[B, Cout, oh·ow]`: per tap and image, `dW[:, :, ky, kx] += dY[:, valid pixels] · X[:, their sources]ᵀ`,
+/// with the same compact per-kernel-column buffers as [`conv2d_add`] (here for dY's valid output columns too).
+pub(crate) fn weight_grad_add(
+    g: &ConvGeometry,
+    images: &[&[f32]],
+    grad_y: &[f32],
+    grad_w: &mut [f32],
+    buffers: &mut Buffers,
+) {
+    assert_eq!(g.stride, 1, "tap-wise weight gradient: stride 1 only");
+    let (k2, plane) = (g.k * g.k, g.oh * g.ow);
+    let kk = g.cin * k2;
+    for kx in 0..g.k {
+        let Some((ox0, ix0, nx)) = span(g, kx, g.w, g.ow) else {
+            continue;
+        };
+        let whole_rows = nx == g.w && nx == g.ow;
+        for (i, x) in images.iter().enumerate() {
+            let dy_image = &grad_y[i * g.cout * plane..(i + 1) * g.cout * plane];
+            let (input, dy): (&[f32], &[f32]) = if whole_rows {
+                (x, dy_image)
+            } else {
+                compact_columns(x, g.cin, (g.h, g.w), ix0..ix0 + nx, &mut buffers.input);
+                compact_columns(dy_image, g.cout, (g.oh, g.ow), ox0..ox0 + nx, &mut buffers.sum);
+                (&buffers.input[..g.cin * g.h * nx], &buffers.sum[..g.cout * g.oh * nx])
+            };
+            debug_assert_eq!(input.len(), g.cin * g.h * nx);
+            for ky in 0..g.k {
+                let Some((oy0, iy0, ny)) = span(g, ky, g.h, g.oh) else {
+                    continue;
+                };
+                // SAFETY: dW's tap (ky, kx) is [cout, cin] with rows cin·k² and columns k² apart inside grad_w; dY's
+                // rows oy0..oy0+ny of each output channel are [cout, ny·nx] (rows oh·nx apart); X's rows
+                // iy0..iy0+ny of each input channel, read transposed, are [ny·nx, cin] (strides 1, h·nx).
+                unsafe {
+                    product_strided(
+                        g.cout,
+                        g.cin,
+                        ny * nx,
+                        (grad_w[ky * g.k + kx..].as_mut_ptr(), kk, k2),
+                        (dy[oy0 * nx..].as_ptr(), g.oh * nx, 1),
+                        (input[iy0 * nx..].as_ptr(), 1, g.h * nx),
+                        true,
+                    )
+                };
+            }
+        }
+    }
+}
+
+/// Columns `cols` of every row of `channels` planes `[rows, width]`, packed into `buf` as `[channels, rows,
+/// cols.len()]`.
+fn compact_columns(
+    src: &[f32],
+    channels: usize,
+    (rows, width): (usize, usize),
+    cols: std::ops::Range<usize>,
+    buf: &mut Vec<f32>,
+) {
+    let n = cols.len();
+    at_least(buf, channels * rows * n)
+        .par_chunks_mut(rows * n)
+        .enumerate()
+        .for_each(|(c, dst)| {
+            for (r, row) in dst.chunks_mut(n).enumerate() {
+                row.copy_from_slice(&src[(c * rows + r) * width + cols.start..][..n]);
+            }
+        });
 }
