@@ -655,6 +655,54 @@ mod tests {
     }
 
     #[test]
+    fn products_split_by_columns_keep_every_stride() {
+        // Enough columns to be split into blocks on several threads, with transposed and padded layouts: dst
+        // column-major with padded columns (as a weight gradient's tap, columns k² apart), rhs read transposed.
+        let (m, n, k) = (5, 1100, 7);
+        let (dst_cs, rhs_cs) = (m + 3, k + 2);
+        let lhs = seeded(m * k, 1);
+        let rhs = seeded(n * rhs_cs, 2);
+        let start = seeded(n * dst_cs, 3);
+        let pool = rayon::ThreadPoolBuilder::new().num_threads(3).build().unwrap();
+        for accumulate in [false, true] {
+            let mut dst = start.clone();
+            // SAFETY: dst is [m, n] with strides (1, dst_cs) inside n·dst_cs floats; lhs is [m, k] row-major; rhs
+            // is [k, n] with strides (1, rhs_cs) inside n·rhs_cs floats.
+            pool.install(|| unsafe {
+                product_strided(
+                    m,
+                    n,
+                    k,
+                    (dst.as_mut_ptr(), 1, dst_cs),
+                    (lhs.as_ptr(), k, 1),
+                    (rhs.as_ptr(), 1, rhs_cs),
+                    accumulate,
+                )
+            });
+            for i in 0..m {
+                for j in 0..n {
+                    let mut want: f64 = if accumulate { start[j * dst_cs + i] as f64 } else { 0.0 };
+                    for l in 0..k {
+                        want += lhs[i * k + l] as f64 * rhs[j * rhs_cs + l] as f64;
+                    }
+                    let got = dst[j * dst_cs + i] as f64;
+                    assert!(
+                        (got - want).abs() < 1e-5,
+                        "({i}, {j}) accumulate {accumulate}: {got} vs {want}"
+                    );
+                }
+            }
+            // The padding between columns is untouched.
+            for j in 0..n {
+                assert_eq!(
+                    &dst[j * dst_cs + m..(j + 1) * dst_cs],
+                    &start[j * dst_cs + m..(j + 1) * dst_cs]
+                );
+            }
+        }
+    }
+
+    #[test]
     fn chunked_and_winograd_paths_match_the_definition() {
         // (cin, h, w, cout, dilation): enough channels that the columns are built a chunk at a time, and 3×3
         // "same" convolutions that take Winograd F(4×4, 3×3), plain and on polyphase sub-grids, with sizes that
