@@ -324,26 +324,48 @@ pub(crate) unsafe fn product_single_threaded(
     rhs_rs: usize,
     accumulate: bool,
 ) {
+    gemm_strided(
+        (m, n, k),
+        (dst, dst_rs, 1),
+        (lhs, lhs_rs, 1),
+        (rhs, rhs_rs, 1),
+        accumulate,
+        Parallelism::None,
+    )
+}
+
+/// The gemm crate's `dst (+)= lhs · rhs` with (row, column) strides, on `parallelism`.
+///
+/// # Safety
+/// As [`product_strided`].
+unsafe fn gemm_strided(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (*mut f32, usize, usize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    accumulate: bool,
+    parallelism: Parallelism,
+) {
     gemm(
         m,
         n,
         k,
         dst,
-        1,
+        dst_cs as isize,
         dst_rs as isize,
         accumulate,
         lhs,
-        1,
+        lhs_cs as isize,
         lhs_rs as isize,
         rhs,
-        1,
+        rhs_cs as isize,
         rhs_rs as isize,
         1.0,
         1.0,
         false,
         false,
         false,
-        Parallelism::None,
+        parallelism,
     )
 }
 
@@ -371,25 +393,12 @@ pub(crate) unsafe fn product_strided(
     // Pointers are not Send: the closures carry addresses. Column blocks write disjoint columns of dst.
     let lhs = lhs as usize;
     let gemm_on = |n: usize, dst: *mut f32, rhs: *const f32, parallelism| {
-        gemm(
-            m,
-            n,
-            k,
-            dst,
-            dst_cs as isize,
-            dst_rs as isize,
+        gemm_strided(
+            (m, n, k),
+            (dst, dst_rs, dst_cs),
+            (lhs as *const f32, lhs_rs, lhs_cs),
+            (rhs, rhs_rs, rhs_cs),
             accumulate,
-            lhs as *const f32,
-            lhs_cs as isize,
-            lhs_rs as isize,
-            rhs,
-            rhs_cs as isize,
-            rhs_rs as isize,
-            1.0,
-            1.0,
-            false,
-            false,
-            false,
             parallelism,
         )
     };
