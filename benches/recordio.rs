@@ -98,8 +98,10 @@ fn main() {
         epoch: 1,
         fifo: "memory".into(),
     };
-    let count = ExampleReader::new(&bytes[..], origin, attributes())
-        .map(|e| e.expect("a whole example"))
-        .count();
+    let mut count = 0;
+    for example in ExampleReader::new(&bytes[..], origin, attributes()) {
+        example.expect("a whole example");
+        count += 1;
+    }
     report("memory", count, bytes.len(), started.elapsed().as_secs_f64());
 }

@@ -125,7 +125,7 @@ fn print_phases(records: &[semseg::model::ops::profile::ConvRecord], step: std::
         (step.saturating_sub(total)).as_secs_f64() * 1e3
     );
     let mut slow: Vec<_> = records.iter().collect();
-    slow.sort_by(|a, b| b.elapsed.cmp(&a.elapsed));
+    slow.sort_by_key(|r| std::cmp::Reverse(r.elapsed));
     for r in slow.iter().take(12) {
         eprintln!(
             "  {:<12} {:>18} {:>18} s{} d{} {:>7.1} ms {:>7.1} GFLOP/s",
