@@ -1,4 +1,4 @@
-//! Inference convolution on the CPU (f32, NCHW, groups = 1), the kernel behind [`super::conv::conv2d_fused`].
+//! The CPU convolution (f32, NCHW, groups = 1), for inference and for the training forward pass.
 //!
 //! Where Candle's CPU convolution spends its time around the matrix product (a single-threaded im2col into a
 //! `[L, C·k²]` buffer, a transposing copy of the product back to NCHW, then separate single-threaded passes for the
@@ -8,13 +8,15 @@
 //! - skips im2col for 1×1 stride-1 convolutions (the input already is the column matrix) and builds the others'
 //!   columns in parallel, a chunk of input channels at a time, so the buffer stays small (`COLUMN_BUDGET`) while
 //!   each product still covers a whole tile of pixels;
-//! - skips the taps that read only zero padding. Output rows (and columns) are grouped into bands that see the same
-//!   range of kernel rows (columns); each band × band block multiplies only by its valid taps. For DeepLabV3's ASPP
-//!   (dilations 12/24/36 on a 64×64 map) that removes 23–61% of the multiplications. Blocks whose taps are all valid
-//!   run as one product with the weight as stored (`[Cout, Cin·k²]`); the others run one product per valid tap,
-//!   reading that tap's `[Cout, Cin]` slice of the weight in place (column stride k²), so no weight is repacked.
+//! - skips the taps that read only zero padding (for DeepLabV3's ASPP, dilations 12/24/36 on a 64×64 map, that
+//!   removes 23–61% of the multiplications). Stride-1 convolutions do it tap by tap, one large product per tap over
+//!   its valid pixels ([`super::tapwise`]). Strided ones group output rows (and columns) into bands that see the
+//!   same range of kernel rows (columns); each band × band block multiplies only by its valid taps: blocks whose
+//!   taps are all valid run as one product with the weight as stored (`[Cout, Cin·k²]`), the others one product
+//!   per valid tap, reading that tap's `[Cout, Cin]` slice of the weight in place (column stride k²).
 //!
-//! Used only when no gradient is needed: training keeps [`super::conv::conv2d`].
+//! The kernel of [`super::conv::conv2d_fused`] (inference) and, image by image, of the forward pass (and the
+//! "same" convolutions' input gradient) of [`super::conv::conv2d`]'s training op.
 
 use std::ops::Range;
 
@@ -617,7 +619,7 @@ mod tests {
             (3, 9, 8, 4, 7, 2, 3, 1),     // the stem's 7×7/2
             (4, 8, 8, 6, 3, 1, 1, 1),     // 3×3 "same"
             (4, 9, 7, 6, 3, 2, 1, 1),     // 3×3/2
-            (4, 12, 11, 5, 3, 1, 4, 4),   // dilated: bands skip padded taps
+            (4, 12, 11, 5, 3, 1, 4, 4),   // dilated: padded taps skipped
             (3, 10, 10, 4, 3, 1, 12, 12), // dilation above the map: only the centre tap is valid
             (3, 16, 13, 4, 3, 1, 6, 6),   // ASPP-like: one product per tap over its valid pixels
             (3, 11, 9, 4, 5, 1, 5, 3),    // 5×5 dilated, no centre tap whose rows are whole
