@@ -26,8 +26,9 @@ pub(crate) struct Buffers {
     weight: Vec<f32>,
     /// The input's valid columns for one kernel column: `[Cin, H, n_x]`.
     input: Vec<f32>,
-    /// One kernel column's sum over its valid output columns: `[Cout, oh, n_x]`.
-    sum: Vec<f32>,
+    /// The output side over one kernel column's valid output columns, `[Cout, oh, n_x]`: the products' sum (forward)
+    /// or dY (weight gradient).
+    output: Vec<f32>,
 }
 
 /// Where tap `t` reads inside an input axis of `size` (output axis `outputs`, stride 1): `(first output, first
@@ -68,7 +69,7 @@ pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut 
         let (dst, dst_plane) = if whole_rows {
             (out.as_mut_ptr(), plane)
         } else {
-            let sum = at_least(&mut buffers.sum, g.cout * g.oh * nx);
+            let sum = at_least(&mut buffers.output, g.cout * g.oh * nx);
             sum.par_chunks_mut(g.oh * nx).for_each(|s| s.fill(0.0));
             (sum.as_mut_ptr(), g.oh * nx)
         };
@@ -93,7 +94,7 @@ pub(crate) fn conv2d_add(g: &ConvGeometry, x: &[f32], weight: &[f32], out: &mut 
             };
         }
         if !whole_rows {
-            let sum = &buffers.sum[..g.cout * g.oh * nx];
+            let sum = &buffers.output[..g.cout * g.oh * nx];
             out.par_chunks_mut(plane).enumerate().for_each(|(co, o)| {
                 for (oy, s) in sum[co * g.oh * nx..][..g.oh * nx].chunks(nx).enumerate() {
                     o[oy * g.ow + ox0..][..nx].iter_mut().zip(s).for_each(|(d, s)| *d += s);
@@ -127,8 +128,11 @@ pub(crate) fn weight_grad_add(
                 (x, dy_image)
             } else {
                 compact_columns(x, g.cin, (g.h, g.w), ix0..ix0 + nx, &mut buffers.input);
-                compact_columns(dy_image, g.cout, (g.oh, g.ow), ox0..ox0 + nx, &mut buffers.sum);
-                (&buffers.input[..g.cin * g.h * nx], &buffers.sum[..g.cout * g.oh * nx])
+                compact_columns(dy_image, g.cout, (g.oh, g.ow), ox0..ox0 + nx, &mut buffers.output);
+                (
+                    &buffers.input[..g.cin * g.h * nx],
+                    &buffers.output[..g.cout * g.oh * nx],
+                )
             };
             debug_assert_eq!(input.len(), g.cin * g.h * nx);
             for ky in 0..g.k {
