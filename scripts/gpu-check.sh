@@ -2,9 +2,11 @@
 # The one script to run on a lent GPU machine (issue 13), from the checkout's root, after scripts/build-cuda.sh has
 # filled .gpucarry/ (semseg-cuda.xz and the PyTorch peer scripts) and that folder was carried along:
 #
-#   run: command="OUT=$OUT bash scripts/gpu-check.sh", carry=[".gpucarry"], timeout_s=480
+#   run: command="OUT=$OUT bash scripts/gpu-check.sh", carry=[".gpucarry"], timeout_s=570
 #
-# Every step has its own time limit and the script goes on after a failure; logs and summary.json land in $OUT.
+# Every step has its own time limit and the script goes on after a failure; steps that no longer fit in BUDGET_S
+# are skipped, so summary.json is always written; logs and summary land in $OUT. They run in the order of what
+# matters most: selfcheck, train, peer training, parity, serve, quality, peer inference.
 # Steps (set STEPS to a subset to rerun some): env, selfcheck, parity, serve, train, quality, peer, summary.
 #   env       nvidia-smi, library paths, ldd of the binary (a missing library is named, not guessed)
 #   selfcheck `semseg device-check`: conv and BatchNorm forward/backward on the GPU against the CPU, each precision
@@ -30,17 +32,31 @@ PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 QUICK=${GPU_CHECK_QUICK:-0}
 STEPS=${STEPS:-env selfcheck parity serve train quality peer summary}
+# Seconds the whole script may take: steps that would not fit are skipped, so the summary is always written before
+# the caller's timeout (run it with timeout_s a little above this).
+BUDGET_S=${BUDGET_S:-540}
+DEADLINE=$(( $(date +%s) + BUDGET_S ))
 W=$(mktemp -d /tmp/gpu-check.XXXXXX)
 PORT=${PORT:-8089}
 
 if [ "$QUICK" = 1 ]; then
-  PSIZE=64; CROP=64; BATCH=2; DCROP=64; DBATCH=4; NTRAIN=8; EPOCHS=2; QEPOCHS=3; T_TRAIN=300
+  PSIZE=64; CROP=64; BATCH=2; DCROP=64; DBATCH=4; NTRAIN=8; DNTRAIN=8; EPOCHS=2; QEPOCHS=3; T_TRAIN=300
 else
-  PSIZE=512; CROP=512; BATCH=8; DCROP=240; DBATCH=16; NTRAIN=128; EPOCHS=3; QEPOCHS=30; T_TRAIN=100
+  # Two epochs: the first pays cuDNN's algorithm choices and the allocator's growth, the second is the figure.
+  PSIZE=512; CROP=512; BATCH=8; DCROP=240; DBATCH=16; NTRAIN=64; DNTRAIN=128; EPOCHS=2; QEPOCHS=30; T_TRAIN=70
 fi
 
 log() { echo "== $(date +%T) $*" | tee -a "$OUT/steps.log"; }
 has() { case " $STEPS " in *" $1 "*) return 0 ;; *) return 1 ;; esac; }
+# fits SECONDS WHAT: whether SECONDS more fit before the deadline (logs the skip when not).
+fits() {
+  local left=$(( DEADLINE - $(date +%s) ))
+  [ "$left" -ge "$1" ] && return 0
+  log "skipped (${left}s left, needs $1 s): $2"
+  return 1
+}
+# cap SECONDS: SECONDS, or what is left before the deadline when that is less (at least 1).
+cap() { local left=$(( DEADLINE - $(date +%s) - 5 )); [ "$left" -lt "$1" ] && echo $(( left > 1 ? left : 1 )) || echo "$1"; }
 
 if [ -n "${SEMSEG_BIN:-}" ]; then
   BIN=$(realpath "$SEMSEG_BIN")
@@ -73,34 +89,99 @@ if has env; then
   log "env: GPU, libraries"
   { command -v nvidia-smi > /dev/null && nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; } \
     | tee "$OUT/gpu.txt"
+  nproc >> "$OUT/gpu.txt"
   echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH" > "$OUT/env.txt"
   ldd "$BIN" > "$OUT/ldd.txt" 2>&1
   grep -i "not found" "$OUT/ldd.txt" && log "MISSING LIBRARIES (see ldd.txt)"
   "$BIN" --version | tee -a "$OUT/env.txt"
 fi
 
-if has selfcheck; then
-  log "selfcheck: conv and BatchNorm on $DEVICE vs the CPU"
-  timeout 180 "$BIN" device-check --device "$DEVICE" --out "$OUT/device_check.json" > "$OUT/device_check.log" 2>&1
-  echo "device-check exit $?" >> "$OUT/steps.log"
-  grep -E '"pass": false|ERROR' "$OUT/device_check.log" | head -n 20
+# The torchvision reference runs on the CPU while the GPU steps go on.
+REFPID=
+if has parity || has serve; then
+  log "reference: torchvision deeplabv3_resnet50 at ${PSIZE}x${PSIZE} (CPU, in the background), imported"
+  ( (cd "$PEER" && timeout 240 "$PY" export_reference.py --model deeplabv3_resnet50 --size "$PSIZE" "$PSIZE" \
+      --out "$W/ref") > "$OUT/export.log" 2>&1 || echo "export_reference failed" >> "$OUT/export.log"
+    timeout 60 "$BIN" import --torchvision "$W/ref/weights.safetensors" --algorithm deeplab \
+      --backbone resnet-50 --num-classes 21 --out "$W/model" > "$OUT/import.log" 2>&1 \
+      || echo "import failed" >> "$OUT/import.log" ) &
+  REFPID=$!
 fi
 
-if has parity || has serve; then
-  log "reference: torchvision deeplabv3_resnet50 at ${PSIZE}x${PSIZE} (CPU), imported"
-  (cd "$PEER" && timeout 180 "$PY" export_reference.py --model deeplabv3_resnet50 --size "$PSIZE" "$PSIZE" \
-    --out "$W/ref") > "$OUT/export.log" 2>&1 || log "export_reference failed (export.log)"
-  timeout 60 "$BIN" import --torchvision "$W/ref/weights.safetensors" --algorithm deeplab --backbone resnet-50 \
-    --num-classes 21 --out "$W/model" > "$OUT/import.log" 2>&1 || log "import failed (import.log)"
+if has selfcheck && fits 30 selfcheck; then
+  log "selfcheck: conv and BatchNorm on $DEVICE vs the CPU (first CUDA use: PTX JIT into an empty cache)"
+  timeout "$(cap 150)" "$BIN" device-check --device "$DEVICE" --out "$OUT/device_check.json" \
+    > "$OUT/device_check.log" 2>&1
+  echo "device-check exit $?" >> "$OUT/steps.log"
+  grep -E '"pass": false|ERROR|error' "$OUT/device_check.log" | head -n 20
+fi
+
+# train_run NAME PRECISION CROP BATCH IMAGES: a real `semseg train` job on a generated dataset, sampled by nvidia-smi.
+train_run() {
+  local name=$1 precision=$2 crop=$3 batch=$4 images=$5 ml=$W/train_$1
+  fits 25 "train $name" || return 0
+  mkdir -p "$ml/input/config"
+  cp -r "$W/train_data" "$ml/input/data"
+  cat > "$ml/input/config/hyperparameters.json" <<J
+{"num_classes": "21", "num_training_samples": "$images", "backbone": "resnet-50", "algorithm": "deeplab",
+ "use_pretrained_model": "False", "crop_size": "$crop", "base_size": "520", "epochs": "$EPOCHS",
+ "mini_batch_size": "$batch", "validation_mini_batch_size": "1", "learning_rate": "0.01", "seed": "1",
+ "precision": "$precision"}
+J
+  log "train $name: deeplab resnet-50, precision $precision, crop $crop, batch $batch, $images images x $EPOCHS epochs"
+  start_smi "$OUT/smi_train_$name.csv"
+  /usr/bin/time -v timeout "$(cap "$T_TRAIN")" "$BIN" --ml-root "$ml" train > "$OUT/train_$name.log" 2>&1
+  echo "train $name exit $?" >> "$OUT/steps.log"
+  stop_smi
+  grep -h "train:throughput\|gpu_memory" "$OUT/train_$name.log" | tail -n 2
+  grep -h "ERROR\|rror:" "$OUT/train_$name.log" | tail -n 3
+}
+
+if has train; then
+  timeout 120 "$BIN" synth --out "$W/train_data" --seed 3 --train-count "$DNTRAIN" --validation-count 2 \
+    --width 640 --height 512 --num-classes 21 > "$OUT/synth.log" 2>&1 || log "synth failed"
+  train_run auto512 auto "$CROP" "$BATCH" "$NTRAIN"
+fi
+
+# peer_train NAME CROP BATCH ARGS...: PyTorch's training step on the same device.
+tdev=$DEVICE; [ "$tdev" = cpu ] || tdev=cuda
+peer_train() {
+  local name=$1 crop=$2 batch=$3; shift 3
+  fits 25 "torch train $name" || return 0
+  log "peer: torch train $name (crop $crop, batch $batch, $*)"
+  start_smi "$OUT/smi_torch_$name.csv"
+  (cd "$PEER" && timeout "$(cap 70)" "$PY" torch_train.py --device "$tdev" --models deeplabv3_resnet50 \
+    --batch "$batch" --size "$crop" --warmup 3 --steps 10 "$@") > "$OUT/torch_train_$name.jsonl" \
+    2> "$OUT/torch_train_$name.err"
+  stop_smi
+  tail -n 1 "$OUT/torch_train_$name.jsonl"
+}
+
+has peer && peer_train tf32_512 "$CROP" "$BATCH"
+if has train; then
+  train_run fp32_512 fp32 "$CROP" "$BATCH" "$NTRAIN"
+  train_run bf16_512 bf16 "$CROP" "$BATCH" "$NTRAIN"
+  train_run auto240 auto "$DCROP" "$DBATCH" "$DNTRAIN"
+fi
+if has peer; then
+  peer_train strict32_512 "$CROP" "$BATCH" --no-tf32
+  peer_train bf16cl_512 "$CROP" "$BATCH" --amp bf16 --channels-last
+  peer_train tf32_240 "$DCROP" "$DBATCH"
+fi
+
+if [ -n "$REFPID" ]; then
+  wait "$REFPID"
+  tail -n 2 "$OUT/export.log" "$OUT/import.log"
 fi
 
 if has parity; then
   for p in fp32 auto bf16; do
+    fits 20 "parity $p" || continue
     cache=$W/nv-cache; [ "$p" = fp32 ] && cache=$W/nv-cache-cold-predict
     log "parity: predict --precision $p (JIT cache $(basename "$cache"))"
     start=$(date +%s%N)
-    CUDA_CACHE_PATH=$cache timeout 180 "$BIN" predict --precision "$p" --model "$W/model" "$W/ref/input.png" \
-      --out "$W/pred_$p" --probabilities > "$OUT/predict_$p.log" 2>&1 || log "predict $p failed"
+    CUDA_CACHE_PATH=$cache timeout "$(cap 90)" "$BIN" predict --precision "$p" --model "$W/model" \
+      "$W/ref/input.png" --out "$W/pred_$p" --probabilities > "$OUT/predict_$p.log" 2>&1 || log "predict $p failed"
     echo "$p $(( ($(date +%s%N) - start) / 1000000 ))" >> "$OUT/predict_wall_ms.txt"
     "$PY" - "$W/ref/logits.npy" "$W/pred_$p/input.npy" "$p" >> "$OUT/parity.jsonl" 2>> "$OUT/parity.err" <<'PY'
 import json, sys
@@ -117,13 +198,13 @@ PY
   done
 fi
 
-if has serve; then
+if has serve && fits 40 serve; then
   log "serve: cold start to the first healthy /ping (empty JIT cache), then 30 invocations at c=1"
   mkdir -p "$W/ml" && cp -r "$W/model" "$W/ml/model"
   "$PY" -c "from PIL import Image; Image.open('$W/ref/input.png').convert('RGB').save('$W/in.jpg', quality=90)"
   start=$(date +%s%N)
   CUDA_CACHE_PATH=$W/nv-cache-cold-serve RUST_LOG=info,semseg::serve::timing=debug SAGEMAKER_BIND_TO_PORT=$PORT \
-    SEMSEG_ML_ROOT=$W/ml timeout 240 "$BIN" serve > "$OUT/serve.log" 2>&1 &
+    SEMSEG_ML_ROOT=$W/ml timeout "$(cap 120)" "$BIN" serve > "$OUT/serve.log" 2>&1 &
   SPID=$!
   ready=
   for _ in $(seq 1200); do
@@ -133,48 +214,21 @@ if has serve; then
   done
   echo "${ready:-never}" > "$OUT/serve_ready_ms.txt"
   log "serve: healthy after ${ready:-never} ms"
-  curl -s -o "$W/mask.png" -w "%{http_code} %{content_type} %{time_total}\n" -H 'Content-Type: image/jpeg' \
+  curl -s -m 30 -o "$W/mask.png" -w "%{http_code} %{content_type} %{time_total}\n" -H 'Content-Type: image/jpeg' \
     -H 'Accept: image/png' --data-binary @"$W/in.jpg" "localhost:$PORT/invocations" | tee "$OUT/serve_first.txt"
   for _ in $(seq 30); do
-    curl -s -o /dev/null -w "%{http_code} %{time_total}\n" -H 'Content-Type: image/jpeg' -H 'Accept: image/png' \
-      --data-binary @"$W/in.jpg" "localhost:$PORT/invocations"
+    curl -s -m 30 -o /dev/null -w "%{http_code} %{time_total}\n" -H 'Content-Type: image/jpeg' \
+      -H 'Accept: image/png' --data-binary @"$W/in.jpg" "localhost:$PORT/invocations"
   done > "$OUT/serve_times.txt"
   kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
 fi
 
-# train_run NAME PRECISION CROP BATCH: a real `semseg train` job on a generated dataset, sampled by nvidia-smi.
-train_run() {
-  local name=$1 precision=$2 crop=$3 batch=$4 ml=$W/train_$1
-  mkdir -p "$ml/input/config"
-  cp -r "$W/train_data" "$ml/input/data"
-  cat > "$ml/input/config/hyperparameters.json" <<J
-{"num_classes": "21", "num_training_samples": "$NTRAIN", "backbone": "resnet-50", "algorithm": "deeplab",
- "use_pretrained_model": "False", "crop_size": "$crop", "base_size": "520", "epochs": "$EPOCHS",
- "mini_batch_size": "$batch", "validation_mini_batch_size": "1", "learning_rate": "0.01", "seed": "1",
- "precision": "$precision"}
-J
-  log "train $name: deeplab resnet-50, precision $precision, crop $crop, batch $batch, $NTRAIN images x $EPOCHS epochs"
-  start_smi "$OUT/smi_train_$name.csv"
-  /usr/bin/time -v timeout "$T_TRAIN" "$BIN" --ml-root "$ml" train > "$OUT/train_$name.log" 2>&1
-  echo "train $name exit $?" >> "$OUT/steps.log"
-  stop_smi
-  grep -h "train:throughput" "$OUT/train_$name.log" | tail -n 1
-}
-
-if has train; then
-  timeout 120 "$BIN" synth --out "$W/train_data" --seed 3 --train-count "$NTRAIN" --validation-count 2 --width 640 \
-    --height 512 --num-classes 21 > "$OUT/synth.log" 2>&1 || log "synth failed"
-  train_run auto512 auto "$CROP" "$BATCH"
-  train_run fp32_512 fp32 "$CROP" "$BATCH"
-  train_run bf16_512 bf16 "$CROP" "$BATCH"
-  train_run auto240 auto "$DCROP" "$DBATCH"
-fi
-
-if has quality; then
+if has quality && fits 40 quality; then
   timeout 60 "$BIN" synth --out "$W/quality_data" --seed 5 --train-count 24 --validation-count 8 --width 96 \
     --height 72 > /dev/null 2>&1
+  log "quality: the CI recipe in auto, fp32 and bf16 (three jobs side by side; each is tiny)"
+  qt=$(cap 150)
   for p in auto fp32 bf16; do
-    log "quality: the CI recipe in $p"
     ml=$W/quality_$p
     mkdir -p "$ml/input/config" && cp -r "$W/quality_data" "$ml/input/data"
     cat > "$ml/input/config/hyperparameters.json" <<J
@@ -183,29 +237,18 @@ if has quality; then
  "mini_batch_size": "4", "validation_mini_batch_size": "1", "learning_rate": "0.05", "output_stride": "8",
  "seed": "1", "precision": "$p"}
 J
-    timeout 150 "$BIN" --ml-root "$ml" train > "$OUT/quality_$p.log" 2>&1
-    echo "quality $p exit $?" >> "$OUT/steps.log"
-    grep -o "validation:mIOU=[0-9.]*" "$OUT/quality_$p.log" | sort -t= -k2 -n | tail -n 1
+    ( timeout "$qt" "$BIN" --ml-root "$ml" train > "$OUT/quality_$p.log" 2>&1
+      echo "quality $p exit $?" >> "$OUT/steps.log" ) &
+  done
+  wait
+  for p in auto fp32 bf16; do
+    echo "$p $(grep -o "validation:mIOU=[0-9.]*" "$OUT/quality_$p.log" | sort -t= -k2 -n | tail -n 1)"
   done
 fi
 
-if has peer; then
-  log "peer: PyTorch training on the same device"
-  tdev=$DEVICE; [ "$tdev" = cpu ] || tdev=cuda
-  peer_train() {  # NAME CROP BATCH ARGS...
-    local name=$1 crop=$2 batch=$3; shift 3
-    start_smi "$OUT/smi_torch_$name.csv"
-    (cd "$PEER" && timeout 100 "$PY" torch_train.py --device "$tdev" --models deeplabv3_resnet50 --batch "$batch" \
-      --size "$crop" --warmup 3 --steps 10 "$@") > "$OUT/torch_train_$name.jsonl" 2> "$OUT/torch_train_$name.err"
-    stop_smi
-    tail -n 1 "$OUT/torch_train_$name.jsonl"
-  }
-  peer_train strict32_512 "$CROP" "$BATCH" --no-tf32
-  peer_train tf32_512 "$CROP" "$BATCH"
-  peer_train bf16cl_512 "$CROP" "$BATCH" --amp bf16 --channels-last
-  peer_train tf32_240 "$DCROP" "$DBATCH"
+if has peer && fits 30 "torch inference"; then
   log "peer: PyTorch inference ${PSIZE}x${PSIZE} batch 1"
-  (cd "$PEER" && timeout 120 "$PY" - "$tdev" "$PSIZE" > "$OUT/torch_infer.json" 2> "$OUT/torch_infer.err" <<'PY'
+  (cd "$PEER" && timeout "$(cap 90)" "$PY" - "$tdev" "$PSIZE" > "$OUT/torch_infer.json" 2> "$OUT/torch_infer.err" <<'PY'
 import json, sys, time
 import torch
 from seg_models import build
@@ -226,7 +269,7 @@ for name, tf32, amp in [("fp32", False, None), ("tf32", True, None), ("bf16", Tr
             m(x)
         sync(); ts = []
         for _ in range(20):
-            t = time.perf_counter(); m(x)["out"].argmax(1).cpu(); ts.append(time.perf_counter() - t)
+            sync(); t = time.perf_counter(); m(x)["out"].argmax(1).cpu(); ts.append(time.perf_counter() - t)
     ts.sort(); res[name] = dict(median_ms=1000 * ts[10], min_ms=1000 * ts[0])
 print(json.dumps(res))
 PY
@@ -257,6 +300,10 @@ try:
     s["device_check"] = json.loads(read("device_check.json", "null"))
 except Exception as e:
     s["device_check"] = f"unreadable: {e}"
+s["steps"] = (read("steps.log", "") or "").splitlines()
+s["kernel_load_s"] = {os.path.basename(f): re.findall(r"GPU kernels loaded.*?seconds=([0-9.]+)", open(f).read())
+                      for f in sorted(glob.glob(os.path.join(out, "*.log")))
+                      if "GPU kernels loaded" in open(f).read()}
 s["parity"] = [json.loads(l) for l in (read("parity.jsonl", "") or "").splitlines() if l.strip()]
 s["predict_wall_ms"] = dict(l.split() for l in (read("predict_wall_ms.txt", "") or "").splitlines() if l.strip())
 for p in ("fp32", "auto", "bf16"):

@@ -142,7 +142,11 @@ fn first_gpu() -> Option<Device> {
         return None;
     }
     match Device::new_cuda(0) {
-        Ok(device) => Some(device),
+        Ok(device) => {
+            keep_freed_memory_pooled(&device);
+            load_kernels_in_parallel(&device);
+            Some(device)
+        }
         Err(error) => {
             tracing::warn!("no usable GPU ({error}); running on the CPU");
             None
@@ -157,7 +161,97 @@ fn first_gpu() -> Option<Device> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
-    Device::new_cuda(ordinal).with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))
+    let device = Device::new_cuda(ordinal)
+        .with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))?;
+    keep_freed_memory_pooled(&device);
+    load_kernels_in_parallel(&device);
+    Ok(device)
+}
+
+/// Candle ships its kernels as PTX, which the driver compiles for the GPU when a module is first loaded (then
+/// caches on disk, under ~/.nv or CUDA_CACHE_PATH). Candle loads its modules one at a time, under a lock, on first
+/// use: about 20 s of one core on a fresh machine before the first image. Loading every module once here, one
+/// thread each, does the same compilation in parallel and fills the cache, so Candle's own loads then hit it.
+#[cfg(feature = "cuda")]
+fn load_kernels_in_parallel(device: &Device) {
+    use candle_core::cuda_backend::kernels;
+    let Device::Cuda(cuda) = device else { return };
+    let started = std::time::Instant::now();
+    let context = cuda.cuda_stream().context().clone();
+    // Every module the networks, the loss and the optimiser use (QUANTIZED, the largest, is for GGUF models only).
+    let modules = [
+        ("affine", &kernels::AFFINE),
+        ("binary", &kernels::BINARY),
+        ("cast", &kernels::CAST),
+        ("conv", &kernels::CONV),
+        ("fill", &kernels::FILL),
+        ("indexing", &kernels::INDEXING),
+        ("reduce", &kernels::REDUCE),
+        ("sort", &kernels::SORT),
+        ("ternary", &kernels::TERNARY),
+        ("unary", &kernels::UNARY),
+    ];
+    let failures: Vec<String> = std::thread::scope(|scope| {
+        let mut jobs: Vec<_> = modules
+            .iter()
+            .map(|&(name, module)| {
+                let context = context.clone();
+                scope.spawn(move || {
+                    context
+                        .load_module(cudarc::nvrtc::Ptx::from_src(module.ptx()))
+                        .map(drop)
+                        .map_err(|e| format!("{name}: {e:?}"))
+                })
+            })
+            .collect();
+        jobs.push(
+            scope.spawn(|| crate::model::ops::batch_norm_cuda::preload(cuda).map_err(|e| format!("batch norm: {e}"))),
+        );
+        jobs.into_iter()
+            .filter_map(|job| {
+                job.join()
+                    .unwrap_or_else(|_| Err("a loader thread panicked".into()))
+                    .err()
+            })
+            .collect()
+    });
+    if failures.is_empty() {
+        tracing::info!(seconds = started.elapsed().as_secs_f64(), "GPU kernels loaded");
+    } else {
+        // Candle loads (and reports) any module it then needs; this pass only saves time.
+        tracing::warn!(?failures, "some GPU kernels did not preload");
+    }
+}
+
+/// Candle allocates from the device's stream-ordered memory pool, whose release threshold is 0 by default: every
+/// synchronisation (one per training step at least) hands the freed memory back to the driver, and the next step
+/// maps it again, allocation by allocation. A threshold of "never" keeps it pooled for reuse, as PyTorch's caching
+/// allocator does; the pool then holds the peak of what was in use. A failure only costs speed, so it is logged.
+#[cfg(feature = "cuda")]
+fn keep_freed_memory_pooled(device: &Device) {
+    use cudarc::driver::sys;
+    let Device::Cuda(cuda) = device else { return };
+    let result = (|| -> Result<(), cudarc::driver::DriverError> {
+        let context = cuda.cuda_stream().context().clone();
+        context.bind_to_thread()?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        let mut threshold = u64::MAX;
+        // SAFETY: the context is bound; `pool` is written by the driver before it is read; the attribute takes a
+        // u64 (cuuint64_t), which `threshold` is.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device()).result()?;
+            sys::cuMemPoolSetAttribute(
+                pool.assume_init(),
+                sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_RELEASE_THRESHOLD,
+                &mut threshold as *mut u64 as *mut std::ffi::c_void,
+            )
+            .result()?;
+        }
+        Ok(())
+    })();
+    if let Err(error) = result {
+        tracing::warn!(%error, "could not keep freed GPU memory pooled; allocations may be slower");
+    }
 }
 
 #[cfg(not(feature = "cuda"))]

@@ -229,6 +229,12 @@ fn ptx() -> Result<&'static str> {
     })
 }
 
+/// Compiles the kernels (once per process) and loads them on `dev`: start-up calls it off the critical path, so
+/// the first training step or request finds them ready.
+pub fn preload(dev: &CudaDevice) -> Result<()> {
+    func(dev, "bn_normalize_f32").map(drop)
+}
+
 /// One kernel of the module, loaded on `dev` the first time (Candle caches the module per device).
 fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
     Ok(dev.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
