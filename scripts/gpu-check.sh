@@ -116,9 +116,11 @@ if has selfcheck && fits 30 selfcheck; then
   grep -E '"pass": false|ERROR|error' "$OUT/device_check.log" | head -n 20
 fi
 
-# train_run NAME PRECISION CROP BATCH IMAGES: a real `semseg train` job on a generated dataset, sampled by nvidia-smi.
+# train_run NAME PRECISION CROP BATCH IMAGES [VAR=VALUE...]: a real `semseg train` job on a generated dataset,
+# sampled by nvidia-smi, with extra environment for the binary.
 train_run() {
   local name=$1 precision=$2 crop=$3 batch=$4 images=$5 ml=$W/train_$1
+  shift 5
   fits 25 "train $name" || return 0
   mkdir -p "$ml/input/config"
   cp -r "$W/train_data" "$ml/input/data"
@@ -128,12 +130,12 @@ train_run() {
  "mini_batch_size": "$batch", "validation_mini_batch_size": "1", "learning_rate": "0.01", "seed": "1",
  "precision": "$precision"}
 J
-  log "train $name: deeplab resnet-50, precision $precision, crop $crop, batch $batch, $images images x $EPOCHS epochs"
+  log "train $name: deeplab resnet-50, precision $precision, crop $crop, batch $batch, $images images x $EPOCHS epochs $*"
   start_smi "$OUT/smi_train_$name.csv"
-  /usr/bin/time -v timeout "$(cap "$T_TRAIN")" "$BIN" --ml-root "$ml" train > "$OUT/train_$name.log" 2>&1
+  /usr/bin/time -v timeout "$(cap "$T_TRAIN")" env "$@" "$BIN" --ml-root "$ml" train > "$OUT/train_$name.log" 2>&1
   echo "train $name exit $?" >> "$OUT/steps.log"
   stop_smi
-  grep -h "train:throughput\|gpu_memory" "$OUT/train_$name.log" | tail -n 2
+  grep -h "train:throughput\|gpu_memory\|step phases" "$OUT/train_$name.log" | tail -n 3
   grep -h "ERROR\|rror:" "$OUT/train_$name.log" | tail -n 3
 }
 
@@ -141,6 +143,9 @@ if has train; then
   timeout 120 "$BIN" synth --out "$W/train_data" --seed 3 --train-count "$DNTRAIN" --validation-count 2 \
     --width 640 --height 512 --num-classes 21 > "$OUT/synth.log" 2>&1 || log "synth failed"
   train_run auto512 auto "$CROP" "$BATCH" "$NTRAIN"
+  # Where the step's time goes (each phase synchronised), and cuDNN's heuristics instead of timed algorithms.
+  train_run auto512_phases auto "$CROP" "$BATCH" "$NTRAIN" SEMSEG_PROFILE_STEPS=1
+  train_run auto512_heuristics auto "$CROP" "$BATCH" "$NTRAIN" SEMSEG_CUDNN_BENCHMARK=0
 fi
 
 # peer_train NAME CROP BATCH ARGS...: PyTorch's training step on the same device.
@@ -196,6 +201,36 @@ print(json.dumps(dict(precision=precision, shape=list(got.shape),
 PY
     tail -n 1 "$OUT/parity.jsonl"
   done
+fi
+
+if has parity && has peer && fits 30 "torch parity"; then
+  log "parity of PyTorch itself on $tdev (fp32, TF32, bf16 autocast) against the same CPU reference"
+  (cd "$PEER" && timeout "$(cap 60)" "$PY" - "$W/ref" "$tdev" >> "$OUT/parity_torch.jsonl" 2> "$OUT/parity_torch.err" <<'PY'
+import json, sys
+import numpy as np, torch
+from PIL import Image
+from safetensors.torch import load_file
+from seg_models import build
+ref, dev = sys.argv[1], sys.argv[2]
+meta = json.load(open(f"{ref}/meta.json"))
+m = build(meta["model"], seed=0).eval()
+m.load_state_dict(load_file(f"{ref}/weights.safetensors"), strict=False)
+m = m.to(dev)
+px = torch.from_numpy(np.array(Image.open(f"{ref}/input.png").convert("RGB")))
+x = (px.permute(2, 0, 1).float() / 255.0 - torch.tensor(meta["mean"])[:, None, None]) / torch.tensor(meta["std"])[:, None, None]
+logits = np.load(f"{ref}/logits.npy")[0].astype(np.float64)
+e = np.exp(logits - logits.max(0)); want = e / e.sum(0)
+for name, tf32, amp in [("fp32", False, None), ("tf32", True, None), ("bf16", True, torch.bfloat16)]:
+    if dev != "cuda" and name != "fp32":
+        continue
+    if dev == "cuda":
+        torch.backends.cudnn.allow_tf32 = torch.backends.cuda.matmul.allow_tf32 = tf32
+    with torch.no_grad(), torch.autocast(dev, dtype=amp or torch.float32, enabled=amp is not None):
+        got = torch.softmax(m(x[None].to(dev))["out"].float(), 1)[0].double().cpu().numpy()
+    print(json.dumps(dict(peer="torch", precision=name, rel_l2=float(np.linalg.norm(got - want) / np.linalg.norm(want)),
+        max_abs=float(np.abs(got - want).max()), argmax_agree=float((got.argmax(0) == want.argmax(0)).mean()))))
+PY
+  ); cat "$OUT/parity_torch.jsonl"
 fi
 
 if has serve && fits 40 serve; then
@@ -310,6 +345,7 @@ for p in ("fp32", "auto", "bf16"):
     ms = [float(m) for m in re.findall(r"ms=([0-9.]+)", read(f"predict_{p}.log", "") or "")]
     if ms:
         s.setdefault("predict_ms", {})[p] = ms
+s["parity_torch"] = [json.loads(l) for l in (read("parity_torch.jsonl", "") or "").splitlines() if l.strip()]
 s["serve_ready_ms"] = (read("serve_ready_ms.txt", "") or "").strip() or None
 times = sorted(float(l.split()[1]) * 1e3 for l in (read("serve_times.txt", "") or "").splitlines()
                if l.startswith("200 "))
@@ -330,6 +366,8 @@ for log in sorted(glob.glob(os.path.join(out, "train_*.log"))):
         smi_peak_gib=smi_peak_gib(f"smi_train_{name}.csv"),
         logged_gpu_memory_max_gib=[float(g) for g in re.findall(r"gpu_memory_max_gib=\"?([0-9.]+)", text)],
         mean_gpu_util=statistics.mean(util) if util else None,
+        tensors_max_gib=[float(g) for g in re.findall(r"tensors_max_gib=\"?([0-9.]+)", text)],
+        step_phases_ms=(re.findall(r"step phases, ms per step: ([^\n]*)", text) or [None])[-1],
         host_peak_rss_gib=int(rss.group(1)) / 2**20 if rss else None,
         error=(re.findall(r"(?:ERROR|error).*", text) or [None])[-1])
 s["quality_miou"] = {}

@@ -119,6 +119,36 @@ pub fn gpu_memory_used(device: &Device) -> Option<u64> {
     None
 }
 
+/// The most bytes this process's GPU tensors held at once since the last call (the memory pool's in-use high-water
+/// mark, fragmentation and the CUDA context left out), then starts the next period; `None` on the CPU.
+pub fn gpu_tensor_memory_high(device: &Device) -> Option<u64> {
+    #[cfg(feature = "cuda")]
+    if let Device::Cuda(cuda) = device {
+        use cudarc::driver::sys;
+        let context = cuda.cuda_stream().context().clone();
+        context.bind_to_thread().ok()?;
+        let mut pool = std::mem::MaybeUninit::<sys::CUmemoryPool>::uninit();
+        let mut high = 0u64;
+        let attribute = sys::CUmemPool_attribute::CU_MEMPOOL_ATTR_USED_MEM_HIGH;
+        // SAFETY: the context is bound; `pool` is written before it is read; the attribute is a u64, and setting
+        // it to 0 is how the driver resets a high-water mark.
+        unsafe {
+            sys::cuDeviceGetDefaultMemPool(pool.as_mut_ptr(), context.cu_device())
+                .result()
+                .ok()?;
+            let pool = pool.assume_init();
+            sys::cuMemPoolGetAttribute(pool, attribute, &mut high as *mut u64 as *mut std::ffi::c_void)
+                .result()
+                .ok()?;
+            let mut zero = 0u64;
+            let _ = sys::cuMemPoolSetAttribute(pool, attribute, &mut zero as *mut u64 as *mut std::ffi::c_void);
+        }
+        return Some(high);
+    }
+    let _ = device;
+    None
+}
+
 /// "cpu" or "cuda:N".
 pub fn describe(device: &Device) -> String {
     match device.location() {

@@ -68,6 +68,7 @@ pub fn run_mirrored(
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;
         let started = Instant::now();
+        crate::compute::gpu_tensor_memory_high(&job.device); // starts this epoch's period
         let Some(trained) = job.train_one_epoch(epoch, stop)? else {
             tracing::warn!("SIGTERM: abandoning epoch {epoch_number}; the checkpoint of the previous epoch stands");
             return Ok(job.interrupted());
@@ -86,10 +87,13 @@ pub fn run_mirrored(
         };
         report::log_metrics(&record, started.elapsed().as_secs_f64());
         if let Some(bytes) = trained.gpu_memory_max {
+            let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
             tracing::info!(
                 epoch = epoch_number,
-                gpu_memory_max_gib = format!("{:.2}", bytes as f64 / (1u64 << 30) as f64),
-                "GPU memory in use at its highest sample this epoch (after a forward or a backward)"
+                gpu_memory_max_gib = gib(bytes),
+                tensors_max_gib = trained.gpu_tensor_memory_max.map(gib).unwrap_or_default(),
+                "GPU memory: in use on the GPU at its highest sample this epoch (after a forward or a backward; \
+                 pooled memory and the CUDA context included), and the most this epoch's training tensors held at once"
             );
         }
         if job.end_epoch(record, &scores)? == Continue::StopEarly {
@@ -109,6 +113,55 @@ pub fn run_mirrored(
     })
 }
 
+/// Where a training step's time goes, with `SEMSEG_PROFILE_STEPS=1`: waiting for the batch, upload + forward +
+/// loss, backward, optimiser update. Each phase ends with a device synchronisation, so on a GPU the figures are
+/// the device's time and the steps run slightly slower; off by default (no synchronisation added).
+struct StepPhases {
+    enabled: bool,
+    mark: Instant,
+    totals: [std::time::Duration; 4],
+}
+
+impl StepPhases {
+    const NAMES: [&'static str; 4] = ["batch wait", "forward+loss", "backward", "update"];
+
+    fn from_env() -> Self {
+        let enabled = std::env::var("SEMSEG_PROFILE_STEPS").is_ok_and(|v| !matches!(v.trim(), "" | "0" | "false"));
+        Self {
+            enabled,
+            mark: Instant::now(),
+            totals: Default::default(),
+        }
+    }
+
+    fn start(&mut self) {
+        self.mark = Instant::now();
+    }
+
+    /// Ends phase `i` (after the device has finished its work) and starts the next.
+    fn end(&mut self, i: usize, device: &Device) -> Result<()> {
+        if self.enabled {
+            device.synchronize()?;
+            let now = Instant::now();
+            self.totals[i] += now - self.mark;
+            self.mark = now;
+        }
+        Ok(())
+    }
+
+    fn log(&self, epoch: u32, steps: usize) {
+        if !self.enabled || steps == 0 {
+            return;
+        }
+        let per_step: Vec<String> = Self::NAMES
+            .iter()
+            .zip(&self.totals)
+            .map(|(name, total)| format!("{name} {:.1}", total.as_secs_f64() * 1e3 / steps as f64))
+            .collect();
+        tracing::info!(epoch, steps, "step phases, ms per step: {}", per_step.join(", "));
+    }
+}
+
 /// One epoch's training figures.
 struct EpochTraining {
     /// Mean loss over the epoch's batches.
@@ -116,6 +169,8 @@ struct EpochTraining {
     images_per_second: f64,
     /// The most GPU memory in use at any sample of the epoch (None on the CPU).
     gpu_memory_max: Option<u64>,
+    /// The most bytes the epoch's tensors held at once (the allocator's high-water mark; None on the CPU).
+    gpu_tensor_memory_max: Option<u64>,
     /// The rate of the epoch's last step.
     learning_rate: f64,
 }
@@ -263,11 +318,16 @@ impl<'a> TrainingJob<'a> {
                 gpu_memory_max = Some(gpu_memory_max.map_or(used, |m| m.max(used)));
             }
         };
-        for batch in loader {
+        let mut phases = StepPhases::from_env();
+        let mut loader = loader.into_iter();
+        loop {
+            phases.start();
+            let Some(batch) = loader.next() else { break };
             if stop.load(Ordering::SeqCst) {
                 return Ok(None);
             }
             let batch = batch?;
+            phases.end(0, &self.device)?;
             let (h, w) = (batch.height as usize, batch.width as usize);
             let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), &self.device)?; // [N, 3, H, W]
             let targets = Targets::new(&batch.labels, batch.n, h, w, &self.device)?;
@@ -278,6 +338,7 @@ impl<'a> TrainingJob<'a> {
                 loss = (loss + (cross_entropy(aux, &targets)? * AUX_LOSS_WEIGHT)?)?;
             }
             let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            phases.end(1, &self.device)?;
             sample_gpu_memory(&self.device);
             if !loss_value.is_finite() {
                 bail!(
@@ -288,18 +349,22 @@ impl<'a> TrainingJob<'a> {
             }
             learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
             let grads = loss.backward()?;
+            phases.end(2, &self.device)?;
             sample_gpu_memory(&self.device);
             self.optimizer.step(&grads, learning_rate)?;
+            phases.end(3, &self.device)?;
             self.state.iterations_done += 1;
             loss_sum += loss_value;
             batches += 1;
             images += batch.n;
         }
+        phases.log(epoch + 1, batches);
         Ok(Some(EpochTraining {
             loss: loss_sum / batches.max(1) as f64,
             images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             learning_rate,
             gpu_memory_max,
+            gpu_tensor_memory_max: crate::compute::gpu_tensor_memory_high(&self.device),
         }))
     }
 

@@ -10,9 +10,11 @@
 //!   cuDNN's default math, TF32 tensor cores on sm80+) and bf16 (bf16 data, f32 accumulation, tensor-op math);
 //! - one cuDNN handle per (thread, Candle device), created on Candle's own stream, so every call is ordered with
 //!   Candle's kernels without synchronising;
-//! - the algorithm of each (pass, shape, dtype, math) is chosen once per thread by cuDNN's heuristics
-//!   (`cudnnGet*Algorithm_v7`, best first, as PyTorch does with `benchmark=False`) and cached: the first whose
-//!   workspace fits in [`WORKSPACE_LIMIT`] and, for strict f32, whose math is `CUDNN_FMA_MATH`;
+//! - the algorithm of each (pass, shape, dtype, math) is chosen once per thread and cached: by timing every
+//!   algorithm on the call's own buffers (`cudnnFind*AlgorithmEx`, as PyTorch does with `cudnn.benchmark = True`),
+//!   or, with `SEMSEG_CUDNN_BENCHMARK=0`, by cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch's default);
+//!   the fastest (or best-ranked) whose workspace fits in [`WORKSPACE_LIMIT`]. Strict f32 runs with
+//!   `CUDNN_FMA_MATH` only and without the FFT and Winograd algorithms, whose transforms round differently;
 //! - the workspace is allocated per call from Candle's stream-ordered pool and freed on the same stream.
 //!
 //! The input gradient is skipped when the input needs none (the image), decided when the op is built.
@@ -605,6 +607,122 @@ impl Descriptors {
         Ok(out)
     }
 
+    /// Every algorithm of `pass` run and timed by cuDNN on the call's own buffers (`ptrs` as in [`launch`]; the
+    /// output is overwritten), fastest first.
+    fn measured(
+        &self,
+        h: &Handle,
+        pass: Pass,
+        ptrs: [*mut std::ffi::c_void; 3],
+        workspace: (*mut std::ffi::c_void, usize),
+    ) -> Result<Vec<Candidate>> {
+        let [a, b, c] = ptrs;
+        let (ws, ws_len) = workspace;
+        let mut n: std::ffi::c_int = 0;
+        // SAFETY (all three): handle, descriptors and buffers are alive and match (see `launch`); the perf array
+        // has `COUNT` entries and cuDNN writes at most that many; zeroed entries are valid values of every field.
+        let out = match pass {
+            Pass::Forward => {
+                const COUNT: usize = sys::cudnnConvolutionFwdAlgo_t::CUDNN_CONVOLUTION_FWD_ALGO_COUNT as usize;
+                let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionFwdAlgoPerf_t>() }; COUNT];
+                unsafe {
+                    sys::cudnnFindConvolutionForwardAlgorithmEx(
+                        h.raw,
+                        self.x.0,
+                        a,
+                        self.w.0,
+                        b,
+                        self.conv.0,
+                        self.y.0,
+                        c,
+                        COUNT as i32,
+                        &mut n,
+                        perf.as_mut_ptr(),
+                        ws,
+                        ws_len,
+                    )
+                }
+                .result()
+                .map_err(|e| cuda_err("cudnnFindConvolutionForwardAlgorithmEx", e))?;
+                perf[..(n.max(0) as usize).min(COUNT)]
+                    .iter()
+                    .map(|p| Candidate {
+                        algo: p.algo as u32,
+                        status: p.status,
+                        math: p.mathType,
+                        memory: p.memory,
+                    })
+                    .collect()
+            }
+            Pass::BackwardData => {
+                const COUNT: usize = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
+                let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdDataAlgoPerf_t>() }; COUNT];
+                unsafe {
+                    sys::cudnnFindConvolutionBackwardDataAlgorithmEx(
+                        h.raw,
+                        self.w.0,
+                        b,
+                        self.y.0,
+                        a,
+                        self.conv.0,
+                        self.x.0,
+                        c,
+                        COUNT as i32,
+                        &mut n,
+                        perf.as_mut_ptr(),
+                        ws,
+                        ws_len,
+                    )
+                }
+                .result()
+                .map_err(|e| cuda_err("cudnnFindConvolutionBackwardDataAlgorithmEx", e))?;
+                perf[..(n.max(0) as usize).min(COUNT)]
+                    .iter()
+                    .map(|p| Candidate {
+                        algo: p.algo as u32,
+                        status: p.status,
+                        math: p.mathType,
+                        memory: p.memory,
+                    })
+                    .collect()
+            }
+            Pass::BackwardFilter => {
+                const COUNT: usize =
+                    sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as usize;
+                let mut perf = [unsafe { std::mem::zeroed::<sys::cudnnConvolutionBwdFilterAlgoPerf_t>() }; COUNT];
+                unsafe {
+                    sys::cudnnFindConvolutionBackwardFilterAlgorithmEx(
+                        h.raw,
+                        self.x.0,
+                        a,
+                        self.y.0,
+                        b,
+                        self.conv.0,
+                        self.w.0,
+                        c,
+                        COUNT as i32,
+                        &mut n,
+                        perf.as_mut_ptr(),
+                        ws,
+                        ws_len,
+                    )
+                }
+                .result()
+                .map_err(|e| cuda_err("cudnnFindConvolutionBackwardFilterAlgorithmEx", e))?;
+                perf[..(n.max(0) as usize).min(COUNT)]
+                    .iter()
+                    .map(|p| Candidate {
+                        algo: p.algo as u32,
+                        status: p.status,
+                        math: p.mathType,
+                        memory: p.memory,
+                    })
+                    .collect()
+            }
+        };
+        Ok(out)
+    }
+
     /// Workspace bytes `algo` needs for `pass` with the descriptors as they are (math type included).
     fn workspace(&self, h: &Handle, pass: Pass, algo: u32) -> std::result::Result<usize, dnn::CudnnError> {
         // SAFETY: handle and descriptors alive; `algo` came from cuDNN's own ranking for this pass, so it is a
@@ -663,7 +781,7 @@ fn filter_algo(a: u32) -> sys::cudnnConvolutionBwdFilterAlgo_t {
 /// TF32 out). PyTorch relies on the heuristics ranking only FMA entries for an FMA descriptor; should some come back
 /// with another math type, the FMA-ranked ones are tried first and the others only with FMA forced (an algorithm
 /// that has no FMA variant then fails its workspace query and is passed over).
-fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key) -> Result<Choice> {
+fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key, mut candidates: Vec<Candidate>) -> Result<Choice> {
     let requested = requested_math(key.dtype, key.tf32);
     let strict = key.dtype == DType::F32 && !key.tf32;
     let count = match pass {
@@ -671,8 +789,8 @@ fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key) -> Result<Choice> 
         Pass::BackwardData => sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as u32,
         Pass::BackwardFilter => sys::cudnnConvolutionBwdFilterAlgo_t::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_COUNT as u32,
     };
-    let mut candidates = d.candidates(h, pass)?;
     if strict {
+        candidates.retain(|c| !transforms_operands(pass, c.algo));
         // Stable: the heuristics' order is kept within each group.
         candidates.sort_by_key(|c| c.math != sys::cudnnMathType_t::CUDNN_FMA_MATH);
     }
@@ -702,6 +820,50 @@ fn choose(h: &Handle, d: &Descriptors, pass: Pass, key: &Key) -> Result<Choice> 
     candidate_error(pass, key, requested, &tried)
 }
 
+/// Whether `algo` of `pass` computes in a transformed domain (FFT, Winograd), which rounds differently from a
+/// direct sum of products: left out of strict f32.
+fn transforms_operands(pass: Pass, algo: u32) -> bool {
+    use sys::cudnnConvolutionBwdDataAlgo_t as D;
+    use sys::cudnnConvolutionBwdFilterAlgo_t as F;
+    use sys::cudnnConvolutionFwdAlgo_t as Fw;
+    let transformed: &[u32] = match pass {
+        Pass::Forward => &[
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_FFT as u32,
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_FFT_TILING as u32,
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD as u32,
+            Fw::CUDNN_CONVOLUTION_FWD_ALGO_WINOGRAD_NONFUSED as u32,
+        ],
+        Pass::BackwardData => &[
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT as u32,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_FFT_TILING as u32,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD as u32,
+            D::CUDNN_CONVOLUTION_BWD_DATA_ALGO_WINOGRAD_NONFUSED as u32,
+        ],
+        Pass::BackwardFilter => &[
+            F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT as u32,
+            F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_FFT_TILING as u32,
+            F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD as u32,
+            F::CUDNN_CONVOLUTION_BWD_FILTER_ALGO_WINOGRAD_NONFUSED as u32,
+        ],
+    };
+    transformed.contains(&algo)
+}
+
+/// Whether algorithms are chosen by timing them (`SEMSEG_CUDNN_BENCHMARK`, on unless 0/false/off).
+fn benchmark() -> bool {
+    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+    *ON.get_or_init(|| {
+        !matches!(
+            std::env::var("SEMSEG_CUDNN_BENCHMARK")
+                .unwrap_or_default()
+                .trim()
+                .to_ascii_lowercase()
+                .as_str(),
+            "0" | "false" | "off" | "no"
+        )
+    })
+}
+
 fn candidate_error(pass: Pass, key: &Key, math: sys::cudnnMathType_t, tried: &[String]) -> Result<Choice> {
     candle_core::bail!(
         "conv2d (cuDNN): no usable {pass:?} algorithm for {:?} {:?} with math {math:?} and a workspace of at most \
@@ -710,6 +872,26 @@ fn candidate_error(pass: Pass, key: &Key, math: sys::cudnnMathType_t, tried: &[S
         key.dtype,
         WORKSPACE_LIMIT >> 20,
         tried.join(", ")
+    )
+}
+
+/// cuDNN's timings of every algorithm for this call, with a workspace of [`WORKSPACE_LIMIT`] to try them in.
+fn time_algorithms(
+    dev: &CudaDevice,
+    stream: &Arc<CudaStream>,
+    h: &Handle,
+    d: &Descriptors,
+    pass: Pass,
+    ptrs: [cudarc::driver::sys::CUdeviceptr; 3],
+) -> Result<Vec<Candidate>> {
+    // SAFETY: cuDNN writes the workspace only during the call below, ordered on `stream`.
+    let mut workspace = unsafe { dev.alloc::<u8>(WORKSPACE_LIMIT) }?;
+    let (ws_ptr, _guard) = workspace.device_ptr_mut(stream);
+    d.measured(
+        h,
+        pass,
+        ptrs.map(|p| p as *mut std::ffi::c_void),
+        (ws_ptr as *mut std::ffi::c_void, WORKSPACE_LIMIT),
     )
 }
 
@@ -741,8 +923,24 @@ fn launch(
         Some(c) => (Descriptors::new(g, dtype, c.math)?, c),
         None => {
             let d = Descriptors::new(g, dtype, requested_math(dtype, tf32))?;
-            let c = choose(&h, &d, pass, &key)?;
-            tracing::debug!(?pass, geometry = ?g, ?dtype, tf32, algo = c.algo, math = ?c.math, workspace = c.workspace, "cuDNN algorithm chosen");
+            let measured = if benchmark() {
+                match time_algorithms(dev, stream, &h, &d, pass, ptrs) {
+                    Ok(m) => Some(m),
+                    Err(e) => {
+                        tracing::warn!(?pass, geometry = ?g, error = %e, "cuDNN could not time the algorithms; using its heuristics");
+                        None
+                    }
+                }
+            } else {
+                None
+            };
+            let timed = measured.is_some();
+            let candidates = match measured {
+                Some(m) => m,
+                None => d.candidates(&h, pass)?,
+            };
+            let c = choose(&h, &d, pass, &key, candidates)?;
+            tracing::debug!(?pass, geometry = ?g, ?dtype, tf32, timed, algo = c.algo, math = ?c.math, workspace = c.workspace, "cuDNN algorithm chosen");
             CHOICES.with_borrow_mut(|m| m.insert(key, c));
             (d, c)
         }
