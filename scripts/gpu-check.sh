@@ -31,7 +31,9 @@ PEER=$(cd "${PEER:-$CARRY/peer}" 2>/dev/null && pwd || echo "${PEER:-$CARRY/peer
 PY=${PYTHON:-python3}
 DEVICE=${GPU_CHECK_DEVICE:-cuda}
 QUICK=${GPU_CHECK_QUICK:-0}
-STEPS=${STEPS:-env selfcheck parity serve train quality peer summary}
+STEPS=${STEPS:-env selfcheck timing parity serve train quality peer summary}
+# TRAIN_ONLY="name ...": run only these of the train step's jobs (auto512, auto512_phases, ...).
+TRAIN_ONLY=${TRAIN_ONLY:-}
 # Seconds the whole script may take: steps that would not fit are skipped, so the summary is always written before
 # the caller's timeout (run it with timeout_s a little above this).
 BUDGET_S=${BUDGET_S:-540}
@@ -116,11 +118,19 @@ if has selfcheck && fits 30 selfcheck; then
   grep -E '"pass": false|ERROR|error' "$OUT/device_check.log" | head -n 20
 fi
 
+if has timing && fits 60 timing; then
+  log "timing: each op of a training step alone (batch $BATCH)"
+  timeout "$(cap 120)" "$BIN" device-check --device "$DEVICE" --timing "$BATCH" --out "$OUT/op_timing.json" \
+    > "$OUT/op_timing.log" 2>&1
+  echo "timing exit $?" >> "$OUT/steps.log"
+fi
+
 # train_run NAME PRECISION CROP BATCH IMAGES [VAR=VALUE...]: a real `semseg train` job on a generated dataset,
 # sampled by nvidia-smi, with extra environment for the binary.
 train_run() {
   local name=$1 precision=$2 crop=$3 batch=$4 images=$5 ml=$W/train_$1
   shift 5
+  if [ -n "$TRAIN_ONLY" ]; then case " $TRAIN_ONLY " in *" $name "*) ;; *) return 0 ;; esac; fi
   fits 25 "train $name" || return 0
   mkdir -p "$ml/input/config"
   cp -r "$W/train_data" "$ml/input/data"
@@ -339,6 +349,11 @@ s["steps"] = (read("steps.log", "") or "").splitlines()
 s["kernel_load_s"] = {os.path.basename(f): re.findall(r"GPU kernels loaded.*?seconds=([0-9.]+)", open(f).read())
                       for f in sorted(glob.glob(os.path.join(out, "*.log")))
                       if "GPU kernels loaded" in open(f).read()}
+try:
+    s["op_timing"] = [{k: (round(v, 2) if isinstance(v, float) else v) for k, v in r.items()}
+                      for r in json.loads(read("op_timing.json", "null"))["timings"]]
+except Exception as e:
+    s["op_timing"] = f"unreadable: {e}"
 s["parity"] = [json.loads(l) for l in (read("parity.jsonl", "") or "").splitlines() if l.strip()]
 s["predict_wall_ms"] = dict(l.split() for l in (read("predict_wall_ms.txt", "") or "").splitlines() if l.strip())
 for p in ("fp32", "auto", "bf16"):

@@ -33,6 +33,7 @@ pub mod conv_cpu_backward;
 #[cfg(feature = "cuda")]
 pub mod conv_cuda;
 pub mod device_check;
+pub mod op_timing;
 pub mod pool;
 pub mod profile;
 pub mod resize;
