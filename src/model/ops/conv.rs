@@ -27,11 +27,23 @@ fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) 
 ///
 /// With the `cuda` feature, an f32 or bf16 `x` on a CUDA device goes to cuDNN (`conv_cuda`): forward,
 /// input gradient (skipped for an input that needs none) and weight gradient; a weight of another dtype is cast to
-/// x's first (f32 master weights under bf16 activations). A bf16/f16 `x` on the CPU is convolved in f32 and the
+/// x's first (f32 master weights under bf16 activations). f32 convolutions dilated by 6 or more (ASPP) run
+/// undilated over their polyphase sub-images (`polyphase`). A bf16/f16 `x` on the CPU is convolved in f32 and the
 /// result cast back to x's dtype.
 pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilation: usize) -> Result<Tensor> {
     #[cfg(feature = "cuda")]
     if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        let k = weight.dim(3)?;
+        if x.dtype() == DType::F32
+            && dilation >= super::polyphase::MIN_DILATION
+            && super::polyphase::applies(k, padding, stride, dilation)
+        {
+            // ASPP's large dilations: cuDNN runs them in f32 far off the tensor cores; undilated over the
+            // polyphase sub-images they run at the speed of any 3×3 (see `polyphase`).
+            return super::polyphase::conv2d_polyphase(x, weight, dilation, |x, w, p| {
+                super::conv_cuda::conv2d(x, w, p, 1, 1)
+            });
+        }
         // cuDNN forward and backward (any size, no parity fix); a weight of another dtype is cast to x's.
         return super::conv_cuda::conv2d(x, weight, padding, stride, dilation);
     }

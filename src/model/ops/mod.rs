@@ -34,6 +34,7 @@ pub mod conv_cpu_backward;
 pub mod conv_cuda;
 pub mod device_check;
 pub mod op_timing;
+pub mod polyphase;
 pub mod pool;
 pub mod profile;
 pub mod resize;
