@@ -237,6 +237,9 @@ fn load_kernels_in_parallel(device: &Device) {
         jobs.push(
             scope.spawn(|| crate::model::ops::batch_norm_cuda::preload(cuda).map_err(|e| format!("batch norm: {e}"))),
         );
+        jobs.push(
+            scope.spawn(|| crate::model::ops::elementwise_cuda::preload(cuda).map_err(|e| format!("elementwise: {e}"))),
+        );
         jobs.into_iter()
             .filter_map(|job| {
                 job.join()

@@ -4,7 +4,8 @@
 //! On the CPU it is one op: forward one pass per pixel over its classes (max, log-sum-exp, the target's term),
 //! backward one pass writing `softmax − one-hot`, in parallel over pixel blocks. Composed from Candle's ops
 //! (log-softmax over the class axis, gather, multiply, sum) it took 357 ms forward and backward for one 21-class
-//! 512×512 map on 2 cores (2026-11-28); other devices keep the composed ops.
+//! 512×512 map on 2 cores (2026-11-28). On CUDA one kernel gives each pixel's loss (summed by Candle) and one its
+//! gradient (`elementwise_cuda`); other devices keep the composed ops.
 
 use std::sync::Arc;
 
@@ -52,11 +53,25 @@ impl Targets {
 /// Mean cross-entropy of `logits` [N, C, H, W] against `targets` over the pixels that are not ignored.
 pub fn cross_entropy(logits: &Tensor, targets: &Targets) -> Result<Tensor> {
     let logits = logits.to_dtype(DType::F32)?;
+    let classes = logits.dim(1)?;
+    if let Some(&bad) = targets
+        .labels
+        .iter()
+        .find(|&&l| l != IGNORE_LABEL && usize::from(l) >= classes)
+    {
+        candle_core::bail!("cross-entropy: label {bad} is not below the {classes} classes of the logits")
+    }
     if logits.device().is_cpu() {
         return logits.contiguous()?.apply_op1(SoftmaxCrossEntropy {
             labels: Arc::clone(&targets.labels),
             counted: targets.counted,
         });
+    }
+    #[cfg(feature = "cuda")]
+    if logits.device().is_cuda() {
+        let per_pixel =
+            crate::model::ops::elementwise_cuda::pixel_cross_entropy(&logits, &targets.indices, &targets.weights)?;
+        return per_pixel.sum_all()? / targets.counted.max(1) as f64;
     }
     let log_probs = candle_nn::ops::log_softmax(&logits, 1)?; // [N, C, H, W]
     let picked = log_probs.gather(&targets.indices, 1)?; // [N, 1, H, W]
@@ -74,7 +89,7 @@ struct SoftmaxCrossEntropy {
     counted: usize,
 }
 
-/// The logits of one batch as `[N, C, HW]`, checked against the labels.
+/// The logits of one batch as `[N, C, HW]`, checked against the labels' count.
 fn planes<'a>(s: &'a CpuStorage, l: &Layout, labels: &[u8]) -> Result<(&'a [f32], usize, usize)> {
     let CpuStorage::F32(x) = s else {
         candle_core::bail!("cross-entropy: f32 logits expected")
@@ -84,9 +99,7 @@ fn planes<'a>(s: &'a CpuStorage, l: &Layout, labels: &[u8]) -> Result<(&'a [f32]
     if labels.len() != n * h * w {
         candle_core::bail!("cross-entropy: {} labels for logits {:?}", labels.len(), l.shape())
     }
-    if let Some(&bad) = labels.iter().find(|&&l| l != IGNORE_LABEL && usize::from(l) >= c) {
-        candle_core::bail!("cross-entropy: label {bad} is not below the {c} classes of the logits")
-    }
+    // Labels below C were checked by `cross_entropy`.
     Ok((x, c, h * w))
 }
 

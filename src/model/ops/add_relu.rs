@@ -2,8 +2,8 @@
 //!
 //! Composed from Candle's ops that is two full-size outputs forward (the sum, then the ReLU) and five backward (the
 //! ReLU's zeros, compare, cast and multiply, then the add's gradient); fused, it is one pass forward and one mask
-//! pass backward, whose result is both inputs' gradient. CPU f32/f64; other devices and dtypes take the composed
-//! ops.
+//! pass backward, whose result is both inputs' gradient. CPU f32/f64, CUDA f32/bf16 (`elementwise_cuda`); other
+//! devices and dtypes take the composed ops.
 
 use candle_core::{CpuStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, WithDType};
 use rayon::prelude::*;
@@ -13,6 +13,14 @@ use super::contiguous_slice;
 
 /// `max(a + b, 0)`, both `[..]` of one shape, differentiable with respect to both.
 pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    #[cfg(feature = "cuda")]
+    if a.device().is_cuda()
+        && matches!(a.dtype(), DType::F32 | DType::BF16)
+        && a.dtype() == b.dtype()
+        && a.shape() == b.shape()
+    {
+        return super::elementwise_cuda::add_relu(a, b);
+    }
     let fused = a.device().is_cpu() && matches!(a.dtype(), DType::F32 | DType::F64) && a.dtype() == b.dtype();
     if !fused || a.shape() != b.shape() {
         return (a + b)?.relu();

@@ -1,7 +1,8 @@
 //! A self-check of the training ops on one device against an f64 CPU reference: the convolution (forward, input
-//! and weight gradients; cuDNN on CUDA), the fused convolution epilogue (bias, residual, ReLU) and the fused
-//! training BatchNorm (forward with and without ReLU, its three gradients and the batch statistics), in each
-//! precision mode: strict fp32, fp32 with TF32 allowed, and bf16 activations with f32 weights.
+//! and weight gradients; cuDNN on CUDA), the fused convolution epilogue (bias, residual, ReLU), the fused
+//! training BatchNorm (forward with and without ReLU, its three gradients and the batch statistics), the residual
+//! add + ReLU, the stem's max-pool and the cross-entropy loss, in each precision mode: strict fp32, fp32 with TF32
+//! allowed, and bf16 activations with f32 weights.
 //!
 //! The reference sees the same input values the device does (bf16-rounded in bf16 mode), so the errors measure the
 //! kernels' arithmetic, not the rounding of the inputs. Each case reports the relative L2 error
@@ -13,8 +14,9 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::{batch_norm, conv};
+use super::{add_relu, batch_norm, conv, pool};
 use crate::model::precision::{self, MathMode};
+use crate::train::loss::{cross_entropy, Targets};
 
 /// Relative-L2 limits per mode.
 pub const STRICT_F32_MAX: f64 = 1e-5;
@@ -46,6 +48,10 @@ const BN_CASES: &[([usize; 4], f64, f64)] = &[
     ([2, 32, 40, 36], 1.0, 0.0),
     ([2, 8, 9, 11], 0.5, 20.0),
 ];
+
+/// Inputs of the add + ReLU, max-pool and cross-entropy cases (`[N, C, H, W]`; C is the classes for the loss):
+/// odd and even sides, one pixel, and a map larger than one block of threads.
+const ELEMENTWISE_CASES: &[[usize; 4]] = &[[2, 3, 5, 7], [1, 4, 1, 1], [2, 21, 24, 26]];
 
 const EPS: f64 = 1e-5;
 
@@ -122,6 +128,17 @@ pub fn compare_with_cpu(device: &Device) -> anyhow::Result<Value> {
                     .with_context(|| format!("batch_norm {name}"));
                 cases.push(report(mode, "batch_norm", &name, run));
             }
+        }
+        for (i, &shape) in ELEMENTWISE_CASES.iter().enumerate() {
+            let name = format!("{shape:?}");
+            let seed = 700 + 10 * i as u64;
+            let run = add_relu_case(device, mode, shape, seed).with_context(|| format!("add_relu {name}"));
+            cases.push(report(mode, "add_relu", &name, run));
+            let run = max_pool_case(device, mode, shape, seed + 5).with_context(|| format!("max_pool {name}"));
+            cases.push(report(mode, "max_pool", &name, run));
+            let run =
+                cross_entropy_case(device, mode, shape, seed + 7).with_context(|| format!("cross_entropy {name}"));
+            cases.push(report(mode, "cross_entropy", &name, run));
         }
     }
     let pass = cases.iter().all(|c| c["pass"] == json!(true));
@@ -328,6 +345,99 @@ fn bn_case(
     ])
 }
 
+/// `relu(a + b)` and both gradients against the composed ops in f64.
+fn add_relu_case(
+    device: &Device,
+    mode: Mode,
+    shape: [usize; 4],
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let ad = Var::from_tensor(&on_device(&seeded(&shape, seed)?, mode.dtype, device)?)?;
+    let bd = Var::from_tensor(&on_device(&seeded(&shape, seed + 1)?, mode.dtype, device)?)?;
+    let y = add_relu::add_relu(ad.as_tensor(), bd.as_tensor())?;
+    let r = on_device(&seeded(&shape, seed + 2)?, DType::F32, device)?;
+    let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let ar = Var::from_tensor(&as_reference(ad.as_tensor())?)?;
+    let br = Var::from_tensor(&as_reference(bd.as_tensor())?)?;
+    let yr = (ar.as_tensor() + br.as_tensor())?.relu()?;
+    let gr = (&yr * as_reference(&r)?)?.sum_all()?.backward()?;
+    Ok(vec![
+        ("y", relative_l2(&y, &yr)?),
+        (
+            "da",
+            relative_l2(&grad(&grads, &ad, "a")?, &grad(&gr, &ar, "a (reference)")?)?,
+        ),
+        (
+            "db",
+            relative_l2(&grad(&grads, &bd, "b")?, &grad(&gr, &br, "b (reference)")?)?,
+        ),
+    ])
+}
+
+/// The 3×3/2 max-pool and its gradient against the CPU op in f64 (both send the gradient to the first maximum).
+fn max_pool_case(
+    device: &Device,
+    mode: Mode,
+    shape: [usize; 4],
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let xd = Var::from_tensor(&on_device(&seeded(&shape, seed)?, mode.dtype, device)?)?;
+    let y = pool::max_pool_3x3_s2(xd.as_tensor())?;
+    let r = on_device(&seeded(y.dims(), seed + 1)?, DType::F32, device)?;
+    let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
+    let yr = pool::max_pool_3x3_s2(xr.as_tensor())?;
+    let gr = (&yr * as_reference(&r)?)?.sum_all()?.backward()?;
+    Ok(vec![
+        ("y", relative_l2(&y, &yr)?),
+        (
+            "dx",
+            relative_l2(&grad(&grads, &xd, "x")?, &grad(&gr, &xr, "x (reference)")?)?,
+        ),
+    ])
+}
+
+/// The training loss (labels with ignored pixels; logits in the mode's dtype, as the network hands them over) and
+/// its gradient against log-softmax, gather and mean in f64.
+fn cross_entropy_case(
+    device: &Device,
+    mode: Mode,
+    [n, c, h, w]: [usize; 4],
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let xd = Var::from_tensor(&on_device(&(seeded(&[n, c, h, w], seed)? * 3.0)?, mode.dtype, device)?)?;
+    let labels: Vec<u8> = (0..n * h * w)
+        .map(|i| {
+            if i % 5 == 2 {
+                255
+            } else {
+                ((i * 7 + seed as usize) % c) as u8
+            }
+        })
+        .collect();
+    let loss = cross_entropy(xd.as_tensor(), &Targets::new(&labels, n, h, w, device)?)?;
+    let grads = loss.backward()?;
+    let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
+    let indices: Vec<u32> = labels
+        .iter()
+        .map(|&l| if l == 255 { 0 } else { u32::from(l) })
+        .collect();
+    let weights: Vec<f64> = labels.iter().map(|&l| if l == 255 { 0.0 } else { 1.0 }).collect();
+    let counted = weights.iter().filter(|&&w| w > 0.0).count().max(1);
+    let indices = Tensor::from_vec(indices, (n, 1, h, w), &Device::Cpu)?;
+    let weights = Tensor::from_vec(weights, (n, 1, h, w), &Device::Cpu)?;
+    let picked = candle_nn::ops::log_softmax(xr.as_tensor(), 1)?.gather(&indices, 1)?;
+    let lr = ((picked * weights)?.sum_all()?.neg()? / counted as f64)?;
+    let gr = lr.backward()?;
+    Ok(vec![
+        ("loss", relative_l2(&loss, &lr)?),
+        (
+            "dx",
+            relative_l2(&grad(&grads, &xd, "logits")?, &grad(&gr, &xr, "logits (reference)")?)?,
+        ),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -336,10 +446,10 @@ mod tests {
     fn the_cpu_kernels_pass_their_own_device_check() -> anyhow::Result<()> {
         let report = compare_with_cpu(&Device::Cpu)?;
         let cases = report["cases"].as_array().expect("cases");
-        // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 8 batch norm) each.
+        // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 8 batch norm + 3 × 3 elementwise) each.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 2 * BN_CASES.len()),
+            2 * (2 * CONV_CASES.len() + 2 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()),
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();

@@ -33,6 +33,8 @@ pub mod conv_cpu_backward;
 #[cfg(feature = "cuda")]
 pub mod conv_cuda;
 pub mod device_check;
+#[cfg(feature = "cuda")]
+pub mod elementwise_cuda;
 pub mod op_timing;
 pub mod polyphase;
 pub mod pool;

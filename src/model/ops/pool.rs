@@ -35,7 +35,7 @@ fn max3_stride2_axis(x: &Tensor, dim: usize) -> Result<Tensor> {
 /// (Candle's `maximum`) rather than sent to the first one as PyTorch does; both are valid subgradients and ties
 /// only occur among ReLU zeros, whose own gradient is zero.
 ///
-/// On the CPU (f32, f64) it is one op, forward and backward, each one pass over the planes in parallel; its
+/// On the CPU (f32, f64) and on CUDA (f32, bf16: `elementwise_cuda`) it is one op, forward and backward, each one pass over the planes in parallel; its
 /// gradient goes to the first maximum of each window, as PyTorch's. Composed, the backward of the two `maximum`s
 /// over strided views took 413 ms for one 64×256×256 map (2026-11-28, 2 cores), against 12 ms forward.
 pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
@@ -45,6 +45,10 @@ pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
     }
     if x.device().is_cpu() && matches!(x.dtype(), DType::F32 | DType::F64) {
         return x.contiguous()?.apply_op1(MaxPool3x3S2);
+    }
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() && matches!(x.dtype(), DType::F32 | DType::BF16) {
+        return super::elementwise_cuda::max_pool_3x3_s2(x);
     }
     max3_stride2_axis(&max3_stride2_axis(x, 3)?, 2)
 }

@@ -1,0 +1,551 @@
+//! The GPU twins of three CPU ops, as NVRTC kernels (compiled once per process, loaded per device like
+//! [`super::batch_norm_cuda`]'s): the residual add + ReLU ([`super::add_relu`]), the stem's 3×3/2 max-pool
+//! ([`super::pool`]) and the per-pixel softmax cross-entropy (`train::loss`).
+//!
+//! Composed from Candle's ops these cost, per op of a DeepLabV3-ResNet-50 step at batch 8, crop 512, on an H200
+//! (2026-11-28, `device-check --timing`): cross-entropy 10.2 ms forward (a log-softmax over the class axis, which
+//! is not the last one, through strided reductions) and 6.6 ms backward; the max-pool about 10 ms backward (two
+//! `maximum`s over strided views); the add + ReLU five full-size passes backward. Each kernel here is one pass.
+//!
+//! - add + ReLU: `y = max(a + b, 0)` (the sum in f32, rounded once, as Candle's bf16 add); backward `dx = dy` where
+//!   `y > 0`, the gradient of both inputs;
+//! - max-pool 3×3, stride 2, padding 1: one thread per output (the first maximum of its window, as PyTorch);
+//!   backward one thread per input, summing the gradients of the (at most four) windows whose first maximum it
+//!   is, so no atomics and a deterministic sum;
+//! - cross-entropy: one thread per pixel reads its C logits (stride H·W, coalesced across the warp) once for the
+//!   max and once for the sum of exponentials; the loss per pixel is `w·(log Σ exp(x − m) + m − x_target)`, summed
+//!   by Candle; backward writes `g·w·(softmax − one-hot)` for every class of the pixel.
+
+use std::sync::OnceLock;
+
+use candle_core::backend::BackendStorage;
+use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
+use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+const MODULE: &str = "semseg_elementwise";
+const THREADS: u32 = 256;
+/// Blocks of a grid-stride launch: enough to fill any current GPU many times over.
+const MAX_BLOCKS: u64 = 1 << 16;
+
+const KERNELS: &str = r#"
+typedef unsigned long long u64;
+typedef unsigned short bf16_t;
+
+__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
+__device__ __forceinline__ float ld(const bf16_t* p, u64 i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
+__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
+// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
+__device__ __forceinline__ void st(bf16_t* p, u64 i, float v) {
+    unsigned int u = __float_as_uint(v);
+    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
+    u += 0x7fffu + ((u >> 16) & 1u);
+    p[i] = (bf16_t)(u >> 16);
+}
+
+#define GRID_STRIDE(i, n) for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
+
+#define ADD_RELU(NAME, T)                                                                                      \
+extern "C" __global__ void NAME(const T* __restrict__ a, const T* __restrict__ b, T* __restrict__ y, u64 n) {  \
+    GRID_STRIDE(i, n) { const float s = ld(a, i) + ld(b, i); st(y, i, s > 0.0f ? s : 0.0f); }                  \
+}
+
+#define RELU_MASK(NAME, T)                                                                                     \
+extern "C" __global__ void NAME(const T* __restrict__ dy, const T* __restrict__ y, T* __restrict__ dx, u64 n) { \
+    GRID_STRIDE(i, n) { st(dx, i, ld(y, i) > 0.0f ? ld(dy, i) : 0.0f); }                                       \
+}
+
+// Offset in one h x w plane of the first maximum of output (oy, ox)'s 3x3 window (stride 2, padding 1).
+template <typename T>
+__device__ __forceinline__ unsigned int window_argmax(const T* p, unsigned int h, unsigned int w, unsigned int oy,
+                                                      unsigned int ox) {
+    const unsigned int y0 = oy > 0 ? 2 * oy - 1 : 0, x0 = ox > 0 ? 2 * ox - 1 : 0;
+    const unsigned int y1 = min(2 * oy + 2, h), x1 = min(2 * ox + 2, w);
+    unsigned int best = y0 * w + x0;
+    float bv = ld(p, best);
+    for (unsigned int iy = y0; iy < y1; ++iy)
+        for (unsigned int ix = x0; ix < x1; ++ix) {
+            const float v = ld(p, iy * w + ix);
+            if (v > bv) { bv = v; best = iy * w + ix; }
+        }
+    return best;
+}
+
+#define MAX_POOL(NAME, T)                                                                                      \
+extern "C" __global__ void NAME(const T* __restrict__ x, T* __restrict__ y, u64 n, unsigned int h,             \
+                                unsigned int w, unsigned int oh, unsigned int ow) {                            \
+    GRID_STRIDE(i, n) {                                                                                        \
+        const u64 plane = i / ((u64)oh * ow);                                                                  \
+        const unsigned int r = (unsigned int)(i - plane * oh * ow);                                            \
+        const T* p = x + plane * h * w;                                                                        \
+        st(y, i, ld(p, window_argmax(p, h, w, r / ow, r % ow)));                                               \
+    }                                                                                                          \
+}
+
+// One thread per input: the sum of dy over the windows (rows (iy-1)/2..(iy+1)/2, likewise columns) whose first
+// maximum it is.
+#define MAX_POOL_BACKWARD(NAME, T)                                                                             \
+extern "C" __global__ void NAME(const T* __restrict__ x, const T* __restrict__ dy, T* __restrict__ dx, u64 n,   \
+                                unsigned int h, unsigned int w, unsigned int oh, unsigned int ow) {            \
+    GRID_STRIDE(i, n) {                                                                                        \
+        const u64 plane = i / ((u64)h * w);                                                                    \
+        const unsigned int at = (unsigned int)(i - plane * h * w), iy = at / w, ix = at % w;                   \
+        const T* p = x + plane * h * w;                                                                        \
+        const T* g = dy + plane * oh * ow;                                                                     \
+        float sum = 0.0f;                                                                                      \
+        for (unsigned int oy = iy / 2; oy <= min((iy + 1) / 2, oh - 1); ++oy)                                  \
+            for (unsigned int ox = ix / 2; ox <= min((ix + 1) / 2, ow - 1); ++ox)                              \
+                if (window_argmax(p, h, w, oy, ox) == at) sum += ld(g, (u64)oy * ow + ox);                     \
+        st(dx, i, sum);                                                                                        \
+    }                                                                                                          \
+}
+
+ADD_RELU(add_relu_f32, float)
+ADD_RELU(add_relu_bf16, bf16_t)
+RELU_MASK(relu_mask_f32, float)
+RELU_MASK(relu_mask_bf16, bf16_t)
+MAX_POOL(max_pool_f32, float)
+MAX_POOL(max_pool_bf16, bf16_t)
+MAX_POOL_BACKWARD(max_pool_backward_f32, float)
+MAX_POOL_BACKWARD(max_pool_backward_bf16, bf16_t)
+
+// logits [N, C, HW] f32, target [N, HW] u32 (< C), weight [N, HW] f32 -> loss [N, HW] = w * (lse - x_target).
+extern "C" __global__ void cross_entropy(const float* __restrict__ x, const unsigned int* __restrict__ target,
+                                         const float* __restrict__ weight, float* __restrict__ loss, u64 n,
+                                         unsigned int c, unsigned int hw) {
+    GRID_STRIDE(i, n) {
+        const u64 image = i / hw, base = image * c * hw + (i - image * hw);
+        float m = x[base];
+        for (unsigned int k = 1; k < c; ++k) m = fmaxf(m, x[base + (u64)k * hw]);
+        float s = 0.0f;
+        for (unsigned int k = 0; k < c; ++k) s += expf(x[base + (u64)k * hw] - m);
+        const float w = weight[i];
+        loss[i] = w != 0.0f ? w * (logf(s) + m - x[base + (u64)target[i] * hw]) : 0.0f;
+    }
+}
+
+// g [N, HW] f32 (the loss gradient times the weight) -> dx [N, C, HW] = g * (softmax - one-hot).
+extern "C" __global__ void cross_entropy_backward(const float* __restrict__ x, const unsigned int* __restrict__ target,
+                                                  const float* __restrict__ g, float* __restrict__ dx, u64 n,
+                                                  unsigned int c, unsigned int hw) {
+    GRID_STRIDE(i, n) {
+        const u64 image = i / hw, base = image * c * hw + (i - image * hw);
+        const float gi = g[i];
+        if (gi == 0.0f) {
+            for (unsigned int k = 0; k < c; ++k) dx[base + (u64)k * hw] = 0.0f;
+            continue;
+        }
+        float m = x[base];
+        for (unsigned int k = 1; k < c; ++k) m = fmaxf(m, x[base + (u64)k * hw]);
+        float s = 0.0f;
+        for (unsigned int k = 0; k < c; ++k) s += expf(x[base + (u64)k * hw] - m);
+        const float inv = 1.0f / s;
+        const unsigned int t = target[i];
+        for (unsigned int k = 0; k < c; ++k) {
+            const float p = expf(x[base + (u64)k * hw] - m) * inv;
+            dx[base + (u64)k * hw] = gi * (p - (k == t ? 1.0f : 0.0f));
+        }
+    }
+}
+"#;
+
+/// The kernels' source, for a compile check where NVRTC is at hand.
+pub fn kernel_source() -> &'static str {
+    KERNELS
+}
+
+fn ptx() -> Result<&'static str> {
+    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
+    PTX.get_or_init(|| {
+        cudarc::nvrtc::compile_ptx(KERNELS)
+            .map(|p| p.to_src())
+            .map_err(|e| format!("{e:?}"))
+    })
+    .as_ref()
+    .map(String::as_str)
+    .map_err(|e| candle_core::Error::Cuda(format!("NVRTC could not compile {MODULE}: {e}").into()))
+}
+
+/// Compiles and loads the kernels on `dev` (start-up calls it, off the critical path).
+pub fn preload(dev: &CudaDevice) -> Result<()> {
+    func(dev, "add_relu_f32").map(drop)
+}
+
+fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
+    Ok(dev.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
+}
+
+fn grid(n: u64) -> LaunchConfig {
+    LaunchConfig {
+        grid_dim: (n.div_ceil(u64::from(THREADS)).clamp(1, MAX_BLOCKS) as u32, 1, 1),
+        block_dim: (THREADS, 1, 1),
+        shared_mem_bytes: 0,
+    }
+}
+
+fn launch_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
+    candle_core::Error::Cuda(format!("launching {what}: {e:?}").into())
+}
+
+/// The elements of a contiguous operand.
+fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(s.slice(start..end)),
+        None => candle_core::bail!("{what}: the operand must be contiguous, got strides {:?}", l.stride()),
+    }
+}
+
+fn u32_dim(v: usize, what: &str) -> Result<u32> {
+    u32::try_from(v).map_err(|_| candle_core::Error::Msg(format!("{what}: dimension {v} exceeds 32 bits")))
+}
+
+/// Runs a two-input elementwise kernel `name_{f32,bf16}(a, b, out, n)` over same-dtype contiguous operands.
+fn binary(name: &str, (a, al): (&CudaStorage, &Layout), (b, bl): (&CudaStorage, &Layout)) -> Result<CudaStorage> {
+    fn run<T: DeviceRepr>(
+        dev: &CudaDevice,
+        kernel: &str,
+        (a, al): (&CudaSlice<T>, &Layout),
+        (b, bl): (&CudaSlice<T>, &Layout),
+    ) -> Result<CudaSlice<T>> {
+        let n = al.shape().elem_count();
+        if bl.shape().elem_count() != n {
+            candle_core::bail!("{kernel}: operands of {:?} and {:?}", al.shape(), bl.shape())
+        }
+        let (a, b) = (view(a, al, kernel)?, view(b, bl, kernel)?);
+        // SAFETY: the kernel writes all n elements.
+        let mut out = unsafe { dev.alloc::<T>(n) }?;
+        let f = func(dev, kernel)?;
+        let stream = dev.cuda_stream();
+        let n64 = n as u64;
+        let mut args = stream.launch_builder(&f);
+        args.arg(&a).arg(&b).arg(&mut out).arg(&n64);
+        // SAFETY: (const T*, const T*, T*, u64) as every binary kernel above; all buffers hold n elements.
+        unsafe { args.launch(grid(n64)) }.map_err(|e| launch_err(kernel, e))?;
+        Ok(out)
+    }
+    let dev = a.device();
+    Ok(match (&a.slice, &b.slice) {
+        (CudaStorageSlice::F32(x), CudaStorageSlice::F32(y)) => {
+            CudaStorage::wrap_cuda_slice(run(dev, &format!("{name}_f32"), (x, al), (y, bl))?, dev.clone())
+        }
+        (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(y)) => {
+            CudaStorage::wrap_cuda_slice(run(dev, &format!("{name}_bf16"), (x, al), (y, bl))?, dev.clone())
+        }
+        _ => candle_core::bail!("{name}: operands must both be f32 or both bf16"),
+    })
+}
+
+fn cpu_only(name: &str) -> Result<(candle_core::CpuStorage, Shape)> {
+    candle_core::bail!("{name} runs on CUDA devices only")
+}
+
+/// `max(a + b, 0)` for two same-shaped f32 or bf16 CUDA tensors; differentiable with respect to both.
+pub fn add_relu(a: &Tensor, b: &Tensor) -> Result<Tensor> {
+    a.contiguous()?.apply_op2(&b.contiguous()?, AddRelu)
+}
+
+struct AddRelu;
+
+impl CustomOp2 for AddRelu {
+    fn name(&self) -> &'static str {
+        "semseg-add-relu-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((binary("add_relu", (a, al), (b, bl))?, al.shape().clone()))
+    }
+
+    fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        let grad = grad.to_dtype(res.dtype())?.contiguous()?;
+        let masked = grad.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
+        Ok((Some(masked.clone()), Some(masked)))
+    }
+}
+
+/// `(dy, y) → dy where y > 0, else 0`.
+struct ReluMask;
+
+impl CustomOp2 for ReluMask {
+    fn name(&self) -> &'static str {
+        "semseg-relu-mask-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
+        Ok((binary("relu_mask", (a, al), (b, bl))?, al.shape().clone()))
+    }
+}
+
+/// `nn.MaxPool2d(3, 2, 1)` on an f32 or bf16 CUDA tensor `[B, C, H, W]`; its gradient goes to each window's first
+/// maximum.
+pub fn max_pool_3x3_s2(x: &Tensor) -> Result<Tensor> {
+    x.contiguous()?.apply_op1(MaxPool)
+}
+
+/// (planes, h, w, oh, ow) of a pooled `[B, C, H, W]`.
+fn pool_dims(shape: &Shape) -> Result<(u64, u32, u32, u32, u32)> {
+    let (b, c, h, w) = shape.dims4()?;
+    let (h, w) = (u32_dim(h, "max-pool")?, u32_dim(w, "max-pool")?);
+    Ok(((b * c) as u64, h, w, h.div_ceil(2), w.div_ceil(2)))
+}
+
+struct MaxPool;
+
+impl CustomOp1 for MaxPool {
+    fn name(&self) -> &'static str {
+        "semseg-max-pool-cuda"
+    }
+
+    fn cpu_fwd(&self, _: &candle_core::CpuStorage, _: &Layout) -> Result<(candle_core::CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr>(dev: &CudaDevice, kernel: &str, x: &CudaSlice<T>, l: &Layout) -> Result<CudaSlice<T>> {
+            let (planes, h, w, oh, ow) = pool_dims(l.shape())?;
+            let x = view(x, l, kernel)?;
+            let n = planes * u64::from(oh) * u64::from(ow);
+            // SAFETY: the kernel writes all n outputs.
+            let mut y = unsafe { dev.alloc::<T>(n as usize) }?;
+            let f = func(dev, kernel)?;
+            let stream = dev.cuda_stream();
+            let mut args = stream.launch_builder(&f);
+            args.arg(&x).arg(&mut y).arg(&n).arg(&h).arg(&w).arg(&oh).arg(&ow);
+            // SAFETY: matches `max_pool_*`'s signature; x holds planes·h·w elements, y n.
+            unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+            Ok(y)
+        }
+        let dev = s.device();
+        let (b, c, h, w) = l.shape().dims4()?;
+        let out = match &s.slice {
+            CudaStorageSlice::F32(x) => CudaStorage::wrap_cuda_slice(run(dev, "max_pool_f32", x, l)?, dev.clone()),
+            CudaStorageSlice::BF16(x) => CudaStorage::wrap_cuda_slice(run(dev, "max_pool_bf16", x, l)?, dev.clone()),
+            _ => candle_core::bail!("max-pool (CUDA): f32 or bf16 input expected, got {:?}", s.dtype()),
+        };
+        Ok((out, Shape::from_dims(&[b, c, h.div_ceil(2), w.div_ceil(2)])))
+    }
+
+    fn bwd(&self, x: &Tensor, _y: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
+        Ok(Some(x.apply_op2_no_bwd(
+            &grad.to_dtype(x.dtype())?.contiguous()?,
+            &MaxPoolBackward,
+        )?))
+    }
+}
+
+/// `(x, dy) → dx`.
+struct MaxPoolBackward;
+
+impl CustomOp2 for MaxPoolBackward {
+    fn name(&self) -> &'static str {
+        "semseg-max-pool-backward-cuda"
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(&self, xs: &CudaStorage, xl: &Layout, gs: &CudaStorage, gl: &Layout) -> Result<(CudaStorage, Shape)> {
+        fn run<T: DeviceRepr>(
+            dev: &CudaDevice,
+            kernel: &str,
+            (x, xl): (&CudaSlice<T>, &Layout),
+            (g, gl): (&CudaSlice<T>, &Layout),
+        ) -> Result<CudaSlice<T>> {
+            let (planes, h, w, oh, ow) = pool_dims(xl.shape())?;
+            if gl.shape().elem_count() as u64 != planes * u64::from(oh) * u64::from(ow) {
+                candle_core::bail!("{kernel}: gradient {:?} for input {:?}", gl.shape(), xl.shape())
+            }
+            let (x, g) = (view(x, xl, kernel)?, view(g, gl, kernel)?);
+            let n = planes * u64::from(h) * u64::from(w);
+            // SAFETY: the kernel writes all n input gradients.
+            let mut dx = unsafe { dev.alloc::<T>(n as usize) }?;
+            let f = func(dev, kernel)?;
+            let stream = dev.cuda_stream();
+            let mut args = stream.launch_builder(&f);
+            args.arg(&x)
+                .arg(&g)
+                .arg(&mut dx)
+                .arg(&n)
+                .arg(&h)
+                .arg(&w)
+                .arg(&oh)
+                .arg(&ow);
+            // SAFETY: matches `max_pool_backward_*`'s signature and buffer sizes.
+            unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+            Ok(dx)
+        }
+        let dev = xs.device();
+        let out = match (&xs.slice, &gs.slice) {
+            (CudaStorageSlice::F32(x), CudaStorageSlice::F32(g)) => {
+                CudaStorage::wrap_cuda_slice(run(dev, "max_pool_backward_f32", (x, xl), (g, gl))?, dev.clone())
+            }
+            (CudaStorageSlice::BF16(x), CudaStorageSlice::BF16(g)) => {
+                CudaStorage::wrap_cuda_slice(run(dev, "max_pool_backward_bf16", (x, xl), (g, gl))?, dev.clone())
+            }
+            _ => candle_core::bail!("max-pool backward (CUDA): input and gradient must share f32 or bf16"),
+        };
+        Ok((out, xl.shape().clone()))
+    }
+}
+
+/// Per-pixel loss `w·(log Σ_c exp(x_c) − x_target)` of f32 logits `[N, C, H, W]` with u32 targets and f32 weights
+/// `[N, 1, H, W]` (targets below C: the caller checks) → `[N, 1, H, W]` f32, differentiable in the logits.
+pub fn pixel_cross_entropy(logits: &Tensor, target: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    if logits.dtype() != DType::F32 || target.dtype() != DType::U32 || weight.dtype() != DType::F32 {
+        candle_core::bail!(
+            "cross-entropy (CUDA): f32 logits, u32 targets and f32 weights expected, got {:?} / {:?} / {:?}",
+            logits.dtype(),
+            target.dtype(),
+            weight.dtype()
+        )
+    }
+    logits.contiguous()?.apply_op3(
+        &target.contiguous()?,
+        &weight.contiguous()?,
+        CrossEntropy { backward: false },
+    )
+}
+
+/// Forward `(logits, target, weight) → loss`; with `backward`, `(logits, target, g·w) → dlogits`.
+struct CrossEntropy {
+    backward: bool,
+}
+
+impl CustomOp3 for CrossEntropy {
+    fn name(&self) -> &'static str {
+        if self.backward {
+            "semseg-cross-entropy-backward-cuda"
+        } else {
+            "semseg-cross-entropy-cuda"
+        }
+    }
+
+    fn cpu_fwd(
+        &self,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+        _: &candle_core::CpuStorage,
+        _: &Layout,
+    ) -> Result<(candle_core::CpuStorage, Shape)> {
+        cpu_only(self.name())
+    }
+
+    fn cuda_fwd(
+        &self,
+        xs: &CudaStorage,
+        xl: &Layout,
+        ts: &CudaStorage,
+        tl: &Layout,
+        ws: &CudaStorage,
+        wl: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        let (CudaStorageSlice::F32(x), CudaStorageSlice::U32(t), CudaStorageSlice::F32(w)) =
+            (&xs.slice, &ts.slice, &ws.slice)
+        else {
+            candle_core::bail!("{}: f32 logits, u32 targets and f32 weights expected", self.name())
+        };
+        let (b, c, h, wd) = xl.shape().dims4()?;
+        let pixels = b * h * wd;
+        if tl.shape().elem_count() != pixels || wl.shape().elem_count() != pixels {
+            candle_core::bail!(
+                "{}: targets {:?} and weights {:?} for logits {:?}",
+                self.name(),
+                tl.shape(),
+                wl.shape(),
+                xl.shape()
+            )
+        }
+        let dev = xs.device();
+        let (x, t, w) = (
+            view(x, xl, self.name())?,
+            view(t, tl, self.name())?,
+            view(w, wl, self.name())?,
+        );
+        let (c32, hw) = (u32_dim(c, self.name())?, u32_dim(h * wd, self.name())?);
+        let n = pixels as u64;
+        let (kernel, out_len) = if self.backward {
+            ("cross_entropy_backward", xl.shape().elem_count())
+        } else {
+            ("cross_entropy", pixels)
+        };
+        // SAFETY: the kernel writes every element (the loss per pixel, or every logit's gradient).
+        let mut out = unsafe { dev.alloc::<f32>(out_len) }?;
+        let f = func(dev, kernel)?;
+        let stream = dev.cuda_stream();
+        let mut args = stream.launch_builder(&f);
+        args.arg(&x).arg(&t).arg(&w).arg(&mut out).arg(&n).arg(&c32).arg(&hw);
+        // SAFETY: matches `cross_entropy` / `cross_entropy_backward`: (const float*, const unsigned*, const
+        // float*, float*, u64, unsigned, unsigned); sizes checked above; targets are below C (the caller's check).
+        unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+        let shape = if self.backward {
+            xl.shape().clone()
+        } else {
+            Shape::from_dims(&[b, 1, h, wd])
+        };
+        Ok((CudaStorage::wrap_cuda_slice(out, dev.clone()), shape))
+    }
+
+    fn bwd(
+        &self,
+        logits: &Tensor,
+        target: &Tensor,
+        weight: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let g = (grad.to_dtype(DType::F32)? * weight)?.contiguous()?;
+        let dx = logits.apply_op3_no_bwd(target, &g, &CrossEntropy { backward: true })?;
+        Ok((Some(dx), None, None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// NVRTC needs no GPU: this runs wherever libnvrtc (and a libcuda.so.1, even the link-time stub) loads.
+    #[test]
+    fn the_kernels_compile_with_nvrtc() {
+        let ptx = super::ptx().expect("NVRTC compiles the elementwise kernels");
+        for name in [
+            "add_relu_f32",
+            "add_relu_bf16",
+            "relu_mask_f32",
+            "relu_mask_bf16",
+            "max_pool_f32",
+            "max_pool_bf16",
+            "max_pool_backward_f32",
+            "max_pool_backward_bf16",
+            "cross_entropy",
+            "cross_entropy_backward",
+        ] {
+            assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
+        }
+    }
+}
