@@ -3,8 +3,11 @@
 //! Two kinds. Compositions of Candle's own differentiable ops run on every device and get their backward for free:
 //! - [`resize::resize_bilinear`]: PyTorch's `interpolate(mode="bilinear", align_corners=False)` as two matmuls
 //!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward);
-//! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride);
-//! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included.
+//! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride); one op of
+//!   its own on the CPU (f32/f64) and on CUDA (f32/bf16, `elementwise_cuda`), the composition elsewhere;
+//! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included;
+//! - [`polyphase::conv2d_polyphase`]: a dilated "same" convolution as an undilated one over the polyphase
+//!   sub-images, which [`conv::conv2d`] uses for ASPP's f32 convolutions on CUDA.
 //!
 //! Custom ops with kernels of their own; each dispatches on the device inside the op, so callers never branch:
 //! - [`batch_norm::batch_norm_train`]: training-mode BatchNorm2d fused into one op (forward and backward two passes
@@ -12,8 +15,10 @@
 //!   the `cuda` feature CUDA f32/bf16 with f32 parameters (`batch_norm_cuda`: NVRTC kernels, statistics left on
 //!   the GPU). Other devices and dtypes take the composed path in [`crate::model::layers`] (see
 //!   [`batch_norm::supports`]);
-//! - [`add_relu::add_relu`]: a residual block's shortcut add and ReLU in one op (CPU f32/f64), one mask pass
-//!   backward instead of five;
+//! - [`add_relu::add_relu`]: a residual block's shortcut add and ReLU in one op (CPU f32/f64, CUDA f32/bf16), one
+//!   mask pass backward instead of five;
+//! - the training loss (`crate::train::loss::cross_entropy`) is one op on the CPU and two kernels on CUDA
+//!   (`elementwise_cuda`);
 //! - [`conv::conv2d`]: a convolution whose backward works when height and width have different parity (Candle's
 //!   uses one `output_padding` for both axes). On the CPU, when a gradient is needed, it runs as im2col + matmul
 //!   custom ops (Candle's CPU conv backward is about six forward passes; this one is about two); with the `cuda`
@@ -21,7 +26,8 @@
 //!   when [`crate::model::precision::tf32_allowed`]); elsewhere, and for CPU inference, it is Candle's own `conv2d`.
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]); [`device_check`] compares
-//! a device's ops with the f64 CPU reference in each precision mode (`semseg device-check` on a GPU).
+//! a device's ops with the f64 CPU reference in each precision mode (`semseg device-check` on a GPU), and
+//! [`op_timing`] times each op of a training step alone (`semseg device-check --timing`).
 
 pub mod add_relu;
 pub mod batch_norm;
