@@ -212,21 +212,10 @@ pub fn kernel_source() -> &'static str {
     KERNELS
 }
 
-/// The PTX, compiled once per process (NVRTC needs no GPU; the driver JIT-compiles it for the device on load).
+/// The PTX, compiled once per process.
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(KERNELS)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("{e:?}"))
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(|e| {
-        candle_core::Error::Cuda(
-            format!("batch norm: NVRTC could not compile the kernels (is libnvrtc on LD_LIBRARY_PATH?): {e}").into(),
-        )
-    })
+    super::nvrtc_ptx(&PTX, KERNELS, "batch norm")
 }
 
 /// Compiles the kernels (once per process) and loads them on `dev`: start-up calls it off the critical path, so

@@ -156,14 +156,7 @@ pub fn kernel_source() -> &'static str {
 
 fn ptx() -> Result<&'static str> {
     static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    PTX.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(KERNELS)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("{e:?}"))
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(|e| candle_core::Error::Cuda(format!("NVRTC could not compile {MODULE}: {e}").into()))
+    super::nvrtc_ptx(&PTX, KERNELS, MODULE)
 }
 
 /// Compiles and loads the kernels on `dev` (start-up calls it, off the critical path).
