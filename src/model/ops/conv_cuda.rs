@@ -499,6 +499,40 @@ struct Candidate {
     memory: usize,
 }
 
+/// A heuristic or timed result of any of the three passes.
+trait AlgoPerf {
+    fn candidate(&self) -> Candidate;
+}
+
+macro_rules! algo_perf {
+    ($($perf:ty),*) => {$(
+        impl AlgoPerf for $perf {
+            fn candidate(&self) -> Candidate {
+                Candidate {
+                    algo: self.algo as u32,
+                    status: self.status,
+                    math: self.mathType,
+                    memory: self.memory,
+                }
+            }
+        }
+    )*};
+}
+
+algo_perf!(
+    sys::cudnnConvolutionFwdAlgoPerf_t,
+    sys::cudnnConvolutionBwdDataAlgoPerf_t,
+    sys::cudnnConvolutionBwdFilterAlgoPerf_t
+);
+
+/// The first `n` entries cuDNN filled in (`n` as it returned it, clamped to the array).
+fn returned<P: AlgoPerf>(perf: &[P], n: std::ffi::c_int) -> Vec<Candidate> {
+    perf[..(n.max(0) as usize).min(perf.len())]
+        .iter()
+        .map(AlgoPerf::candidate)
+        .collect()
+}
+
 /// The descriptors of one call, built from the geometry and dtype.
 struct Descriptors {
     x: TensorDesc,
@@ -540,15 +574,7 @@ impl Descriptors {
                     )
                 }
                 .map_err(|e| cuda_err("cudnnGetConvolutionForwardAlgorithm_v7", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
             Pass::BackwardData => {
                 const COUNT: usize = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
@@ -566,15 +592,7 @@ impl Descriptors {
                     )
                 }
                 .map_err(|e| cuda_err("cudnnGetConvolutionBackwardDataAlgorithm_v7", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
             Pass::BackwardFilter => {
                 const COUNT: usize =
@@ -593,15 +611,7 @@ impl Descriptors {
                     )
                 }
                 .map_err(|e| cuda_err("cudnnGetConvolutionBackwardFilterAlgorithm_v7", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
         };
         Ok(out)
@@ -644,15 +654,7 @@ impl Descriptors {
                 }
                 .result()
                 .map_err(|e| cuda_err("cudnnFindConvolutionForwardAlgorithmEx", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
             Pass::BackwardData => {
                 const COUNT: usize = sys::cudnnConvolutionBwdDataAlgo_t::CUDNN_CONVOLUTION_BWD_DATA_ALGO_COUNT as usize;
@@ -676,15 +678,7 @@ impl Descriptors {
                 }
                 .result()
                 .map_err(|e| cuda_err("cudnnFindConvolutionBackwardDataAlgorithmEx", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
             Pass::BackwardFilter => {
                 const COUNT: usize =
@@ -709,15 +703,7 @@ impl Descriptors {
                 }
                 .result()
                 .map_err(|e| cuda_err("cudnnFindConvolutionBackwardFilterAlgorithmEx", e))?;
-                perf[..(n.max(0) as usize).min(COUNT)]
-                    .iter()
-                    .map(|p| Candidate {
-                        algo: p.algo as u32,
-                        status: p.status,
-                        math: p.mathType,
-                        memory: p.memory,
-                    })
-                    .collect()
+                returned(&perf, n)
             }
         };
         Ok(out)
