@@ -4,13 +4,16 @@
 //! Usage: bench_infer [--size H W] [--batch N] [--warmup N] [--runs N] [--models fcn,deeplab,psp] [--backbone resnet-50]
 //!   [--profile]: after the timed runs, one more forward with every convolution timed, printed to stderr as a
 //!   per-layer table (time, GFLOP/s) with the time outside convolutions;
-//!   [--composed-conv]: Candle's own convolution and separate epilogue ops (the path before the fused CPU kernel).
+//!   [--composed-conv]: Candle's own convolution and separate epilogue ops (the path before the fused CPU kernel);
+//!   [--precision fp32|bf16]: bf16 runs the convolutions' products in bf16 (CPUs with AVX512-BF16) and adds the
+//!   output's relative L2 error and argmax agreement against the same model in fp32.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
+use semseg::model::precision::{self, MathMode, Precision};
 use semseg::model::{Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
 
 /// CPU-seconds used by all processes (Linux `/proc/stat`), to report how busy the rest of the machine was.
@@ -50,6 +53,7 @@ fn main() -> Result<()> {
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
     let mut backbone = Backbone::Resnet50;
     let mut print_profile = false;
+    let mut requested = Precision::Fp32;
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> Result<usize> {
             args.next()
@@ -76,26 +80,53 @@ fn main() -> Result<()> {
             "--profile" => print_profile = true,
             // Candle's own convolution with separate bias/residual/ReLU ops: the path before the fused CPU kernel.
             "--composed-conv" => semseg::model::ops::conv::use_composed_path_only(true),
+            "--precision" => {
+                requested = args
+                    .next()
+                    .context("--precision needs a value")?
+                    .parse()
+                    .map_err(anyhow::Error::msg)?
+            }
             "--backbone" => backbone = args.next().context("--backbone needs a value")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
     let threads = std::env::var("RAYON_NUM_THREADS").unwrap_or_else(|_| "all".into());
     let dev = Device::Cpu;
+    let (mode, fallback) = precision::resolve(requested, &dev);
+    if let Some(note) = fallback {
+        bail!("{note}");
+    }
+    let engine = if mode.bf16_products {
+        "semseg-bf16"
+    } else {
+        "semseg-candle"
+    };
     let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &dev)?;
     for algorithm in models {
         let cfg = ModelConfig::new(algorithm, backbone, 21, OutputStride::Eight, false)?;
         let vm = VarMap::new();
         let net = SegmentationModel::new(&cfg, VarBuilder::from_varmap(&vm, DType::F32, &dev))?.fold_batchnorm()?;
+        // In bf16, the same model's fp32 output is the reference for the error columns.
+        let reference = if mode.bf16_products {
+            precision::install(MathMode::STRICT_F32);
+            let y = net.logits(&x)?;
+            precision::install(mode);
+            Some(y)
+        } else {
+            None
+        };
         for _ in 0..warmup {
             net.logits(&x)?;
         }
         let (b0, c0, t_start) = (machine_busy_s(), process_cpu_s(), Instant::now());
         let mut ts = Vec::with_capacity(runs);
+        let mut last = None;
         for _ in 0..runs {
             let t0 = Instant::now();
             let y = net.logits(&x)?;
             ts.push(t0.elapsed().as_secs_f64() * 1e3);
+            last = Some(y.clone());
             if y.dims() != [batch, 21, h, w] {
                 bail!("unexpected output shape {:?}", y.dims());
             }
@@ -122,10 +153,17 @@ fn main() -> Result<()> {
         if print_profile {
             print_conv_profile(&peer_name(algorithm, backbone), &convs, forward);
         }
+        let versus_fp32 = match (&reference, &last) {
+            (Some(want), Some(got)) => {
+                let (rel_l2, agree) = compare(want, got)?;
+                format!(", \"rel_l2_vs_fp32\": {rel_l2:.2e}, \"argmax_agreement_vs_fp32\": {agree:.5}")
+            }
+            _ => String::new(),
+        };
         println!(
             "{{\"model\": \"{}\", \"input\": [{batch}, 3, {h}, {w}], \"threads\": \"{threads}\", \"runs\": {runs}, \
-             \"engine\": \"semseg-candle\", \"folded_bn\": true, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \
-             \"max_ms\": {:.1}, \"conv_gmacs\": {:.2}, \"gflops\": {:.1}, \"other_cores\": {other:.2}}}",
+             \"engine\": \"{engine}\", \"folded_bn\": true, \"median_ms\": {median:.1}, \"min_ms\": {:.1}, \
+             \"max_ms\": {:.1}, \"conv_gmacs\": {:.2}, \"gflops\": {:.1}, \"other_cores\": {other:.2}{versus_fp32}}}",
             peer_name(algorithm, backbone),
             ts[0],
             ts[runs - 1],
@@ -134,6 +172,23 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
+}
+
+/// Relative L2 error of `got` against `want` (`[B, classes, H, W]`) and the share of pixels whose argmax agrees.
+fn compare(want: &Tensor, got: &Tensor) -> Result<(f64, f64)> {
+    let want64 = want.to_dtype(DType::F64)?;
+    let diff = (got.to_dtype(DType::F64)? - &want64)?
+        .sqr()?
+        .sum_all()?
+        .to_scalar::<f64>()?;
+    let norm = want64.sqr()?.sum_all()?.to_scalar::<f64>()?;
+    let same = want
+        .argmax(1)?
+        .eq(&got.argmax(1)?)?
+        .to_dtype(DType::F64)?
+        .mean_all()?
+        .to_scalar::<f64>()?;
+    Ok(((diff / norm).sqrt(), same))
 }
 
 /// The per-layer table on stderr: each convolution's shape, time and GFLOP/s, then totals.

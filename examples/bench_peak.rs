@@ -1,5 +1,6 @@
 //! The machine's practical f32 matrix-product peak: the best of several 3072³ products through the gemm crate (the
-//! kernels Candle and semseg's convolutions use), on `RAYON_NUM_THREADS` threads. The bench scripts print it beside
+//! kernels Candle and semseg's convolutions use), on `RAYON_NUM_THREADS` threads, and the same product in bf16
+//! (`precision=bf16`'s kernel) where the CPU has AVX512-BF16. The bench scripts print it beside
 //! the networks' GFLOP/s. Prints one JSON line.
 
 use std::time::Instant;
@@ -45,8 +46,21 @@ fn main() {
         best = best.min(t.elapsed().as_secs_f64());
     }
     let gflops = 2.0 * (n * n * n) as f64 / best / 1e9;
+    // The same product with bf16 inputs (precision=bf16's kernel), where the CPU has AVX512-BF16.
+    let bf16 = if semseg::model::ops::gemm_bf16::available() {
+        let mut best = f64::INFINITY;
+        for _ in 0..5 {
+            let t = Instant::now();
+            semseg::model::ops::gemm_bf16::matmul_bf16(n, n, n, &a, &b, &mut c);
+            best = best.min(t.elapsed().as_secs_f64());
+        }
+        format!("{:.1}", 2.0 * (n * n * n) as f64 / best / 1e9)
+    } else {
+        "null".to_string()
+    };
     println!(
-        "{{\"matmul\": [{n}, {n}, {n}], \"threads\": {threads}, \"best_ms\": {:.1}, \"gflops\": {gflops:.1}}}",
+        "{{\"matmul\": [{n}, {n}, {n}], \"threads\": {threads}, \"best_ms\": {:.1}, \"gflops\": {gflops:.1}, \
+         \"bf16_gflops\": {bf16}}}",
         best * 1e3
     );
 }

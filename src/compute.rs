@@ -58,7 +58,7 @@ pub struct ComputeArgs {
     #[arg(long, env = "SEMSEG_DEVICE", default_value = "auto")]
     pub device: DeviceChoice,
     /// Numeric precision: auto (TF32 on GPUs that have it, fp32 elsewhere), fp32 (strict) or bf16 (GPU mixed
-    /// precision; fp32 on the CPU).
+    /// precision; bf16 products on CPUs with AVX512-BF16, fp32 on others).
     #[arg(long, env = "SEMSEG_PRECISION", default_value = "auto")]
     pub precision: Precision,
 }
@@ -86,6 +86,7 @@ impl Compute {
             %precision,
             compute_dtype = ?mode.compute_dtype,
             tf32 = mode.tf32,
+            bf16_products = mode.bf16_products,
             cpu_threads = candle_core::utils::get_num_threads(),
             "compute device chosen"
         );

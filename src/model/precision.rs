@@ -4,8 +4,9 @@
 //! - `auto` (default): TF32 for convolutions and matmuls on GPUs that have it (as PyTorch's cuDNN does by default),
 //!   strict fp32 everywhere else;
 //! - `fp32`: strict IEEE fp32 everywhere (no TF32);
-//! - `bf16`: mixed precision. Weights, BatchNorm statistics and the loss stay f32; activations and the inputs of
-//!   convolutions and matmuls are bf16 (accumulated in f32).
+//! - `bf16`: mixed precision. On the GPU: weights, BatchNorm statistics and the loss stay f32; activations and the
+//!   inputs of convolutions and matmuls are bf16 (accumulated in f32). On a CPU with AVX512-BF16: the
+//!   convolutions' products take bf16-rounded inputs (f32 sums), everything else stays f32; on other CPUs, fp32.
 
 use std::fmt;
 use std::str::FromStr;
@@ -64,31 +65,38 @@ pub struct MathMode {
     pub compute_dtype: DType,
     /// f32 convolutions and matmuls may round their inputs to TF32 (GPU only).
     pub tf32: bool,
+    /// The CPU convolutions' products round their inputs to bf16 and sum in f32 (AVX512-BF16); activations,
+    /// weights and everything outside the products stay f32.
+    pub bf16_products: bool,
 }
 
 impl MathMode {
     pub const STRICT_F32: Self = Self {
         compute_dtype: DType::F32,
         tf32: false,
+        bf16_products: false,
+    };
+    /// f32 on the GPU with TF32 products.
+    pub const TF32: Self = Self {
+        compute_dtype: DType::F32,
+        tf32: true,
+        bf16_products: false,
+    };
+    /// `precision=bf16` on a CPU with AVX512-BF16.
+    pub const CPU_BF16: Self = Self {
+        compute_dtype: DType::F32,
+        tf32: false,
+        bf16_products: true,
     };
 }
 
 /// Resolves `precision` on `device`; the second value is a line for the log when the choice falls back.
 pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<String>) {
     match (precision, device.is_cuda()) {
-        (Precision::Auto, true) => (
-            MathMode {
-                compute_dtype: DType::F32,
-                tf32: true,
-            },
-            None,
-        ),
+        (Precision::Auto, true) => (MathMode::TF32, None),
         (Precision::Auto | Precision::Fp32, _) => (MathMode::STRICT_F32, None),
         (Precision::Bf16, true) if !bf16_kernels_built() => (
-            MathMode {
-                compute_dtype: DType::F32,
-                tf32: true,
-            },
+            MathMode::TF32,
             Some(format!(
                 "precision=bf16 needs CUDA kernels built for compute capability 80 or more; this binary was built for \
                  {} (CUDA_COMPUTE_CAP): running TF32 instead",
@@ -99,13 +107,16 @@ pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<Strin
             MathMode {
                 compute_dtype: DType::BF16,
                 tf32: false,
+                bf16_products: false,
             },
             None,
         ),
-        // The CPU kernels are fp32 (Candle's CPU bf16 matmul widens to f32 anyway): run exact rather than fail.
+        // On the CPU only the convolutions' products change precision: they are nearly all of the time, and the
+        // f32 activations keep every other op exact.
+        (Precision::Bf16, false) if crate::model::ops::gemm_bf16::available() => (MathMode::CPU_BF16, None),
         (Precision::Bf16, false) => (
             MathMode::STRICT_F32,
-            Some("precision=bf16 has no CPU kernels in this version: running in fp32 on the CPU".into()),
+            Some("precision=bf16 needs AVX512-BF16 on the CPU, which this one lacks: running in fp32".into()),
         ),
     }
 }
@@ -122,11 +133,13 @@ fn bf16_kernels_built() -> bool {
 }
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
+static BF16_PRODUCTS: AtomicBool = AtomicBool::new(false);
 
 /// Installs `mode` for this process: the flag the GPU convolution reads and Candle's cuBLAS f32 setting.
 /// Called once at start-up by `train`, `serve`, `predict` and `demo`, after the device is chosen.
 pub fn install(mode: MathMode) {
     ALLOW_TF32.store(mode.tf32, Ordering::Relaxed);
+    BF16_PRODUCTS.store(mode.bf16_products, Ordering::Relaxed);
     #[cfg(feature = "cuda")]
     candle_core::cuda_backend::set_gemm_reduced_precision_f32(mode.tf32);
 }
@@ -134,6 +147,11 @@ pub fn install(mode: MathMode) {
 /// Whether f32 convolutions and matmuls on the GPU may use TF32 (see [`install`]).
 pub fn tf32_allowed() -> bool {
     ALLOW_TF32.load(Ordering::Relaxed)
+}
+
+/// Whether the CPU convolutions' products run in bf16 (see [`install`]).
+pub fn bf16_products() -> bool {
+    BF16_PRODUCTS.load(Ordering::Relaxed)
 }
 
 #[cfg(test)]
@@ -150,12 +168,16 @@ mod tests {
     }
 
     #[test]
-    fn the_cpu_is_strict_fp32_and_bf16_falls_back_with_a_note() {
+    fn the_cpu_is_strict_fp32_unless_bf16_is_asked_for_and_the_cpu_has_it() {
         assert_eq!(resolve(Precision::Auto, &Device::Cpu), (MathMode::STRICT_F32, None));
         assert_eq!(resolve(Precision::Fp32, &Device::Cpu), (MathMode::STRICT_F32, None));
         let (mode, note) = resolve(Precision::Bf16, &Device::Cpu);
-        assert_eq!(mode, MathMode::STRICT_F32);
-        let note = note.expect("a fallback is logged");
-        assert!(note.contains("bf16") && note.contains("CPU"), "{note}");
+        if crate::model::ops::gemm_bf16::available() {
+            assert_eq!((mode, note), (MathMode::CPU_BF16, None));
+        } else {
+            assert_eq!(mode, MathMode::STRICT_F32);
+            let note = note.expect("a fallback is logged");
+            assert!(note.contains("AVX512-BF16") && note.contains("fp32"), "{note}");
+        }
     }
 }

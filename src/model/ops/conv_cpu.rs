@@ -336,7 +336,8 @@ pub(crate) unsafe fn product_single_threaded(
     )
 }
 
-/// The gemm crate's `dst (+)= lhs · rhs` with (row, column) strides, on `parallelism`.
+/// The gemm crate's `dst (+)= lhs · rhs` with (row, column) strides, on `parallelism`; with bf16 products
+/// installed ([`crate::model::precision::bf16_products`]), [`super::gemm_bf16`]'s.
 ///
 /// # Safety
 /// As [`product_strided`].
@@ -348,6 +349,17 @@ unsafe fn gemm_strided(
     accumulate: bool,
     parallelism: Parallelism,
 ) {
+    if crate::model::precision::bf16_products() {
+        return super::gemm_bf16::gemm_bf16(
+            (m, n, k),
+            (dst, dst_rs, dst_cs),
+            (lhs, lhs_rs, lhs_cs),
+            (rhs, rhs_rs, rhs_cs),
+            accumulate,
+            !matches!(parallelism, Parallelism::None),
+            super::gemm_bf16::Kernel::best(),
+        );
+    }
     gemm(
         m,
         n,
@@ -405,7 +417,8 @@ pub(crate) unsafe fn product_strided(
         )
     };
     let threads = rayon::current_num_threads();
-    if threads < 2 || n < 2 * MIN_COLUMNS_PER_TASK {
+    // The bf16 products split their work themselves (and pack `lhs` once for all of it).
+    if threads < 2 || n < 2 * MIN_COLUMNS_PER_TASK || crate::model::precision::bf16_products() {
         return gemm_on(n, dst, rhs, parallelism());
     }
     // Four blocks per thread, so a thread slowed by other work does not hold up the product.

@@ -92,6 +92,7 @@ impl Drop for RestoreTf32 {
         precision::install(MathMode {
             compute_dtype: DType::F32,
             tf32: self.0,
+            bf16_products: false,
         });
     }
 }
@@ -111,6 +112,7 @@ pub fn compare_with_cpu(device: &Device) -> anyhow::Result<Value> {
         precision::install(MathMode {
             compute_dtype: mode.dtype,
             tf32: mode.tf32,
+            bf16_products: false,
         });
         for (i, &geometry) in CONV_CASES.iter().enumerate() {
             let (cin, h, w, cout, k, p, s, d) = geometry;

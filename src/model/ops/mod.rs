@@ -41,6 +41,7 @@ pub mod conv_cuda;
 pub mod device_check;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
+pub mod gemm_bf16;
 pub mod op_timing;
 pub mod polyphase;
 pub mod pool;

@@ -128,12 +128,14 @@ pub fn time_ops(device: &Device, batch: usize) -> anyhow::Result<Value> {
     let saved = MathMode {
         compute_dtype: DType::F32,
         tf32: precision::tf32_allowed(),
+        bf16_products: precision::bf16_products(),
     };
     let mut rows = Vec::new();
     for (mode_name, dtype) in [("tf32", DType::F32), ("bf16", DType::BF16)] {
         precision::install(MathMode {
             compute_dtype: dtype,
             tf32: true,
+            bf16_products: false,
         });
         for case in cases(batch) {
             let inputs: Vec<Var> = case

@@ -1,0 +1,551 @@
+//! Matrix products with bf16 inputs and f32 accumulation, for `precision=bf16` on CPUs with AVX512-BF16 (AMD Zen 4
+//! and later, Intel Cooper Lake / Sapphire Rapids and later). One `vdpbf16ps` does 32 multiply-adds where an f32
+//! FMA does 16, so the convolutions' products run up to twice as fast as in f32.
+//!
+//! `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, any (row, column) strides. The inputs are rounded to bf16 (nearest
+//! even) as they are packed; each product of two bf16 numbers is exact in f32 and the sums are f32, so the result is
+//! the f32 product of the rounded inputs up to the order of additions, as PyTorch's CPU autocast computes it.
+//!
+//! Blocked as BLIS does, with k in blocks of [`KC`]:
+//! - `lhs` (the weight, in a convolution) is packed once per call into micro-panels of [`MR`] rows: for each pair
+//!   of k, the rows' pairs side by side (`[pair][MR]` of `u32`, the lower half the even k);
+//! - `rhs` is packed per task and k block into micro-panels of [`NR`] columns (`[pair][NR]`);
+//! - the micro-kernel keeps an `MR × NR` tile of the result in 28 registers over a k block and adds it into `dst`.
+//!
+//! Without AVX512-BF16 the same blocking runs on a portable micro-kernel (for the tests; `precision=bf16` falls
+//! back to fp32 on such CPUs, see [`crate::model::precision::resolve`]).
+
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// Rows of the micro-kernel's tile (28 accumulators, 2 `rhs` vectors and a broadcast fill the 32 registers).
+const MR: usize = 14;
+/// Columns of the micro-kernel's tile: two vectors of 16 f32.
+const NR: usize = 32;
+/// k per block (even): an `rhs` micro-panel (`KC × NR` bf16, 16 KiB) stays in L1 while `lhs` panels stream by.
+const KC: usize = 256;
+/// Columns per task: the task's packed `rhs` block (`KC × NC` bf16, 256 KiB) stays in L2.
+const NC: usize = 512;
+
+/// Whether this CPU has the instructions the fast micro-kernel needs (checked once, at run time).
+pub fn available() -> bool {
+    static AVAILABLE: OnceLock<bool> = OnceLock::new();
+    *AVAILABLE.get_or_init(|| {
+        #[cfg(target_arch = "x86_64")]
+        {
+            is_x86_feature_detected!("avx512f")
+                && is_x86_feature_detected!("avx512bw")
+                && is_x86_feature_detected!("avx512bf16")
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            false
+        }
+    })
+}
+
+/// `x` rounded to bf16 (nearest, ties to even), as its 16 bits. NaNs stay (quiet) NaNs.
+pub(crate) fn bf16_bits(x: f32) -> u16 {
+    let bits = x.to_bits();
+    if x.is_nan() {
+        return ((bits >> 16) | 0x40) as u16;
+    }
+    let round = 0x7fff + ((bits >> 16) & 1);
+    ((bits + round) >> 16) as u16
+}
+
+/// The f32 value of bf16 bits.
+pub(crate) fn bf16_value(bits: u16) -> f32 {
+    f32::from_bits(u32::from(bits) << 16)
+}
+
+/// Two k-neighbours as one packed pair: `lo` (even k) in the lower half.
+fn pair(lo: f32, hi: f32) -> u32 {
+    u32::from(bf16_bits(lo)) | (u32::from(bf16_bits(hi)) << 16)
+}
+
+/// A matrix operand: base pointer and (row, column) strides in elements.
+#[derive(Clone, Copy)]
+struct Operand {
+    ptr: usize,
+    rs: usize,
+    cs: usize,
+}
+
+impl Operand {
+    /// # Safety
+    /// `(r, c)` must lie inside the matrix the operand was made from.
+    unsafe fn at(&self, r: usize, c: usize) -> f32 {
+        *(self.ptr as *const f32).add(r * self.rs + c * self.cs)
+    }
+}
+
+/// Which micro-kernel runs the tiles.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub(crate) enum Kernel {
+    /// `vdpbf16ps` (needs [`available`]).
+    Avx512Bf16,
+    /// Plain Rust with the same arithmetic (tests, and CPUs without AVX512-BF16).
+    Portable,
+}
+
+impl Kernel {
+    pub(crate) fn best() -> Self {
+        if available() {
+            Self::Avx512Bf16
+        } else {
+            Self::Portable
+        }
+    }
+}
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with bf16-rounded inputs and f32 sums; operands as
+/// `(pointer, row stride, column stride)`. `parallel` splits the work over rayon's threads.
+///
+/// # Safety
+/// Every pointer must cover its matrix with the given strides; `dst` must not overlap `lhs` or `rhs`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_bf16(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (*mut f32, usize, usize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    accumulate: bool,
+    parallel: bool,
+    kernel: Kernel,
+) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    let dst = Operand {
+        ptr: dst as usize,
+        rs: dst_rs,
+        cs: dst_cs,
+    };
+    if k == 0 {
+        if !accumulate {
+            for r in 0..m {
+                for c in 0..n {
+                    *(dst.ptr as *mut f32).add(r * dst.rs + c * dst.cs) = 0.0;
+                }
+            }
+        }
+        return;
+    }
+    let lhs = Operand {
+        ptr: lhs as usize,
+        rs: lhs_rs,
+        cs: lhs_cs,
+    };
+    let rhs = Operand {
+        ptr: rhs as usize,
+        rs: rhs_rs,
+        cs: rhs_cs,
+    };
+    let packed_lhs = pack_lhs(m, k, lhs, parallel);
+    let panels = m.div_ceil(MR);
+
+    // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
+    let col_tasks = n.div_ceil(NC);
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let row_tasks = (4 * threads).div_ceil(col_tasks).clamp(1, panels.div_ceil(4).max(1));
+    let panels_per_row_task = panels.div_ceil(row_tasks);
+    let job = Job {
+        m,
+        k,
+        dst,
+        rhs,
+        packed_lhs: &packed_lhs,
+        accumulate,
+        kernel,
+    };
+    let run = |t: usize| {
+        let (rt, ct) = (t / col_tasks, t % col_tasks);
+        let rows = rt * panels_per_row_task..((rt + 1) * panels_per_row_task).min(panels);
+        let cols = ct * NC..((ct + 1) * NC).min(n);
+        if !rows.is_empty() {
+            job.run(rows, cols);
+        }
+    };
+    let tasks = row_tasks * col_tasks;
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
+/// `c[m, n] = a[m, k] · b[k, n]` (row-major, contiguous) with bf16-rounded inputs and f32 sums, on rayon's threads
+/// and the fastest kernel this CPU has. For benchmarks (`examples/bench_peak`).
+pub fn matmul_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [f32]) {
+    assert!(
+        a.len() >= m * k && b.len() >= k * n && c.len() >= m * n,
+        "matmul_bf16: operand lengths"
+    );
+    // SAFETY: the lengths are checked above; c is borrowed mutably, a and b shared, so they do not overlap.
+    unsafe {
+        gemm_bf16(
+            (m, n, k),
+            (c.as_mut_ptr(), n, 1),
+            (a.as_ptr(), k, 1),
+            (b.as_ptr(), n, 1),
+            false,
+            true,
+            Kernel::best(),
+        )
+    }
+}
+
+/// `lhs` as `[k block][panel][pair][MR]` bf16 pairs, zero beyond `m` and `k`.
+fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool) -> Vec<u32> {
+    let panels = m.div_ceil(MR);
+    let blocks = k.div_ceil(KC);
+    let panel_len = KC / 2 * MR;
+    let mut packed = vec![0u32; blocks * panels * panel_len];
+    let fill = |(i, out): (usize, &mut [u32])| {
+        let (block, panel) = (i / panels, i % panels);
+        let k0 = block * KC;
+        let pairs = (k - k0).min(KC).div_ceil(2);
+        let rows = (m - panel * MR).min(MR);
+        for q in 0..pairs {
+            let (ka, kb) = (k0 + 2 * q, k0 + 2 * q + 1);
+            for r in 0..rows {
+                let row = panel * MR + r;
+                // SAFETY: row < m and ka, kb < k are inside lhs.
+                let (lo, hi) = unsafe { (lhs.at(row, ka), if kb < k { lhs.at(row, kb) } else { 0.0 }) };
+                out[q * MR + r] = pair(lo, hi);
+            }
+        }
+    };
+    if parallel && packed.len() > 1 << 16 {
+        packed.par_chunks_mut(panel_len).enumerate().for_each(fill);
+    } else {
+        packed.chunks_mut(panel_len).enumerate().for_each(fill);
+    }
+    packed
+}
+
+/// One call's shared state; each task runs a block of row panels × a block of columns.
+struct Job<'a> {
+    m: usize,
+    k: usize,
+    dst: Operand,
+    rhs: Operand,
+    packed_lhs: &'a [u32],
+    accumulate: bool,
+    kernel: Kernel,
+}
+
+impl Job<'_> {
+    fn run(&self, panels: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+        let all_panels = self.m.div_ceil(MR);
+        let col_panels = cols.len().div_ceil(NR);
+        let mut packed_rhs = vec![0u32; col_panels * KC / 2 * NR];
+        let mut tile = [0f32; MR * NR];
+        for block in 0..self.k.div_ceil(KC) {
+            let k0 = block * KC;
+            let pairs = (self.k - k0).min(KC).div_ceil(2);
+            pack_rhs(
+                self.rhs,
+                k0,
+                (self.k - k0).min(KC),
+                cols.clone(),
+                &mut packed_rhs,
+                self.kernel,
+            );
+            let first = block == 0 && !self.accumulate;
+            for panel in panels.clone() {
+                let a = &self.packed_lhs[(block * all_panels + panel) * KC / 2 * MR..][..pairs * MR];
+                let rows = (self.m - panel * MR).min(MR);
+                for cp in 0..col_panels {
+                    let b = &packed_rhs[cp * KC / 2 * NR..][..pairs * NR];
+                    let c0 = cols.start + cp * NR;
+                    let width = (cols.end - c0).min(NR);
+                    let origin = (self.dst.ptr as *mut f32).wrapping_add(panel * MR * self.dst.rs + c0 * self.dst.cs);
+                    if rows == MR && width == NR && self.dst.cs == 1 {
+                        // SAFETY: the full tile lies inside dst (rows and columns checked above).
+                        unsafe { tile_kernel(self.kernel, pairs, a, b, origin, self.dst.rs, !first) };
+                    } else {
+                        // Edge tile or strided columns: through a local tile, then added element by element.
+                        // SAFETY: `tile` is MR × NR with row stride NR.
+                        unsafe { tile_kernel(self.kernel, pairs, a, b, tile.as_mut_ptr(), NR, false) };
+                        for r in 0..rows {
+                            for c in 0..width {
+                                // SAFETY: (panel·MR + r, c0 + c) is inside dst.
+                                let d = unsafe { &mut *origin.add(r * self.dst.rs + c * self.dst.cs) };
+                                let v = tile[r * NR + c];
+                                *d = if first { v } else { *d + v };
+                            }
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Rows `k0..k0 + kc` and columns `cols` of `rhs` as `[panel][pair][NR]` bf16 pairs, zero beyond them.
+fn pack_rhs(rhs: Operand, k0: usize, kc: usize, cols: std::ops::Range<usize>, out: &mut [u32], kernel: Kernel) {
+    let pairs = kc.div_ceil(2);
+    for (cp, panel) in out.chunks_mut(KC / 2 * NR).enumerate() {
+        let c0 = cols.start + cp * NR;
+        let width = (cols.end - c0).min(NR);
+        for q in 0..pairs {
+            let ka = k0 + 2 * q;
+            let has_hi = 2 * q + 1 < kc;
+            let row = &mut panel[q * NR..(q + 1) * NR];
+            #[cfg(target_arch = "x86_64")]
+            if kernel == Kernel::Avx512Bf16 && width == NR && rhs.cs == 1 && has_hi {
+                // SAFETY: the CPU has the instructions (Kernel::Avx512Bf16); rows ka and ka + 1 hold NR columns
+                // from c0.
+                unsafe {
+                    let lo = (rhs.ptr as *const f32).add(ka * rhs.rs + c0);
+                    x86::interleave_rows(lo, lo.add(rhs.rs), row.as_mut_ptr());
+                }
+                continue;
+            }
+            let _ = kernel;
+            for (c, v) in row.iter_mut().enumerate() {
+                *v = if c < width {
+                    // SAFETY: ka (and ka + 1 when has_hi) < k and c0 + c < n.
+                    unsafe { pair(rhs.at(ka, c0 + c), if has_hi { rhs.at(ka + 1, c0 + c) } else { 0.0 }) }
+                } else {
+                    0
+                };
+            }
+        }
+    }
+}
+
+/// `c[MR, NR] (+)= a · b` over `pairs` pairs of k; `c`'s rows `c_rs` apart, columns contiguous.
+///
+/// # Safety
+/// `c` must cover the tile; `a` and `b` must hold `pairs · MR` and `pairs · NR` values.
+unsafe fn tile_kernel(kernel: Kernel, pairs: usize, a: &[u32], b: &[u32], c: *mut f32, c_rs: usize, load: bool) {
+    debug_assert!(a.len() >= pairs * MR && b.len() >= pairs * NR);
+    match kernel {
+        #[cfg(target_arch = "x86_64")]
+        Kernel::Avx512Bf16 => x86::kernel(pairs, a.as_ptr(), b.as_ptr(), c, c_rs, load),
+        #[cfg(not(target_arch = "x86_64"))]
+        Kernel::Avx512Bf16 => unreachable!("AVX512-BF16 is x86-64 only"),
+        Kernel::Portable => portable_kernel(pairs, a, b, c, c_rs, load),
+    }
+}
+
+/// The micro-kernel's arithmetic in plain Rust: each pair's two exact products summed in f32, then accumulated.
+unsafe fn portable_kernel(pairs: usize, a: &[u32], b: &[u32], c: *mut f32, c_rs: usize, load: bool) {
+    for r in 0..MR {
+        let row = c.add(r * c_rs);
+        for j in 0..NR {
+            let mut acc = if load { *row.add(j) } else { 0.0 };
+            for q in 0..pairs {
+                let (x, y) = (a[q * MR + r], b[q * NR + j]);
+                let lo = bf16_value(x as u16) * bf16_value(y as u16);
+                let hi = bf16_value((x >> 16) as u16) * bf16_value((y >> 16) as u16);
+                acc += lo + hi;
+            }
+            *row.add(j) = acc;
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{MR, NR};
+
+    /// Two rows of 32 f32 (`lo` at even k, `hi` at odd k) as 32 bf16 pairs.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn interleave_rows(lo: *const f32, hi: *const f32, out: *mut u32) {
+        // Word i of the converted vector: lo[i] for i < 16, hi[i − 16] above; pairs take (lo[j], hi[j]).
+        let order = _mm512_set_epi16(
+            31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17,
+            1, 16, 0,
+        );
+        for half in 0..2 {
+            let l = _mm512_loadu_ps(lo.add(16 * half));
+            let h = _mm512_loadu_ps(hi.add(16 * half));
+            let both: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(h, l));
+            _mm512_storeu_si512(out.add(16 * half) as *mut _, _mm512_permutexvar_epi16(order, both));
+        }
+    }
+
+    /// The `MR × NR` tile in 28 zmm accumulators; per pair of k: two `rhs` loads, `MR` broadcasts, 28 `vdpbf16ps`.
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: usize, load: bool) {
+        let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+        if load {
+            for (r, row) in acc.iter_mut().enumerate() {
+                row[0] = _mm512_loadu_ps(c.add(r * c_rs));
+                row[1] = _mm512_loadu_ps(c.add(r * c_rs + 16));
+            }
+        }
+        for q in 0..pairs {
+            let b0: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR) as *const _));
+            let b1: __m512bh = std::mem::transmute(_mm512_loadu_si512(b.add(q * NR + 16) as *const _));
+            let a = a.add(q * MR);
+            for (r, row) in acc.iter_mut().enumerate() {
+                let x: __m512bh = std::mem::transmute(_mm512_set1_epi32(*a.add(r) as i32));
+                row[0] = _mm512_dpbf16_ps(row[0], x, b0);
+                row[1] = _mm512_dpbf16_ps(row[1], x, b1);
+            }
+        }
+        for (r, row) in acc.iter().enumerate() {
+            _mm512_storeu_ps(c.add(r * c_rs), row[0]);
+            _mm512_storeu_ps(c.add(r * c_rs + 16), row[1]);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        (0..n)
+            .map(|_| {
+                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
+            })
+            .collect()
+    }
+
+    fn round(v: &[f32]) -> Vec<f64> {
+        v.iter().map(|&x| f64::from(bf16_value(bf16_bits(x)))).collect()
+    }
+
+    #[test]
+    fn rounds_to_nearest_even_like_the_hardware() {
+        assert_eq!(bf16_bits(1.0), 0x3f80);
+        // 1 + 2^-8 lies halfway between 1 and 1 + 2^-7: ties to even (1.0).
+        assert_eq!(bf16_bits(1.0 + 2f32.powi(-8)), 0x3f80);
+        // 1 + 3·2^-8 lies halfway between 1 + 2^-7 and 1 + 2^-6: ties to even (1 + 2^-6).
+        assert_eq!(bf16_value(bf16_bits(1.0 + 3.0 * 2f32.powi(-8))), 1.0 + 2f32.powi(-6));
+        assert_eq!(bf16_value(bf16_bits(-2.5)), -2.5);
+        assert_eq!(bf16_bits(f32::INFINITY), 0x7f80);
+        assert!(bf16_value(bf16_bits(f32::NAN)).is_nan());
+        assert_eq!(
+            bf16_value(bf16_bits(f32::MAX)),
+            f32::INFINITY,
+            "rounds up past the largest bf16"
+        );
+    }
+
+    /// Runs one product on `kernel` and compares it with the f64 product of the bf16-rounded inputs.
+    fn check(kernel: Kernel, (m, n, k): (usize, usize, usize), transposed: bool, accumulate: bool, parallel: bool) {
+        let a = seeded(m * k, 1 + m as u64);
+        let b = seeded(k * n, 2 + n as u64);
+        let start = seeded(m * n, 3);
+        let mut got = start.clone();
+        // `rhs` stored as [n, k] when transposed (column stride k), as a weight gradient's operand is.
+        let (rhs_rs, rhs_cs, b_stored) = if transposed {
+            let mut t = vec![0f32; k * n];
+            for i in 0..k {
+                for j in 0..n {
+                    t[j * k + i] = b[i * n + j];
+                }
+            }
+            (1, k, t)
+        } else {
+            (n, 1, b.clone())
+        };
+        // SAFETY: every matrix is allocated with the strides given.
+        unsafe {
+            gemm_bf16(
+                (m, n, k),
+                (got.as_mut_ptr(), n, 1),
+                (a.as_ptr(), k, 1),
+                (b_stored.as_ptr(), rhs_rs, rhs_cs),
+                accumulate,
+                parallel,
+                kernel,
+            )
+        };
+        let (ar, br) = (round(&a), round(&b));
+        let mut worst = 0f64;
+        for i in 0..m {
+            for j in 0..n {
+                let (mut want, mut scale) = (0f64, 0f64);
+                for p in 0..k {
+                    want += ar[i * k + p] * br[p * n + j];
+                    scale += (ar[i * k + p] * br[p * n + j]).abs();
+                }
+                if accumulate {
+                    want += f64::from(start[i * n + j]);
+                    scale += f64::from(start[i * n + j]).abs();
+                }
+                worst = worst.max((f64::from(got[i * n + j]) - want).abs() / scale.max(1e-30));
+            }
+        }
+        // Only the f32 sums' rounding is left: a few ulps of the sum of magnitudes.
+        assert!(
+            worst < 1e-6,
+            "{kernel:?} {m}×{n}×{k} transposed={transposed}: worst {worst:e}"
+        );
+    }
+
+    const SHAPES: [(usize, usize, usize); 6] = [
+        (1, 1, 1),
+        (14, 32, 2),
+        (15, 33, 3),
+        (29, 70, 257),
+        (64, 1100, 576),
+        (3, 520, 513),
+    ];
+
+    #[test]
+    fn portable_kernel_matches_the_rounded_product_on_every_edge() {
+        for shape in SHAPES {
+            for (transposed, accumulate, parallel) in [(false, false, false), (true, true, true), (false, true, true)] {
+                check(Kernel::Portable, shape, transposed, accumulate, parallel);
+            }
+        }
+    }
+
+    #[test]
+    fn avx512_bf16_kernel_matches_the_rounded_product_on_every_edge() {
+        if !available() {
+            eprintln!("this CPU has no AVX512-BF16: only the portable kernel is checked");
+            return;
+        }
+        for shape in SHAPES {
+            for (transposed, accumulate, parallel) in [(false, false, false), (true, true, true), (false, true, true)] {
+                check(Kernel::Avx512Bf16, shape, transposed, accumulate, parallel);
+            }
+        }
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_clears_or_keeps_dst() {
+        let mut d = vec![5f32; 6];
+        // SAFETY: d is 2×3; lhs and rhs are never read when k = 0.
+        unsafe {
+            gemm_bf16(
+                (2, 3, 0),
+                (d.as_mut_ptr(), 3, 1),
+                ([].as_ptr(), 0, 1),
+                ([].as_ptr(), 3, 1),
+                true,
+                false,
+                Kernel::Portable,
+            );
+        }
+        assert_eq!(d, vec![5.0; 6]);
+        // SAFETY: as above.
+        unsafe {
+            gemm_bf16(
+                (2, 3, 0),
+                (d.as_mut_ptr(), 3, 1),
+                ([].as_ptr(), 0, 1),
+                ([].as_ptr(), 3, 1),
+                false,
+                false,
+                Kernel::Portable,
+            );
+        }
+        assert_eq!(d, vec![0.0; 6]);
+    }
+}
