@@ -3,7 +3,9 @@
 //! head's with --aux), backward, SGD with momentum 0.9 and weight decay 1e-4 (semseg's own optimizer). Prints lines
 //! shaped like the peer's, for comparison. Threads: `RAYON_NUM_THREADS`.
 //! Usage: bench_train [--size H W] [--batch N] [--steps N] [--models fcn,deeplab,psp] [--backbone resnet-50] [--aux]
-//!   [--profile]: one more step with every convolution and both its gradients timed, summarised on stderr.
+//!   [--profile]: one more step with every convolution and both its gradients timed, summarised on stderr;
+//!   [--precision fp32|bf16]: bf16 runs the convolutions' products in bf16 (CPUs with AVX512-BF16; it fails on
+//!   others rather than time fp32 under bf16's name).
 
 use std::time::Instant;
 
@@ -11,6 +13,7 @@ use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 use rand::{Rng, SeedableRng};
+use semseg::model::precision::{self, Precision};
 use semseg::model::{weights, Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
 use semseg::sagemaker::hyperparameters::OptimizerKind;
 use semseg::train::loss::{cross_entropy, Targets};
@@ -23,6 +26,7 @@ fn main() -> Result<()> {
     let mut print_profile = false;
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];
     let mut backbone = Backbone::Resnet50;
+    let mut requested = Precision::Fp32;
     while let Some(a) = args.next() {
         let mut num = |what: &str| -> Result<usize> {
             args.next()
@@ -47,11 +51,28 @@ fn main() -> Result<()> {
                     .map(str::parse)
                     .collect::<Result<_, _>>()?
             }
+            "--precision" => {
+                requested = args
+                    .next()
+                    .context("--precision needs a value")?
+                    .parse()
+                    .map_err(anyhow::Error::msg)?
+            }
             "--backbone" => backbone = args.next().context("--backbone needs a value")?.parse()?,
             other => bail!("unknown argument {other}"),
         }
     }
     let dev = Device::Cpu;
+    let (mode, fallback) = precision::resolve(requested, &dev);
+    if let Some(note) = fallback {
+        bail!("{note}");
+    }
+    precision::install(mode);
+    let engine = if mode.bf16_products {
+        "semseg-bf16"
+    } else {
+        "semseg-candle"
+    };
     let x = Tensor::randn(0f32, 1.0, (batch, 3, h, w), &dev)?;
     let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(0);
     let labels: Vec<u8> = (0..batch * h * w).map(|_| rng.random_range(0..21u8)).collect();
@@ -89,7 +110,7 @@ fn main() -> Result<()> {
         ts.sort_by(f64::total_cmp);
         let median = ts[ts.len() / 2];
         println!(
-            "{{\"model\": \"{cfg}\", \"engine\": \"semseg-candle\", \"batch\": {batch}, \"size\": [{h}, {w}], \
+            "{{\"model\": \"{cfg}\", \"engine\": \"{engine}\", \"batch\": {batch}, \"size\": [{h}, {w}], \
              \"steps\": {steps}, \"images_per_s\": {:.3}, \"step_ms_median\": {median:.1}, \"step_ms_min\": {:.1}, \
              \"step_ms_max\": {:.1}}}",
             batch as f64 / (median / 1e3),

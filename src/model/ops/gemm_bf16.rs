@@ -9,7 +9,7 @@
 //! Blocked as BLIS does, with k in blocks of [`KC`]:
 //! - `lhs` (the weight, in a convolution) is packed once per call into micro-panels of [`MR`] rows: for each pair
 //!   of k, the rows' pairs side by side (`[pair][MR]` of `u32`, the lower half the even k);
-//! - `rhs` is packed per task and k block into micro-panels of [`NR`] columns (`[pair][NR]`);
+//! - `rhs` is packed once per call into micro-panels of [`NR`] columns (`[pair][NR]`), by column block and k block;
 //! - the micro-kernel keeps an `MR × NR` tile of the result in 28 registers over a k block and adds it into `dst`.
 //!
 //! Without AVX512-BF16 the same blocking runs on a portable micro-kernel (for the tests; `precision=bf16` falls
@@ -23,9 +23,10 @@ use rayon::prelude::*;
 const MR: usize = 14;
 /// Columns of the micro-kernel's tile: two vectors of 16 f32.
 const NR: usize = 32;
-/// k per block (even): an `rhs` micro-panel (`KC × NR` bf16, 16 KiB) stays in L1 while `lhs` panels stream by.
-const KC: usize = 256;
-/// Columns per task: the task's packed `rhs` block (`KC × NC` bf16, 256 KiB) stays in L2.
+/// k per block (even): an `rhs` micro-panel (`KC × NR` bf16, 32 KiB) stays in L1/L2 while `lhs` panels stream by
+/// (512 ran 5–10% faster than 256 and than 1024 on a Zen 4).
+const KC: usize = 512;
+/// Columns per task: the task's `rhs` block (`KC × NC` bf16, 512 KiB) stays in L2.
 const NC: usize = 512;
 
 /// Whether this CPU has the instructions the fast micro-kernel needs (checked once, at run time).
@@ -143,7 +144,8 @@ pub(crate) unsafe fn gemm_bf16(
         rs: rhs_rs,
         cs: rhs_cs,
     };
-    let packed_lhs = pack_lhs(m, k, lhs, parallel);
+    let packed_lhs = pack_lhs(m, k, lhs, parallel, kernel);
+    let packed_rhs = PackedRhs::new(k, n, rhs, parallel, kernel);
     let panels = m.div_ceil(MR);
 
     // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
@@ -155,17 +157,16 @@ pub(crate) unsafe fn gemm_bf16(
         m,
         k,
         dst,
-        rhs,
         packed_lhs: &packed_lhs,
+        packed_rhs: &packed_rhs,
         accumulate,
         kernel,
     };
     let run = |t: usize| {
         let (rt, ct) = (t / col_tasks, t % col_tasks);
         let rows = rt * panels_per_row_task..((rt + 1) * panels_per_row_task).min(panels);
-        let cols = ct * NC..((ct + 1) * NC).min(n);
         if !rows.is_empty() {
-            job.run(rows, cols);
+            job.run(rows, ct);
         }
     };
     let tasks = row_tasks * col_tasks;
@@ -173,6 +174,51 @@ pub(crate) unsafe fn gemm_bf16(
         (0..tasks).into_par_iter().for_each(run);
     } else {
         (0..tasks).for_each(run);
+    }
+}
+
+/// `rhs` packed once per call (every task reads it; none re-packs it) as `[column block of NC][k block][panel]
+/// [pair][NR]` bf16 pairs, zero beyond `k` and `n`.
+struct PackedRhs {
+    values: Vec<u32>,
+    k_blocks: usize,
+    n: usize,
+}
+
+impl PackedRhs {
+    const PANEL_LEN: usize = KC / 2 * NR;
+
+    fn new(k: usize, n: usize, rhs: Operand, parallel: bool, kernel: Kernel) -> Self {
+        let k_blocks = k.div_ceil(KC);
+        let mut packed = Self {
+            values: Vec::new(),
+            k_blocks,
+            n,
+        };
+        let col_blocks = n.div_ceil(NC);
+        packed.values = vec![0u32; k_blocks * n.div_ceil(NR) * Self::PANEL_LEN];
+        let base = packed.values.as_mut_ptr() as usize;
+        let fill = |i: usize| {
+            let (ct, kb) = (i / k_blocks, i % k_blocks);
+            let range = packed.block(ct, kb);
+            // SAFETY: the (column block, k block) ranges are disjoint and inside `values`.
+            let out = unsafe { std::slice::from_raw_parts_mut((base as *mut u32).add(range.start), range.len()) };
+            let k0 = kb * KC;
+            pack_rhs(rhs, k0, (k - k0).min(KC), ct * NC..((ct + 1) * NC).min(n), out, kernel);
+        };
+        if parallel && col_blocks * k_blocks > 1 {
+            (0..col_blocks * k_blocks).into_par_iter().for_each(fill);
+        } else {
+            (0..col_blocks * k_blocks).for_each(fill);
+        }
+        packed
+    }
+
+    /// Where column block `ct`'s k block `kb` lies in `values` (its panels side by side).
+    fn block(&self, ct: usize, kb: usize) -> std::ops::Range<usize> {
+        let panels = (self.n - ct * NC).min(NC).div_ceil(NR);
+        let start = (ct * (NC / NR) * self.k_blocks + kb * panels) * Self::PANEL_LEN;
+        start..start + panels * Self::PANEL_LEN
     }
 }
 
@@ -198,7 +244,7 @@ pub fn matmul_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
 }
 
 /// `lhs` as `[k block][panel][pair][MR]` bf16 pairs, zero beyond `m` and `k`.
-fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool) -> Vec<u32> {
+fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool, kernel: Kernel) -> Vec<u32> {
     let panels = m.div_ceil(MR);
     let blocks = k.div_ceil(KC);
     let panel_len = KC / 2 * MR;
@@ -206,9 +252,20 @@ fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool) -> Vec<u32> {
     let fill = |(i, out): (usize, &mut [u32])| {
         let (block, panel) = (i / panels, i % panels);
         let k0 = block * KC;
-        let pairs = (k - k0).min(KC).div_ceil(2);
+        let kc = (k - k0).min(KC);
         let rows = (m - panel * MR).min(MR);
-        for q in 0..pairs {
+        if lhs.cs == 1 {
+            // Row by row along k (contiguous), each row's pairs MR apart in the panel.
+            for r in 0..rows {
+                // SAFETY: the row's kc values from k0 are inside lhs; the panel holds pairs · MR values.
+                unsafe {
+                    let src = (lhs.ptr as *const f32).add((panel * MR + r) * lhs.rs + k0);
+                    contiguous_pairs(src, kc, &mut out[r..], MR, kernel);
+                }
+            }
+            return;
+        }
+        for q in 0..kc.div_ceil(2) {
             let (ka, kb) = (k0 + 2 * q, k0 + 2 * q + 1);
             for r in 0..rows {
                 let row = panel * MR + r;
@@ -226,54 +283,114 @@ fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool) -> Vec<u32> {
     packed
 }
 
+/// `len` contiguous values from `src` as pairs of k-neighbours, pair `q` at `out[q · stride]` (a zero pads an odd
+/// end).
+///
+/// # Safety
+/// `src` must hold `len` values; `out` must reach index `(len.div_ceil(2) − 1) · stride`.
+unsafe fn contiguous_pairs(src: *const f32, len: usize, out: &mut [u32], stride: usize, kernel: Kernel) {
+    let mut q = 0;
+    #[cfg(target_arch = "x86_64")]
+    if kernel == Kernel::Avx512Bf16 {
+        let mut pairs = [0u32; 16];
+        while 2 * q + 32 <= len {
+            x86::convert_32(src.add(2 * q), pairs.as_mut_ptr());
+            for (j, &p) in pairs.iter().enumerate() {
+                out[(q + j) * stride] = p;
+            }
+            q += 16;
+        }
+    }
+    let _ = kernel;
+    while 2 * q < len {
+        let hi = if 2 * q + 1 < len { *src.add(2 * q + 1) } else { 0.0 };
+        out[q * stride] = pair(*src.add(2 * q), hi);
+        q += 1;
+    }
+}
+
 /// One call's shared state; each task runs a block of row panels × a block of columns.
 struct Job<'a> {
     m: usize,
     k: usize,
     dst: Operand,
-    rhs: Operand,
     packed_lhs: &'a [u32],
+    packed_rhs: &'a PackedRhs,
     accumulate: bool,
     kernel: Kernel,
 }
 
 impl Job<'_> {
-    fn run(&self, panels: std::ops::Range<usize>, cols: std::ops::Range<usize>) {
+    /// Row panels `panels` × column block `ct` of the result.
+    fn run(&self, panels: std::ops::Range<usize>, ct: usize) {
+        let cols = ct * NC..((ct + 1) * NC).min(self.packed_rhs.n);
+        let row0 = panels.start * MR;
+        let rows = (self.m - row0).min(panels.len() * MR);
+        if self.dst.cs == 1 {
+            let origin = Operand {
+                ptr: (self.dst.ptr as *mut f32).wrapping_add(row0 * self.dst.rs + cols.start) as usize,
+                ..self.dst
+            };
+            return self.run_into(panels, ct, origin, (rows, cols.len()), !self.accumulate);
+        }
+        // Strided columns (a tap of a weight gradient): the whole block into a contiguous buffer of full tiles
+        // over every k block, then one strided pass into dst.
+        let width = cols.len().div_ceil(NR) * NR;
+        let mut buffer = vec![0f32; panels.len() * MR * width];
+        let local = Operand {
+            ptr: buffer.as_mut_ptr() as usize,
+            rs: width,
+            cs: 1,
+        };
+        self.run_into(panels.clone(), ct, local, (panels.len() * MR, width), true);
+        for r in 0..rows {
+            for c in 0..cols.len() {
+                let v = buffer[r * width + c];
+                // SAFETY: (row0 + r, cols.start + c) is inside dst.
+                let d = unsafe {
+                    &mut *(self.dst.ptr as *mut f32).add((row0 + r) * self.dst.rs + (cols.start + c) * self.dst.cs)
+                };
+                *d = if self.accumulate { *d + v } else { v };
+            }
+        }
+    }
+
+    /// The block into `target` (its origin at the block's first row and column; unit column stride), of which
+    /// `(rows, cols)` are valid; `overwrite` replaces what the target holds instead of adding to it.
+    fn run_into(
+        &self,
+        panels: std::ops::Range<usize>,
+        ct: usize,
+        target: Operand,
+        (rows, cols): (usize, usize),
+        overwrite: bool,
+    ) {
         let all_panels = self.m.div_ceil(MR);
-        let col_panels = cols.len().div_ceil(NR);
-        let mut packed_rhs = vec![0u32; col_panels * KC / 2 * NR];
+        let col_panels = cols.div_ceil(NR);
         let mut tile = [0f32; MR * NR];
         for block in 0..self.k.div_ceil(KC) {
             let k0 = block * KC;
             let pairs = (self.k - k0).min(KC).div_ceil(2);
-            pack_rhs(
-                self.rhs,
-                k0,
-                (self.k - k0).min(KC),
-                cols.clone(),
-                &mut packed_rhs,
-                self.kernel,
-            );
-            let first = block == 0 && !self.accumulate;
-            for panel in panels.clone() {
+            let packed_rhs = &self.packed_rhs.values[self.packed_rhs.block(ct, block)];
+            let first = block == 0 && overwrite;
+            for (i, panel) in panels.clone().enumerate() {
                 let a = &self.packed_lhs[(block * all_panels + panel) * KC / 2 * MR..][..pairs * MR];
-                let rows = (self.m - panel * MR).min(MR);
+                let tile_rows = rows.saturating_sub(i * MR).min(MR);
                 for cp in 0..col_panels {
-                    let b = &packed_rhs[cp * KC / 2 * NR..][..pairs * NR];
-                    let c0 = cols.start + cp * NR;
-                    let width = (cols.end - c0).min(NR);
-                    let origin = (self.dst.ptr as *mut f32).wrapping_add(panel * MR * self.dst.rs + c0 * self.dst.cs);
-                    if rows == MR && width == NR && self.dst.cs == 1 {
-                        // SAFETY: the full tile lies inside dst (rows and columns checked above).
-                        unsafe { tile_kernel(self.kernel, pairs, a, b, origin, self.dst.rs, !first) };
+                    let b = &packed_rhs[cp * PackedRhs::PANEL_LEN..][..pairs * NR];
+                    let width = (cols - cp * NR).min(NR);
+                    let origin = (target.ptr as *mut f32).wrapping_add(i * MR * target.rs + cp * NR);
+                    if tile_rows == MR && width == NR {
+                        // SAFETY: the full tile lies inside the target (rows and columns checked above).
+                        unsafe { tile_kernel(self.kernel, pairs, a, b, origin, target.rs, !first) };
                     } else {
-                        // Edge tile or strided columns: through a local tile, then added element by element.
+                        // Edge tile: through a local tile, then added element by element.
                         // SAFETY: `tile` is MR × NR with row stride NR.
                         unsafe { tile_kernel(self.kernel, pairs, a, b, tile.as_mut_ptr(), NR, false) };
-                        for r in 0..rows {
+                        for r in 0..tile_rows {
                             for c in 0..width {
-                                // SAFETY: (panel·MR + r, c0 + c) is inside dst.
-                                let d = unsafe { &mut *origin.add(r * self.dst.rs + c * self.dst.cs) };
+                                // SAFETY: (r, c) of this tile is inside the target's valid part.
+                                let d = unsafe { &mut *origin.add(r * target.rs + c) };
                                 let v = tile[r * NR + c];
                                 *d = if first { v } else { *d + v };
                             }
@@ -285,16 +402,43 @@ impl Job<'_> {
     }
 }
 
-/// Rows `k0..k0 + kc` and columns `cols` of `rhs` as `[panel][pair][NR]` bf16 pairs, zero beyond them.
+/// Rows `k0..k0 + kc` and columns `cols` of `rhs` as `[panel][pair][NR]` bf16 pairs, zero beyond them. Row pair by
+/// row pair, each read left to right across all panels (the rows are far apart; their columns are contiguous).
 fn pack_rhs(rhs: Operand, k0: usize, kc: usize, cols: std::ops::Range<usize>, out: &mut [u32], kernel: Kernel) {
     let pairs = kc.div_ceil(2);
-    for (cp, panel) in out.chunks_mut(KC / 2 * NR).enumerate() {
-        let c0 = cols.start + cp * NR;
-        let width = (cols.end - c0).min(NR);
-        for q in 0..pairs {
-            let ka = k0 + 2 * q;
-            let has_hi = 2 * q + 1 < kc;
-            let row = &mut panel[q * NR..(q + 1) * NR];
+    let panels = cols.len().div_ceil(NR);
+    if rhs.rs == 1 && rhs.cs != 1 {
+        // Stored transposed (k contiguous, as a weight gradient's operand is): column by column along k.
+        for cp in 0..panels {
+            let c0 = cols.start + cp * NR;
+            let width = (cols.end - c0).min(NR);
+            let panel = &mut out[cp * KC / 2 * NR..][..KC / 2 * NR];
+            for c in 0..NR {
+                if c < width {
+                    // SAFETY: column c0 + c's kc values from k0 are inside rhs; the panel holds pairs · NR values.
+                    unsafe {
+                        contiguous_pairs(
+                            (rhs.ptr as *const f32).add(k0 + (c0 + c) * rhs.cs),
+                            kc,
+                            &mut panel[c..],
+                            NR,
+                            kernel,
+                        )
+                    };
+                } else {
+                    (0..pairs).for_each(|q| panel[q * NR + c] = 0);
+                }
+            }
+        }
+        return;
+    }
+    for q in 0..pairs {
+        let ka = k0 + 2 * q;
+        let has_hi = 2 * q + 1 < kc;
+        for cp in 0..panels {
+            let c0 = cols.start + cp * NR;
+            let width = (cols.end - c0).min(NR);
+            let row = &mut out[cp * KC / 2 * NR + q * NR..][..NR];
             #[cfg(target_arch = "x86_64")]
             if kernel == Kernel::Avx512Bf16 && width == NR && rhs.cs == 1 && has_hi {
                 // SAFETY: the CPU has the instructions (Kernel::Avx512Bf16); rows ka and ka + 1 hold NR columns
@@ -372,6 +516,17 @@ mod x86 {
         }
     }
 
+    /// 32 contiguous f32 as 16 bf16 pairs (the bf16 values in the same order).
+    #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
+    pub(super) unsafe fn convert_32(src: *const f32, out: *mut u32) {
+        let lo = _mm512_loadu_ps(src);
+        let hi = _mm512_loadu_ps(src.add(16));
+        _mm512_storeu_si512(
+            out as *mut _,
+            std::mem::transmute::<__m512bh, __m512i>(_mm512_cvtne2ps_pbh(hi, lo)),
+        );
+    }
+
     /// The `MR × NR` tile in 28 zmm accumulators; per pair of k: two `rhs` loads, `MR` broadcasts, 28 `vdpbf16ps`.
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16")]
     pub(super) unsafe fn kernel(pairs: usize, a: *const u32, b: *const u32, c: *mut f32, c_rs: usize, load: bool) {
@@ -434,30 +589,34 @@ mod tests {
         );
     }
 
-    /// Runs one product on `kernel` and compares it with the f64 product of the bf16-rounded inputs.
+    /// Runs one product on `kernel` and compares it with the f64 product of the bf16-rounded inputs. `transposed`
+    /// stores both operands transposed (k contiguous, as a weight gradient's are) and writes every other column of
+    /// a wider `dst` (as a tap of a weight gradient is written).
     fn check(kernel: Kernel, (m, n, k): (usize, usize, usize), transposed: bool, accumulate: bool, parallel: bool) {
         let a = seeded(m * k, 1 + m as u64);
         let b = seeded(k * n, 2 + n as u64);
-        let start = seeded(m * n, 3);
-        let mut got = start.clone();
-        // `rhs` stored as [n, k] when transposed (column stride k), as a weight gradient's operand is.
-        let (rhs_rs, rhs_cs, b_stored) = if transposed {
-            let mut t = vec![0f32; k * n];
-            for i in 0..k {
-                for j in 0..n {
-                    t[j * k + i] = b[i * n + j];
+        let transpose = |v: &[f32], rows: usize, cols: usize| {
+            let mut t = vec![0f32; v.len()];
+            for i in 0..rows {
+                for j in 0..cols {
+                    t[j * rows + i] = v[i * cols + j];
                 }
             }
-            (1, k, t)
-        } else {
-            (n, 1, b.clone())
+            t
         };
+        let ((a_stored, lhs_rs, lhs_cs), (b_stored, rhs_rs, rhs_cs), dst_cs) = if transposed {
+            ((transpose(&a, m, k), 1, m), (transpose(&b, k, n), 1, k), 2)
+        } else {
+            ((a.clone(), k, 1), (b.clone(), n, 1), 1)
+        };
+        let start = seeded(m * n * dst_cs, 3);
+        let mut got = start.clone();
         // SAFETY: every matrix is allocated with the strides given.
         unsafe {
             gemm_bf16(
                 (m, n, k),
-                (got.as_mut_ptr(), n, 1),
-                (a.as_ptr(), k, 1),
+                (got.as_mut_ptr(), n * dst_cs, dst_cs),
+                (a_stored.as_ptr(), lhs_rs, lhs_cs),
                 (b_stored.as_ptr(), rhs_rs, rhs_cs),
                 accumulate,
                 parallel,
@@ -468,17 +627,25 @@ mod tests {
         let mut worst = 0f64;
         for i in 0..m {
             for j in 0..n {
+                let at = i * n * dst_cs + j * dst_cs;
                 let (mut want, mut scale) = (0f64, 0f64);
                 for p in 0..k {
                     want += ar[i * k + p] * br[p * n + j];
                     scale += (ar[i * k + p] * br[p * n + j]).abs();
                 }
                 if accumulate {
-                    want += f64::from(start[i * n + j]);
-                    scale += f64::from(start[i * n + j]).abs();
+                    want += f64::from(start[at]);
+                    scale += f64::from(start[at]).abs();
                 }
-                worst = worst.max((f64::from(got[i * n + j]) - want).abs() / scale.max(1e-30));
+                worst = worst.max((f64::from(got[at]) - want).abs() / scale.max(1e-30));
             }
+        }
+        // Columns between dst's strided ones are untouched.
+        if dst_cs > 1 {
+            assert!(
+                (0..m * n).all(|i| got[2 * i + 1] == start[2 * i + 1]),
+                "a column outside dst was written"
+            );
         }
         // Only the f32 sums' rounding is left: a few ulps of the sum of magnitudes.
         assert!(
