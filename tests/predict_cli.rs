@@ -79,7 +79,9 @@ fn the_device_and_precision_choices_are_honoured_or_refused_by_name() {
         semseg(&args)
     };
 
-    // The CPU in each precision: bf16 falls back to fp32 with a warning, and the masks are identical.
+    // The CPU in each precision: auto is fp32; bf16 runs bf16 products where the CPU has AVX512-BF16 and falls back
+    // to fp32 with a warning where it does not.
+    let bf16_here = semseg::model::ops::gemm_bf16::available();
     let mut masks = Vec::new();
     for precision in ["auto", "fp32", "bf16"] {
         let run = predict(&["--device", "cpu", "--precision", precision]);
@@ -90,16 +92,28 @@ fn the_device_and_precision_choices_are_honoured_or_refused_by_name() {
             "{log}"
         );
         assert_eq!(
-            log.contains("no CPU kernels"),
-            precision == "bf16",
+            log.contains("bf16_products=true"),
+            precision == "bf16" && bf16_here,
             "{precision}: {log}"
         );
-        masks.push(std::fs::read(out.join("a.png")).unwrap());
+        assert_eq!(
+            log.contains("needs AVX512-BF16"),
+            precision == "bf16" && !bf16_here,
+            "{precision}: {log}"
+        );
+        masks.push(image::open(out.join("a.png")).unwrap().to_luma8());
     }
+    assert_eq!(masks[0], masks[1], "auto is fp32 on the CPU");
+    // bf16 products may flip a few of the untrained model's near-tied pixels, not more.
+    let same = masks[1].pixels().zip(masks[2].pixels()).filter(|(a, b)| a == b).count();
     assert!(
-        masks.windows(2).all(|w| w[0] == w[1]),
-        "the CPU is fp32 in every precision"
+        same as f64 >= 0.95 * (40 * 24) as f64,
+        "bf16 and fp32 masks agree on {same} of {} pixels",
+        40 * 24
     );
+    if !bf16_here {
+        assert_eq!(masks[1], masks[2], "without AVX512-BF16, bf16 is fp32");
+    }
 
     for (extra, says) in [
         (["--device", "tpu"], "expected auto, cpu, cuda or cuda:N"),
