@@ -218,7 +218,8 @@ pub const SPECS: &[Spec] = &[
         "auto",
         "auto, fp32, bf16",
         "Numeric precision: auto (TF32 convolutions and matmuls on GPUs that have it, fp32 elsewhere), fp32 (strict), \
-         bf16 (mixed precision on the GPU: bf16 activations, f32 weights, statistics and loss; fp32 on the CPU).",
+         bf16 (mixed precision on the GPU: bf16 activations, f32 weights, statistics and loss; on CPUs with \
+         AVX512-BF16, bf16 inputs to the convolutions' products; fp32 on other CPUs).",
     ),
 ];
 
