@@ -7,8 +7,9 @@
 //! The reference sees the same input values the device does (bf16-rounded in bf16 mode), so the errors measure the
 //! kernels' arithmetic, not the rounding of the inputs. Each case reports the relative L2 error
 //! `‖device − reference‖ / ‖reference‖` of every output and passes when all are within its mode's threshold.
-//! On the CPU the bf16 mode is skipped (the CPU kernels are f32) and the TF32 flag changes nothing, so a CPU run
-//! checks the CPU f32 kernels against f64.
+//! On the CPU the bf16 mode is skipped (the CPU's activations are f32) and the TF32 flag changes nothing; a CPU with
+//! AVX512-BF16 adds the `cpu-bf16` mode instead: the convolutions with bf16 products (`precision=bf16` there),
+//! against the f64 reference of the unrounded inputs.
 
 use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
@@ -60,39 +61,54 @@ struct Mode {
     name: &'static str,
     dtype: DType,
     tf32: bool,
+    /// The CPU convolutions' products in bf16 (only the convolution cases run in this mode).
+    bf16_products: bool,
     max: f64,
 }
 
-const MODES: [Mode; 3] = [
+const MODES: [Mode; 4] = [
     Mode {
         name: "fp32",
         dtype: DType::F32,
         tf32: false,
+        bf16_products: false,
         max: STRICT_F32_MAX,
     },
     Mode {
         name: "tf32",
         dtype: DType::F32,
         tf32: true,
+        bf16_products: false,
         max: TF32_MAX,
     },
     Mode {
         name: "bf16",
         dtype: DType::BF16,
         tf32: false,
+        bf16_products: false,
+        max: BF16_MAX,
+    },
+    Mode {
+        name: "cpu-bf16",
+        dtype: DType::F32,
+        tf32: false,
+        bf16_products: true,
         max: BF16_MAX,
     },
 ];
 
-/// Restores the process's TF32 setting when dropped.
-struct RestoreTf32(bool);
+/// Restores the process's TF32 and bf16-products settings when dropped.
+struct RestoreMode {
+    tf32: bool,
+    bf16_products: bool,
+}
 
-impl Drop for RestoreTf32 {
+impl Drop for RestoreMode {
     fn drop(&mut self) {
         precision::install(MathMode {
             compute_dtype: DType::F32,
-            tf32: self.0,
-            bf16_products: false,
+            tf32: self.tf32,
+            bf16_products: self.bf16_products,
         });
     }
 }
@@ -101,18 +117,29 @@ impl Drop for RestoreTf32 {
 /// pass, error?}], skipped: [...]}`. A case that fails to run is reported (with its error) as failed; the
 /// function itself fails only when the reference cannot be computed.
 pub fn compare_with_cpu(device: &Device) -> anyhow::Result<Value> {
-    let _restore = RestoreTf32(precision::tf32_allowed());
+    let _restore = RestoreMode {
+        tf32: precision::tf32_allowed(),
+        bf16_products: precision::bf16_products(),
+    };
     let mut cases = Vec::new();
     let mut skipped = Vec::new();
     for mode in MODES {
         if mode.dtype == DType::BF16 && device.is_cpu() {
-            skipped.push(json!({"mode": mode.name, "why": "bf16 activations are GPU-only (the CPU's bf16 is in its products, checked by gemm_bf16's tests)"}));
+            skipped.push(json!({"mode": mode.name, "why": "bf16 activations are GPU-only (see cpu-bf16)"}));
+            continue;
+        }
+        if mode.bf16_products && !device.is_cpu() {
+            skipped.push(json!({"mode": mode.name, "why": "bf16 products are the CPU's bf16"}));
+            continue;
+        }
+        if mode.bf16_products && !super::gemm_bf16::available() {
+            skipped.push(json!({"mode": mode.name, "why": "this CPU lacks AVX512-BF16"}));
             continue;
         }
         precision::install(MathMode {
             compute_dtype: mode.dtype,
             tf32: mode.tf32,
-            bf16_products: false,
+            bf16_products: mode.bf16_products,
         });
         for (i, &geometry) in CONV_CASES.iter().enumerate() {
             let (cin, h, w, cout, k, p, s, d) = geometry;
@@ -122,6 +149,9 @@ pub fn compare_with_cpu(device: &Device) -> anyhow::Result<Value> {
             cases.push(report(mode, "conv", &name, run));
             let run = fused_case(device, mode, geometry, seed + 5).with_context(|| format!("conv_fused {name}"));
             cases.push(report(mode, "conv_fused", &name, run));
+        }
+        if mode.bf16_products {
+            continue; // only the convolutions' products change in this mode
         }
         for (i, &(shape, scale, offset)) in BN_CASES.iter().enumerate() {
             for relu in [false, true] {
