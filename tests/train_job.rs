@@ -135,31 +135,8 @@ fn assert_artifacts(job: &Job, epochs: u32, best_miou: f64) {
     );
     assert_eq!(metrics.class_iou.len(), 4);
 
-    let validation = job.channel("validation");
-    let mut images: Vec<String> = common::files(&validation);
-    images.retain(|name| name.ends_with(".jpg"));
-    let out = job.root().join("predicted");
-    let mut args = vec![
-        "predict".to_string(),
-        "--model".into(),
-        model_dir.display().to_string(),
-        "--out".into(),
-        out.display().to_string(),
-    ];
-    args.extend(images.iter().map(|name| validation.join(name).display().to_string()));
-    let predicted = common::semseg(&args.iter().map(String::as_str).collect::<Vec<_>>());
-    assert!(predicted.status.success(), "{}", text(&predicted));
-    let mut confusion = semseg::train::metrics::ConfusionMatrix::new(4);
-    for name in &images {
-        let stem = name.trim_end_matches(".jpg");
-        let truth = semseg::data::annotation::read_annotation(
-            &job.channel("validation_annotation").join(format!("{stem}.png")),
-        )
-        .unwrap();
-        let mask = semseg::data::annotation::read_annotation(&out.join(format!("{stem}.png"))).unwrap();
-        confusion.update(truth.as_raw(), mask.as_raw());
-    }
-    let rescored = confusion.scores().miou;
+    // The default precision: strict fp32 on the CPU.
+    let rescored = predicted_miou(job, "auto");
     // Inference folds BatchNorm into the convolutions, so a few pixels may flip.
     assert!(
         (rescored - best_miou).abs() < 0.01,
@@ -192,7 +169,8 @@ fn fcn_trains_to_a_good_miou_and_logs_scrapable_metrics() {
     assert_artifacts(&job, QUALITY_EPOCHS, miou);
 }
 
-/// `semseg predict` over the validation channel with `--precision PRECISION`: the masks' mIOU.
+/// `semseg predict` with the job's saved model over its validation channel, with `--precision PRECISION`: the
+/// masks' mIOU.
 fn predicted_miou(job: &Job, precision: &str) -> f64 {
     let validation = job.channel("validation");
     let mut images: Vec<String> = common::files(&validation);

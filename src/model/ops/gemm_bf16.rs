@@ -687,32 +687,21 @@ mod tests {
 
     #[test]
     fn an_empty_inner_dimension_clears_or_keeps_dst() {
-        let mut d = vec![5f32; 6];
-        // SAFETY: d is 2×3; lhs and rhs are never read when k = 0.
-        unsafe {
-            gemm_bf16(
-                (2, 3, 0),
-                (d.as_mut_ptr(), 3, 1),
-                ([].as_ptr(), 0, 1),
-                ([].as_ptr(), 3, 1),
-                true,
-                false,
-                Kernel::Portable,
-            );
+        for (accumulate, want) in [(true, 5.0), (false, 0.0)] {
+            let mut d = vec![5f32; 6];
+            // SAFETY: d is 2×3; lhs and rhs are never read when k = 0.
+            unsafe {
+                gemm_bf16(
+                    (2, 3, 0),
+                    (d.as_mut_ptr(), 3, 1),
+                    ([].as_ptr(), 0, 1),
+                    ([].as_ptr(), 3, 1),
+                    accumulate,
+                    false,
+                    Kernel::Portable,
+                );
+            }
+            assert_eq!(d, vec![want; 6], "accumulate={accumulate}");
         }
-        assert_eq!(d, vec![5.0; 6]);
-        // SAFETY: as above.
-        unsafe {
-            gemm_bf16(
-                (2, 3, 0),
-                (d.as_mut_ptr(), 3, 1),
-                ([].as_ptr(), 0, 1),
-                ([].as_ptr(), 3, 1),
-                false,
-                false,
-                Kernel::Portable,
-            );
-        }
-        assert_eq!(d, vec![0.0; 6]);
     }
 }
