@@ -584,7 +584,7 @@ pub(crate) fn fill_columns(
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Direct definition of the convolution, in f64.
@@ -613,7 +613,8 @@ mod tests {
         out
     }
 
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
+    /// `n` seeded values in [-1, 1) (also the gemm_bf16 tests' inputs).
+    pub(crate) fn seeded(n: usize, seed: u64) -> Vec<f32> {
         let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
         (0..n)
             .map(|_| {

@@ -556,17 +556,8 @@ mod x86 {
 
 #[cfg(test)]
 mod tests {
+    use super::super::conv_cpu::tests::seeded;
     use super::*;
-
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
-        let mut s = seed.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-        (0..n)
-            .map(|_| {
-                s = s.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
-                ((s >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
-            })
-            .collect()
-    }
 
     fn round(v: &[f32]) -> Vec<f64> {
         v.iter().map(|&x| f64::from(bf16_value(bf16_bits(x)))).collect()
