@@ -259,8 +259,8 @@ pub fn conv2d_image(
     } else {
         let blocks = plan(g);
         let direct_macs: usize = blocks.iter().map(Block::macs).sum();
-        if super::winograd::applies(g, direct_macs) {
-            super::winograd::conv2d_add(g, x, weight, out, &mut scratch.winograd);
+        if let Some(size) = super::winograd::choose(g, direct_macs) {
+            super::winograd::conv2d_add(g, size, x, weight, out, &mut scratch.winograd);
         } else if g.stride == 1 && blocks.len() > 1 {
             // Skipping the padded taps pays: one large product per tap rather than many small ones per block.
             super::tapwise::conv2d_add(g, x, weight, out, &mut scratch.tapwise);
@@ -307,41 +307,14 @@ pub(crate) unsafe fn product(
     )
 }
 
-/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, all row-major, on the calling thread (for callers that run many
-/// independent products in parallel).
-///
-/// # Safety
-/// Every pointer must cover its matrix: `dst` rows `dst_rs` apart, `lhs` rows `lhs_rs` apart, `rhs` rows `rhs_rs`
-/// apart.
-#[allow(clippy::too_many_arguments)]
-pub(crate) unsafe fn product_single_threaded(
-    m: usize,
-    n: usize,
-    k: usize,
-    dst: *mut f32,
-    dst_rs: usize,
-    lhs: *const f32,
-    lhs_rs: usize,
-    rhs: *const f32,
-    rhs_rs: usize,
-    accumulate: bool,
-) {
-    gemm_strided(
-        (m, n, k),
-        (dst, dst_rs, 1),
-        (lhs, lhs_rs, 1),
-        (rhs, rhs_rs, 1),
-        accumulate,
-        Parallelism::None,
-    )
-}
-
 /// The gemm crate's `dst (+)= lhs · rhs` with (row, column) strides, on `parallelism`; with bf16 products
 /// installed ([`crate::model::precision::bf16_products`]), [`super::gemm_bf16`]'s.
 ///
+/// Single-threaded with `Parallelism::None`, for callers that run many independent products in parallel.
+///
 /// # Safety
 /// As [`product_strided`].
-unsafe fn gemm_strided(
+pub(crate) unsafe fn gemm_strided(
     (m, n, k): (usize, usize, usize),
     (dst, dst_rs, dst_cs): (*mut f32, usize, usize),
     (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
@@ -729,17 +702,23 @@ pub(crate) mod tests {
 
     #[test]
     fn chunked_and_winograd_paths_match_the_definition() {
-        // (cin, h, w, cout, dilation): enough channels that the columns are built a chunk at a time, and 3×3
-        // "same" convolutions that take Winograd F(4×4, 3×3), plain and on polyphase sub-grids, with sizes that
-        // leave partial tiles. One scratch for all, largest first, so leftovers would show.
+        use super::super::winograd::{choose, TileSize};
+        // (cin, h, w, cout, dilation, tile size): enough channels that the columns are built a chunk at a time, and
+        // 3×3 "same" convolutions that take Winograd, plain and on polyphase sub-grids, with sizes that leave
+        // partial tiles: F(4×4, 3×3) on sub-images of 8 pixels and more, F(3×3, 3×3) on ASPP-like 3–6 pixel ones.
+        // One scratch for all, largest first, so leftovers would show.
         let mut scratch = Scratch::default();
-        for (cin, h, w, cout, d) in [
-            (1024, 48, 48, 2, 5),
-            (64, 19, 23, 5, 1),
-            (48, 30, 26, 3, 2),
-            (32, 33, 17, 4, 4),
+        for (cin, h, w, cout, d, size) in [
+            (1024, 48, 48, 2, 5, TileSize::F4),
+            (64, 19, 23, 5, 1, TileSize::F4),
+            (48, 30, 26, 3, 2, TileSize::F4),
+            (32, 33, 17, 4, 4, TileSize::F4),
+            (64, 30, 30, 3, 6, TileSize::F3),
+            (40, 26, 29, 5, 9, TileSize::F3),
         ] {
             let g = ConvGeometry::new((cin, h, w), (cout, 3), 1, d, d).unwrap();
+            let direct_macs = plan(&g).iter().map(Block::macs).sum();
+            assert_eq!(choose(&g, direct_macs), Some(size), "{g:?}");
             let x = seeded(g.input_len(), 1);
             let wt = seeded(g.weight_len(), 2);
             let bias = seeded(cout, 3);
@@ -759,19 +738,28 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn winograd_takes_the_backbone_convolutions_not_the_wide_aspp_ones() {
+    fn winograd_takes_the_backbone_convolutions_and_aspps_at_dilation_12() {
+        use super::super::winograd::{choose, TileSize};
         let direct = |g: &ConvGeometry| plan(g).iter().map(Block::macs).sum::<usize>();
-        for d in [1, 2, 4] {
-            let g = ConvGeometry::new((256, 64, 64), (256, 3), 1, d, d).unwrap();
-            assert!(super::super::winograd::applies(&g, direct(&g)), "dilation {d}");
-        }
-        for d in [24, 36] {
+        // DeepLabV3-ResNet-50 at 512²: the backbone's 3×3 convs on 64×64 maps (dilation 1, 2, 4) take 4×4 tiles,
+        // ASPP's dilation 12 (sub-images of 5–6 pixels) 3×3 tiles; its 24 and 36 (2–3 and 1–2 pixels) skip the
+        // padded taps instead: 3×3 tiles would need 69% of the multiplications at 24 (measured slower).
+        for (d, size) in [
+            (1, Some(TileSize::F4)),
+            (2, Some(TileSize::F4)),
+            (4, Some(TileSize::F4)),
+            (12, Some(TileSize::F3)),
+            (24, None),
+            (36, None),
+        ] {
             let g = ConvGeometry::new((2048, 64, 64), (256, 3), 1, d, d).unwrap();
-            assert!(!super::super::winograd::applies(&g, direct(&g)), "dilation {d}");
+            assert_eq!(choose(&g, direct(&g)), size, "dilation {d}");
         }
         // Strided and non-3×3 convolutions stay direct.
         let g = ConvGeometry::new((128, 64, 64), (128, 3), 2, 1, 1).unwrap();
-        assert!(!super::super::winograd::applies(&g, direct(&g)));
+        assert_eq!(choose(&g, direct(&g)), None);
+        let g = ConvGeometry::new((128, 64, 64), (128, 5), 1, 2, 1).unwrap();
+        assert_eq!(choose(&g, direct(&g)), None);
     }
 
     #[test]
