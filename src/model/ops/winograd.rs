@@ -163,6 +163,7 @@ pub(crate) fn choose(g: &ConvGeometry, direct_macs: usize) -> Option<TileSize> {
 /// Buffers reused across calls.
 #[derive(Default)]
 pub(crate) struct Buffers {
+    interleaved: Vec<Lanes>,
     input: Vec<f32>,
     weight: Vec<f32>,
     product: Vec<f32>,
@@ -206,6 +207,7 @@ fn conv2d_add_with<const M: usize, const A: usize, F: Transforms<M, A>>(
             &tiles,
             x,
             c0..c0 + cc,
+            &mut buffers.interleaved,
             aligned(&mut buffers.input, A * A * v_stride(t, cc)),
         );
         transform_weights::<M, A, F>(g, weight, c0..c0 + cc, &mut buffers.weight);
@@ -303,34 +305,129 @@ impl PaddedSubImages {
         }
     }
 
-    /// Writes padded rows `rows` of residue (`ry`, `rx`) of `planes` (`lanes` planes `[H, W]`, H = oh and W = ow:
-    /// "same" padding) into `buf` (`rows.len()` rows of `bw`), zeros around and in the lanes past `lanes`.
+    /// Writes padded rows `rows` of residue (`ry`, `rx`) of `image` (one lane group of the chunk, channel-
+    /// interleaved: `[H, W]` vectors, H = oh and W = ow as the padding is "same") into `buf` (`rows.len()` rows of
+    /// `bw`), zeros around.
     fn fill(
         &self,
         g: &ConvGeometry,
-        planes: &[f32],
-        lanes: usize,
+        image: &[Lanes],
         (ry, rx): (usize, usize),
         rows: std::ops::Range<usize>,
         buf: &mut [Lanes],
     ) {
-        buf.fill([0.0; LANES]);
         let d = self.d;
         let (sh, sw) = ((g.h - ry).div_ceil(d), (g.w - rx).div_ceil(d));
-        for l in 0..lanes {
-            let plane = &planes[l * g.h * g.w..(l + 1) * g.h * g.w];
-            for (r, padded) in rows.clone().enumerate() {
-                // Padded row r holds sub-image row r − 1.
-                let Some(py) = padded.checked_sub(1).filter(|&py| py < sh) else {
-                    continue;
-                };
-                let line = &plane[(ry + d * py) * g.w..(ry + d * py + 1) * g.w];
-                let row = &mut buf[r * self.bw + 1..r * self.bw + 1 + sw];
-                for (px, v) in row.iter_mut().enumerate() {
-                    v[l] = line[rx + d * px];
+        for (r, padded) in rows.enumerate() {
+            let row = &mut buf[r * self.bw..(r + 1) * self.bw];
+            // Padded row r holds sub-image row r − 1.
+            let Some(py) = padded.checked_sub(1).filter(|&py| py < sh) else {
+                row.fill([0.0; LANES]);
+                continue;
+            };
+            let line = &image[(ry + d * py) * g.w..(ry + d * py + 1) * g.w];
+            row[0] = [0.0; LANES];
+            for (px, v) in row[1..=sw].iter_mut().enumerate() {
+                *v = line[rx + d * px];
+            }
+            row[sw + 1..].fill([0.0; LANES]);
+        }
+    }
+}
+
+/// `out[p][l] = x[l][p]` for each of `groups` groups of `LANES` planes of `x` (`[C, hw]`, zeros past its last
+/// plane) into `out` (`[groups][hw]` vectors): the channel-interleaved copy the input transform reads whole
+/// vectors from. 16×16 blocks transposed in registers where the CPU has AVX-512.
+fn interleave(x: &[f32], hw: usize, out: &mut [Lanes]) {
+    let planes = x.len() / hw;
+    out.par_chunks_mut(hw).enumerate().for_each(|(group, out)| {
+        let c0 = group * LANES;
+        let lanes = (planes - c0).min(LANES);
+        let x = &x[c0 * hw..(c0 + lanes) * hw];
+        #[cfg(target_arch = "x86_64")]
+        if lanes == LANES && avx512() {
+            // SAFETY: the CPU has AVX-512F; `x` holds LANES planes of hw floats and `out` hw vectors.
+            unsafe { x86::interleave_16(x, hw, out) };
+            return;
+        }
+        interleave_scalar(x, hw, lanes, out, 0);
+    });
+}
+
+/// `out[p][l] = x[l·hw + p]` for pixels `from..hw`, zeros in lanes `lanes..`.
+fn interleave_scalar(x: &[f32], hw: usize, lanes: usize, out: &mut [Lanes], from: usize) {
+    for (p, v) in out.iter_mut().enumerate().skip(from) {
+        for (l, e) in v.iter_mut().enumerate() {
+            *e = if l < lanes { x[l * hw + p] } else { 0.0 };
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    use super::{interleave_scalar, Lanes, LANES};
+
+    /// [`super::interleave`] of one full group: 16 pixels of the 16 planes at a time, transposed in registers.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F; `x` must hold 16 planes of `hw` floats and `out` `hw` vectors.
+    #[target_feature(enable = "avx512f")]
+    pub(super) unsafe fn interleave_16(x: &[f32], hw: usize, out: &mut [Lanes]) {
+        assert!(x.len() >= LANES * hw && out.len() >= hw);
+        let full = hw / LANES * LANES;
+        for p0 in (0..full).step_by(LANES) {
+            // SAFETY: rows l·hw + p0 .. + 16 and out[p0 .. p0 + 16] are inside the slices (asserted above).
+            unsafe {
+                let mut r = [_mm512_setzero_ps(); LANES];
+                for (l, r) in r.iter_mut().enumerate() {
+                    *r = _mm512_loadu_ps(x.as_ptr().add(l * hw + p0));
+                }
+                let t = transpose_16(r);
+                for (i, t) in t.iter().enumerate() {
+                    _mm512_storeu_ps(out.as_mut_ptr().add(p0 + i) as *mut f32, *t);
                 }
             }
         }
+        interleave_scalar(x, hw, LANES, out, full);
+    }
+
+    /// The transpose of a 16×16 block of floats held as 16 rows: interleaving 32-bit, then 64-bit elements
+    /// within each 128-bit lane, then two rounds of 128-bit lane shuffles.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn transpose_16(r: [__m512; 16]) -> [__m512; 16] {
+        // t[2i] lane k: [r2i[4k], r2i+1[4k], r2i[4k+1], r2i+1[4k+1]]; t[2i+1] the same at 4k+2, 4k+3.
+        let mut t = [_mm512_setzero_ps(); 16];
+        for i in 0..8 {
+            t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4j + q] lane k: column 4k + q of rows 4j .. 4j + 4.
+        let mut u = [_mm512_setzero_ps(); 16];
+        for j in 0..4 {
+            let (t0, t1, t2, t3) = (t[4 * j], t[4 * j + 1], t[4 * j + 2], t[4 * j + 3]);
+            u[4 * j] = _mm512_shuffle_ps::<0x44>(t0, t2);
+            u[4 * j + 1] = _mm512_shuffle_ps::<0xEE>(t0, t2);
+            u[4 * j + 2] = _mm512_shuffle_ps::<0x44>(t1, t3);
+            u[4 * j + 3] = _mm512_shuffle_ps::<0xEE>(t1, t3);
+        }
+        // v[8h + q] (q < 4): columns q and q + 8 of rows 8h .. 8h + 8; v[8h + 4 + q]: columns q + 4 and q + 12.
+        let mut v = [_mm512_setzero_ps(); 16];
+        for h in 0..2 {
+            for q in 0..4 {
+                let (a, b) = (u[8 * h + q], u[8 * h + 4 + q]);
+                v[8 * h + q] = _mm512_shuffle_f32x4::<0x88>(a, b);
+                v[8 * h + 4 + q] = _mm512_shuffle_f32x4::<0xDD>(a, b);
+            }
+        }
+        // Column c < 8 from v[c] and v[8 + c] (lanes 0, 2); column c + 8 from the same (lanes 1, 3).
+        let mut out = [_mm512_setzero_ps(); 16];
+        for c in 0..8 {
+            out[c] = _mm512_shuffle_f32x4::<0x88>(v[c], v[8 + c]);
+            out[c + 8] = _mm512_shuffle_f32x4::<0xDD>(v[c], v[8 + c]);
+        }
+        out
     }
 }
 
@@ -417,12 +514,19 @@ fn transform_inputs<const M: usize, const A: usize, F: Transforms<M, A>>(
     tiles: &[Tile],
     x: &[f32],
     channels: std::ops::Range<usize>,
+    interleaved: &mut Vec<Lanes>,
     v: &mut [f32],
 ) {
     let (t, cc) = (tiles.len(), channels.len());
     let sub = PaddedSubImages::new(g, M);
     let groups = cc.div_ceil(LANES);
     let hw = g.h * g.w;
+    if interleaved.len() < groups * hw {
+        interleaved.resize(groups * hw, [0.0; LANES]);
+    }
+    let interleaved = &mut interleaved[..groups * hw];
+    interleave(&x[channels.start * hw..channels.end * hw], hw, interleaved);
+    let interleaved = &*interleaved;
     // Every element is written below.
     assert_eq!(v.len(), A * A * v_stride(t, cc));
     let v = v.as_mut_ptr() as usize;
@@ -435,17 +539,8 @@ fn transform_inputs<const M: usize, const A: usize, F: Transforms<M, A>>(
             let rows = first.ty * M..(last.ty + 1) * M + 2;
             let per_group = rows.len() * sub.bw;
             buf.resize(groups * per_group, [0.0; LANES]);
-            for (group, gbuf) in buf.chunks_mut(per_group).enumerate() {
-                let c0 = channels.start + group * LANES;
-                let lanes = (channels.end - c0).min(LANES);
-                sub.fill(
-                    g,
-                    &x[c0 * hw..(c0 + lanes) * hw],
-                    lanes,
-                    (first.ry, first.rx),
-                    rows.clone(),
-                    gbuf,
-                );
+            for (gbuf, image) in buf.chunks_mut(per_group).zip(interleaved.chunks(hw)) {
+                sub.fill(g, image, (first.ry, first.rx), rows.clone(), gbuf);
             }
             // SAFETY: V holds A²·t·cc floats; this task writes rows V[ξ][range][·], which no other task does.
             unsafe {
@@ -590,6 +685,36 @@ fn output_channel_body<const M: usize, const A: usize, F: Transforms<M, A>>(
                         break;
                     }
                     o[oy * g.ow + ox] += v[l];
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The channel-interleaved copy holds every plane's pixel in its lane, zeros past the last plane, for full
+    /// groups (the AVX-512 transposes where the CPU has them), a partial one, and a pixel count that leaves a tail.
+    #[test]
+    fn interleave_transposes_planes_into_lanes() {
+        for (planes, hw) in [(16usize, 64usize), (40, 37), (3, 5)] {
+            let x: Vec<f32> = (0..planes * hw).map(|i| i as f32).collect();
+            let groups = planes.div_ceil(LANES);
+            let mut out = vec![[f32::NAN; LANES]; groups * hw];
+            interleave(&x, hw, &mut out);
+            for group in 0..groups {
+                for p in 0..hw {
+                    for l in 0..LANES {
+                        let c = group * LANES + l;
+                        let want = if c < planes { x[c * hw + p] } else { 0.0 };
+                        assert_eq!(
+                            out[group * hw + p][l],
+                            want,
+                            "planes {planes}, hw {hw}: channel {c}, pixel {p}"
+                        );
+                    }
                 }
             }
         }
