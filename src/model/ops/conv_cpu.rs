@@ -259,8 +259,8 @@ pub fn conv2d_image(
     } else {
         let blocks = plan(g);
         let direct_macs: usize = blocks.iter().map(Block::macs).sum();
-        if let Some(size) = super::winograd::choose(g, direct_macs) {
-            super::winograd::conv2d_add(g, size, x, weight, out, &mut scratch.winograd);
+        if let Some(plan) = super::winograd::plan(g, direct_macs) {
+            super::winograd::conv2d_add(g, &plan, x, weight, out, &mut scratch.winograd);
         } else if g.stride == 1 && blocks.len() > 1 {
             // Skipping the padded taps pays: one large product per tap rather than many small ones per block.
             super::tapwise::conv2d_add(g, x, weight, out, &mut scratch.tapwise);
@@ -702,23 +702,27 @@ pub(crate) mod tests {
 
     #[test]
     fn chunked_and_winograd_paths_match_the_definition() {
-        use super::super::winograd::{choose, TileSize};
-        // (cin, h, w, cout, dilation, tile size): enough channels that the columns are built a chunk at a time, and
-        // 3×3 "same" convolutions that take Winograd, plain and on polyphase sub-grids, with sizes that leave
-        // partial tiles: F(4×4, 3×3) on sub-images of 8 pixels and more, F(3×3, 3×3) on ASPP-like 3–6 pixel ones.
-        // One scratch for all, largest first, so leftovers would show.
+        use super::super::winograd::{plan, Kind};
+        // (cin, h, w, cout, dilation, the algorithm pairs it takes): enough channels that the columns are built a
+        // chunk at a time, and 3×3 "same" convolutions that take Winograd, plain and on polyphase sub-grids, with
+        // sizes that leave partial tiles: F(4×4, 3×3) on sub-images of 8 pixels and more, F(3×3, 3×3) on ASPP-like
+        // 5–6 pixel ones, and the 2- and 1-pixel sub-images of large dilations mixed with 3-pixel ones. One scratch
+        // for all, largest first, so leftovers would show.
+        use Kind::*;
         let mut scratch = Scratch::default();
-        for (cin, h, w, cout, d, size) in [
-            (1024, 48, 48, 2, 5, TileSize::F4),
-            (64, 19, 23, 5, 1, TileSize::F4),
-            (48, 30, 26, 3, 2, TileSize::F4),
-            (32, 33, 17, 4, 4, TileSize::F4),
-            (64, 30, 30, 3, 6, TileSize::F3),
-            (40, 26, 29, 5, 9, TileSize::F3),
+        for (cin, h, w, cout, d, classes) in [
+            (256, 40, 40, 64, 5, vec![(F4, F4)]),
+            (64, 37, 45, 64, 1, vec![(F4, F4)]),
+            (48, 46, 42, 64, 2, vec![(F4, F3)]),
+            (32, 57, 49, 64, 4, vec![(F4, F4)]),
+            (64, 62, 60, 256, 12, vec![(F3, F3)]),
+            (32, 62, 60, 256, 24, vec![(F3, F3), (F3, T2), (T2, F3), (T2, T2)]),
+            (32, 60, 62, 256, 36, vec![(T2, T2), (T2, T1), (T1, T2), (T1, T1)]),
         ] {
             let g = ConvGeometry::new((cin, h, w), (cout, 3), 1, d, d).unwrap();
-            let direct_macs = plan(&g).iter().map(Block::macs).sum();
-            assert_eq!(choose(&g, direct_macs), Some(size), "{g:?}");
+            let direct_macs = super::plan(&g).iter().map(Block::macs).sum();
+            let taken = plan(&g, direct_macs).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect::<Vec<_>>());
+            assert_eq!(taken, Some(classes), "{g:?}");
             let x = seeded(g.input_len(), 1);
             let wt = seeded(g.weight_len(), 2);
             let bias = seeded(cout, 3);
@@ -738,28 +742,30 @@ pub(crate) mod tests {
     }
 
     #[test]
-    fn winograd_takes_the_backbone_convolutions_and_aspps_at_dilation_12() {
-        use super::super::winograd::{choose, TileSize};
-        let direct = |g: &ConvGeometry| plan(g).iter().map(Block::macs).sum::<usize>();
+    fn winograd_takes_the_3x3_convolutions_of_deeplabv3() {
+        use super::super::winograd::{plan, Kind};
+        use Kind::*;
+        let direct = |g: &ConvGeometry| super::plan(g).iter().map(Block::macs).sum::<usize>();
         // DeepLabV3-ResNet-50 at 512²: the backbone's 3×3 convs on 64×64 maps (dilation 1, 2, 4) take 4×4 tiles,
-        // ASPP's dilation 12 (sub-images of 5–6 pixels) 3×3 tiles; its 24 and 36 (2–3 and 1–2 pixels) skip the
-        // padded taps instead: 3×3 tiles would need 69% of the multiplications at 24 (measured slower).
-        for (d, size) in [
-            (1, Some(TileSize::F4)),
-            (2, Some(TileSize::F4)),
-            (4, Some(TileSize::F4)),
-            (12, Some(TileSize::F3)),
-            (24, None),
-            (36, None),
+        // ASPP's dilation 12 (sub-images of 5–6 pixels) 3×3 tiles, its 24 (2–3 pixels) 3×3 tiles and the 2-pixel
+        // algorithm, its 36 (1–2 pixels) the 2- and 1-pixel ones.
+        for (cin, cout, d, classes) in [
+            (256, 256, 1, vec![(F4, F4)]),
+            (256, 256, 2, vec![(F4, F4)]),
+            (512, 512, 4, vec![(F4, F4)]),
+            (2048, 256, 12, vec![(F3, F3)]),
+            (2048, 256, 24, vec![(F3, F3), (F3, T2), (T2, F3), (T2, T2)]),
+            (2048, 256, 36, vec![(T2, T2), (T2, T1), (T1, T2), (T1, T1)]),
         ] {
-            let g = ConvGeometry::new((2048, 64, 64), (256, 3), 1, d, d).unwrap();
-            assert_eq!(choose(&g, direct(&g)), size, "dilation {d}");
+            let g = ConvGeometry::new((cin, 64, 64), (cout, 3), 1, d, d).unwrap();
+            let taken = plan(&g, direct(&g)).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect::<Vec<_>>());
+            assert_eq!(taken, Some(classes), "dilation {d}");
         }
         // Strided and non-3×3 convolutions stay direct.
         let g = ConvGeometry::new((128, 64, 64), (128, 3), 2, 1, 1).unwrap();
-        assert_eq!(choose(&g, direct(&g)), None);
+        assert!(plan(&g, direct(&g)).is_none());
         let g = ConvGeometry::new((128, 64, 64), (128, 5), 1, 2, 1).unwrap();
-        assert_eq!(choose(&g, direct(&g)), None);
+        assert!(plan(&g, direct(&g)).is_none());
     }
 
     #[test]

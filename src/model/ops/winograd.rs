@@ -1,21 +1,24 @@
-//! Winograd F(m×m, 3×3) for the CPU inference convolution: a 3×3 stride-1 convolution computes each m×m output
-//! tile from an (m+2)×(m+2) input tile with (m+2)² multiplications per (input, output) channel pair instead of 9m²
-//! (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). m is 4 where the map allows (a quarter
-//! of the multiply-accumulates), 3 on sub-images too small for 4×4 tiles. (F(2×2, 3×3) never has fewer
-//! multiplications than both: where it would, on 2-pixel sub-images, skipping the padded taps does as well.)
+//! Winograd minimal filtering for the CPU convolution's 3×3 stride-1 "same" convolutions: F(m×m, 3×3) computes
+//! each m×m output tile from an (m+2)×(m+2) input tile with (m+2)² multiplications per (input, output) channel
+//! pair instead of 9m² (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). m is 4 where the
+//! map allows (a quarter of the multiply-accumulates), 3 where 4×4 tiles would be mostly padding.
 //!
-//! Dilated convolutions (ResNet's layer3/layer4 at output stride 8, dilation 2 and 4, and ASPP's 12) run on
-//! polyphase sub-grids: output pixels whose row and column have the same residues modulo the dilation read only
-//! input pixels with those residues, so each residue pair is an ordinary 3×3 convolution on a sub-image, and all
-//! sub-images' tiles go through the same products. ASPP's sub-images are 5–6 pixels at dilation 12 on a 64×64 map:
-//! 4×4 tiles would be mostly padding there, 3×3 ones are not (F(3×3, 3×3) needs 39% of the direct products, where
-//! skipping the padded taps leaves 59%; DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads: 160 → 125 ms).
+//! Dilated convolutions (ResNet's layer3/layer4 at output stride 8, dilation 2 and 4, and ASPP's 12, 24, 36) run
+//! on polyphase sub-grids: output pixels whose row and column have the same residues modulo the dilation read
+//! only input pixels with those residues, so each residue pair is an ordinary 3×3 convolution on a sub-image.
+//! ASPP's sub-images on a 64×64 map are small: 5–6 pixels a side at dilation 12, 2–3 at 24, 1–2 at 36. So each
+//! dimension of each sub-image takes the algorithm with the fewest multiplications for its length: F(4, 3),
+//! F(3, 3), or, for a whole sub-image of 2 or 1 pixels between zero padding, a 3-multiplication 2×2 Toeplitz
+//! product or the centre tap alone. Tiles with the same pair of algorithms form a class; each class is its own
+//! set of products. DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads: ASPP's three convs 368 → 279 ms (the
+//! direct ones skipped padded taps already).
 //!
-//! Per chunk of input channels: the input tiles are transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`,
-//! recomputed on each call rather than kept, so the model's memory does not grow), then (m+2)² products
-//! `M[ξ] += U[ξ] · V[ξ]` (`[Cout, Cin] · [Cin, tiles]`) run on the gemm crate, and at the end each tile's `Aᵀ·M·A`
-//! is added onto the output, which already holds the bias and residual. The transforms run compiled for AVX-512
-//! where the CPU has it (checked at run time), on whole vectors of channels or tiles.
+//! Per chunk of input channels (interleaved once into vectors of 16 channels), per class: the input tiles are
+//! transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`, recomputed on each call rather than kept, so the
+//! model's memory does not grow), then one product `M[ξ] += U[ξ] · V[ξ]` (`[Cout, Cin] · [Cin, tiles]`) per pair
+//! of the algorithms' multiplications runs on the gemm crate; at the end each tile's `Aᵀ·M·A` is added onto the
+//! output, which already holds the bias and residual. The transforms run compiled for AVX-512 where the CPU has
+//! it (checked at run time), on whole vectors of channels or tiles.
 
 use rayon::prelude::*;
 
@@ -23,95 +26,188 @@ use gemm::Parallelism;
 
 use super::conv_cpu::{at_least, gemm_strided, ConvGeometry};
 
-/// The matrices of F(M×M, 3×3) with `A = M + 2`: input transform `Bᵀ` (A×A), weight transform `G` (A×3), output
-/// transform `Aᵀ` (M×A). Derived by Toom-Cook at the interpolation points listed (and ∞), the fractions in `G`.
-/// Constants of a type rather than values, so each transform compiles with its matrix folded in (zeros skipped,
-/// ±1 without a multiplication).
-trait Transforms<const M: usize, const A: usize> {
-    const BT: [[f32; A]; A];
-    const G: [[f32; 3]; A];
-    const AT: [[f32; A]; M];
+/// The widest tile an algorithm here reads or multiplies (F(4, 3): 6 inputs, 6 products).
+const CAP: usize = 6;
+
+/// A 1-D minimal filtering algorithm for 3 taps: `M` outputs from `A = M + 2` inputs with `R` multiplications,
+/// `y = Aᵀ·[(G·w) ⊙ (Bᵀ·x)]`. A tile is one along rows times one along columns: `R_rows·R_cols` products per
+/// (input, output) channel pair. The matrices (`Bᵀ` R×A, `G` R×3, `Aᵀ` M×R) are padded with zeros to CAP×CAP so
+/// one array type fits all; the loops stop at `M`, `A`, `R`, constants of the type, so each transform compiles to
+/// its exact size with the zeros skipped and ±1 without a multiplication.
+trait Algorithm {
+    const M: usize;
+    const A: usize;
+    const R: usize;
+    const BT: [[f32; CAP]; CAP];
+    const G: [[f32; CAP]; CAP];
+    const AT: [[f32; CAP]; CAP];
 }
 
-/// F(3×3, 3×3), points 0, ±1, 2.
-#[rustfmt::skip]
-struct F3;
-
-#[rustfmt::skip]
-impl Transforms<3, 5> for F3 {
-    const BT: [[f32; 5]; 5] = [
-        [2.0, -1.0, -2.0,  1.0, 0.0],
-        [0.0, -2.0, -1.0,  1.0, 0.0],
-        [0.0,  2.0, -3.0,  1.0, 0.0],
-        [0.0, -1.0,  0.0,  1.0, 0.0],
-        [0.0,  2.0, -1.0, -2.0, 1.0],
-    ];
-    const G: [[f32; 3]; 5] = [
-        [ 1.0 / 2.0,  0.0,        0.0      ],
-        [-1.0 / 2.0, -1.0 / 2.0, -1.0 / 2.0],
-        [-1.0 / 6.0,  1.0 / 6.0, -1.0 / 6.0],
-        [ 1.0 / 6.0,  1.0 / 3.0,  2.0 / 3.0],
-        [ 0.0,        0.0,        1.0      ],
-    ];
-    const AT: [[f32; 5]; 3] = [
-        [1.0, 1.0,  1.0, 1.0, 0.0],
-        [0.0, 1.0, -1.0, 2.0, 0.0],
-        [0.0, 1.0,  1.0, 4.0, 1.0],
-    ];
+/// `m` padded with zeros to CAP×CAP.
+const fn pad<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; CAP]; CAP] {
+    let mut out = [[0.0; CAP]; CAP];
+    let mut i = 0;
+    while i < R {
+        let mut j = 0;
+        while j < C {
+            out[i][j] = m[i][j];
+            j += 1;
+        }
+        i += 1;
+    }
+    out
 }
 
-/// F(4×4, 3×3), points 0, ±1, ±2.
-#[rustfmt::skip]
+/// F(4, 3), Toom-Cook at 0, ±1, ±2 (and ∞), the fractions in `G`.
 struct F4;
 
 #[rustfmt::skip]
-impl Transforms<4, 6> for F4 {
-    const BT: [[f32; 6]; 6] = [
+impl Algorithm for F4 {
+    const M: usize = 4;
+    const A: usize = 6;
+    const R: usize = 6;
+    const BT: [[f32; CAP]; CAP] = pad([
         [4.0,  0.0, -5.0,  0.0, 1.0, 0.0],
         [0.0, -4.0, -4.0,  1.0, 1.0, 0.0],
         [0.0,  4.0, -4.0, -1.0, 1.0, 0.0],
         [0.0, -2.0, -1.0,  2.0, 1.0, 0.0],
         [0.0,  2.0, -1.0, -2.0, 1.0, 0.0],
         [0.0,  4.0,  0.0, -5.0, 0.0, 1.0],
-    ];
-    const G: [[f32; 3]; 6] = [
+    ]);
+    const G: [[f32; CAP]; CAP] = pad([
         [ 1.0 / 4.0,   0.0,         0.0      ],
         [-1.0 / 6.0,  -1.0 / 6.0,  -1.0 / 6.0],
         [-1.0 / 6.0,   1.0 / 6.0,  -1.0 / 6.0],
         [ 1.0 / 24.0,  1.0 / 12.0,  1.0 / 6.0],
         [ 1.0 / 24.0, -1.0 / 12.0,  1.0 / 6.0],
         [ 0.0,         0.0,         1.0      ],
-    ];
-    const AT: [[f32; 6]; 4] = [
+    ]);
+    const AT: [[f32; CAP]; CAP] = pad([
         [1.0, 1.0,  1.0, 1.0,  1.0, 0.0],
         [0.0, 1.0, -1.0, 2.0, -2.0, 0.0],
         [0.0, 1.0,  1.0, 4.0,  4.0, 0.0],
         [0.0, 1.0, -1.0, 8.0, -8.0, 1.0],
-    ];
+    ]);
+}
+
+/// F(3, 3), Toom-Cook at 0, ±1, 2 (and ∞).
+struct F3;
+
+#[rustfmt::skip]
+impl Algorithm for F3 {
+    const M: usize = 3;
+    const A: usize = 5;
+    const R: usize = 5;
+    const BT: [[f32; CAP]; CAP] = pad([
+        [2.0, -1.0, -2.0,  1.0, 0.0],
+        [0.0, -2.0, -1.0,  1.0, 0.0],
+        [0.0,  2.0, -3.0,  1.0, 0.0],
+        [0.0, -1.0,  0.0,  1.0, 0.0],
+        [0.0,  2.0, -1.0, -2.0, 1.0],
+    ]);
+    const G: [[f32; CAP]; CAP] = pad([
+        [ 1.0 / 2.0,  0.0,        0.0      ],
+        [-1.0 / 2.0, -1.0 / 2.0, -1.0 / 2.0],
+        [-1.0 / 6.0,  1.0 / 6.0, -1.0 / 6.0],
+        [ 1.0 / 6.0,  1.0 / 3.0,  2.0 / 3.0],
+        [ 0.0,        0.0,        1.0      ],
+    ]);
+    const AT: [[f32; CAP]; CAP] = pad([
+        [1.0, 1.0,  1.0, 1.0, 0.0],
+        [0.0, 1.0, -1.0, 2.0, 0.0],
+        [0.0, 1.0,  1.0, 4.0, 1.0],
+    ]);
+}
+
+/// A whole sub-image of 2 pixels (ASPP's dilation 24 and 36 on a 64×64 map leave many): with zeros on both sides,
+/// `y0 = w1·x0 + w2·x1`, `y1 = w0·x0 + w1·x1` is a 2×2 Toeplitz product, 3 multiplications instead of 4:
+/// `m1 = w1·(x0 + x1)`, `m2 = (w2 − w1)·x1`, `m3 = (w0 − w1)·x0`, `y0 = m1 + m2`, `y1 = m1 + m3`. Valid only where
+/// both inputs around the sub-image are padding, which the tiling guarantees (one tile, from the first pixel).
+struct T2;
+
+#[rustfmt::skip]
+impl Algorithm for T2 {
+    const M: usize = 2;
+    const A: usize = 4;
+    const R: usize = 3;
+    const BT: [[f32; CAP]; CAP] = pad([
+        [0.0, 1.0, 1.0, 0.0],
+        [0.0, 0.0, 1.0, 0.0],
+        [0.0, 1.0, 0.0, 0.0],
+    ]);
+    const G: [[f32; CAP]; CAP] = pad([
+        [0.0,  1.0, 0.0],
+        [0.0, -1.0, 1.0],
+        [1.0, -1.0, 0.0],
+    ]);
+    const AT: [[f32; CAP]; CAP] = pad([
+        [1.0, 1.0, 0.0],
+        [1.0, 0.0, 1.0],
+    ]);
+}
+
+/// A sub-image of 1 pixel: only the centre tap reads inside it, `y0 = w1·x0`.
+struct T1;
+
+#[rustfmt::skip]
+impl Algorithm for T1 {
+    const M: usize = 1;
+    const A: usize = 3;
+    const R: usize = 1;
+    const BT: [[f32; CAP]; CAP] = pad([[0.0, 1.0, 0.0]]);
+    const G: [[f32; CAP]; CAP] = pad([[0.0, 1.0, 0.0]]);
+    const AT: [[f32; CAP]; CAP] = pad([[1.0]]);
 }
 
 /// Transformed inputs per chunk, in floats (16 MiB).
 const INPUT_BUDGET: usize = 4 << 20;
 
-/// An output tile side this module computes.
+/// The algorithm along one dimension of a tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum TileSize {
-    F3,
+pub(crate) enum Kind {
     F4,
+    F3,
+    T2,
+    T1,
 }
 
-impl TileSize {
-    /// Output tile side m.
+impl Kind {
+    /// Outputs per tile.
     fn m(self) -> usize {
         match self {
-            TileSize::F3 => 3,
-            TileSize::F4 => 4,
+            Kind::F4 => 4,
+            Kind::F3 => 3,
+            Kind::T2 => 2,
+            Kind::T1 => 1,
         }
     }
 
-    /// Products per tile and channel pair, (m + 2)².
+    /// Multiplications per tile.
     fn products(self) -> usize {
-        (self.m() + 2).pow(2)
+        match self {
+            Kind::F4 => 6,
+            Kind::F3 => 5,
+            Kind::T2 => 3,
+            Kind::T1 => 1,
+        }
+    }
+
+    /// Multiplications along a sub-image of `len` pixels, if this algorithm can tile it.
+    fn cost(self, len: usize) -> Option<usize> {
+        match self {
+            Kind::T2 if len > 2 => None,
+            Kind::T1 if len > 1 => None,
+            _ => Some(len.div_ceil(self.m()) * self.products()),
+        }
+    }
+
+    /// The cheapest algorithm for a sub-image of `len` pixels (ties to the larger tile).
+    fn best(len: usize) -> Kind {
+        [Kind::F4, Kind::F3, Kind::T2, Kind::T1]
+            .into_iter()
+            .filter_map(|k| Some((k, k.cost(len)?)))
+            .min_by_key(|&(_, cost)| cost)
+            .map_or(Kind::F4, |(k, _)| k)
     }
 }
 
@@ -124,40 +220,69 @@ struct Tile {
     tx: usize,
 }
 
-/// Every m×m output tile of every residue sub-grid.
-fn tiles(g: &ConvGeometry, m: usize) -> Vec<Tile> {
+/// The tiles that take one pair of algorithms (along rows, along columns), residue pair by residue pair.
+pub(crate) struct Class {
+    pub(crate) rows: Kind,
+    pub(crate) cols: Kind,
+    tiles: Vec<Tile>,
+}
+
+impl Class {
+    /// Products per channel pair: one per tile and (row, column) product of the algorithms.
+    fn products_per_channel(&self) -> usize {
+        self.rows.products() * self.cols.products() * self.tiles.len()
+    }
+}
+
+/// How a convolution runs here: its tiles, grouped by algorithm pair.
+pub(crate) struct Plan {
+    pub(crate) classes: Vec<Class>,
+}
+
+/// The plan for this convolution, if Winograd pays: 3×3, stride 1, "same" padding (the polyphase split needs
+/// padding = dilation), and its estimated cost well under the direct convolution's `direct_macs` (per channel
+/// pair, padded taps skipped). Each sub-image length takes its cheapest algorithm along each dimension.
+pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
+    if !(g.k == 3 && g.stride == 1 && g.padding == g.dilation && g.cin >= 16) {
+        return None;
+    }
     let d = g.dilation;
-    let mut tiles = Vec::new();
+    let mut classes: Vec<Class> = Vec::new();
     for ry in 0..d.min(g.oh) {
-        let sh = (g.oh - ry).div_ceil(d);
+        let rows = (g.oh - ry).div_ceil(d);
+        let ky = Kind::best(rows);
         for rx in 0..d.min(g.ow) {
-            let sw = (g.ow - rx).div_ceil(d);
-            for ty in 0..sh.div_ceil(m) {
-                for tx in 0..sw.div_ceil(m) {
-                    tiles.push(Tile { ry, rx, ty, tx });
+            let cols = (g.ow - rx).div_ceil(d);
+            let kx = Kind::best(cols);
+            let at = match classes.iter().position(|c| (c.rows, c.cols) == (ky, kx)) {
+                Some(at) => at,
+                None => {
+                    classes.push(Class {
+                        rows: ky,
+                        cols: kx,
+                        tiles: Vec::new(),
+                    });
+                    classes.len() - 1
+                }
+            };
+            for ty in 0..rows.div_ceil(ky.m()) {
+                for tx in 0..cols.div_ceil(kx.m()) {
+                    classes[at].tiles.push(Tile { ry, rx, ty, tx });
                 }
             }
         }
     }
-    tiles
-}
-
-/// The tile size this convolution runs with here, if any: 3×3, stride 1, "same" padding (the polyphase split needs
-/// padding = dilation), and the tiles' multiplications well under the direct convolution's `direct_macs` (per
-/// channel pair, padded taps skipped). Of the sizes that pay, the one with the fewest multiplications; ties go to
-/// the larger tile (fewer, larger products).
-pub(crate) fn choose(g: &ConvGeometry, direct_macs: usize) -> Option<TileSize> {
-    if !(g.k == 3 && g.stride == 1 && g.padding == g.dilation && g.cin >= 16) {
-        return None;
-    }
-    [TileSize::F4, TileSize::F3]
-        .into_iter()
-        .map(|size| (size, tiles(g, size.m()).len() * size.products()))
-        // The transforms cost up to half the products' time on top (ASPP's 2048 → 256 channels at dilation 12:
-        // 36 ms beside 86), and the products run a little below the direct ones' rate.
-        .filter(|&(_, macs)| (macs as f64) * 1.5 < direct_macs as f64 * 0.9)
-        .min_by_key(|&(_, macs)| macs)
-        .map(|(size, _)| size)
+    // Cost per channel pair, in multiply-accumulates of the products: each tile's products, plus the input
+    // transform (per input channel, tile and product, about 72 multiply-accumulates' time: shared by the output
+    // channels) and the weight transform (per channel pair and product, about 47). Measured on ASPP's 2048 → 256
+    // channels at dilation 12 on 2 Zen 4 threads (inputs 24 ms, weights 7 ms, products 86 ms); the direct
+    // products run about 10% faster per multiply-accumulate.
+    let per_tile = 1.0 + 72.0 / g.cout as f64;
+    let cost: f64 = classes
+        .iter()
+        .map(|c| (c.rows.products() * c.cols.products()) as f64 * (c.tiles.len() as f64 * per_tile + 47.0))
+        .sum();
+    (cost < direct_macs as f64 * 0.9).then_some(Plan { classes })
 }
 
 /// Buffers reused across calls.
@@ -169,70 +294,118 @@ pub(crate) struct Buffers {
     product: Vec<f32>,
 }
 
-/// Adds the convolution of `x` `[Cin, H, W]` by `weight` `[Cout, Cin, 3, 3]` onto `out` `[Cout, oh, ow]`, with
-/// `size`'s tiles (from [`choose`]).
+/// Adds the convolution of `x` `[Cin, H, W]` by `weight` `[Cout, Cin, 3, 3]` onto `out` `[Cout, oh, ow]`, as
+/// `plan` (from [`plan`]) says: per chunk of input channels, the chunk is interleaved once, then each class's
+/// inputs and weights are transformed and its products accumulated; at the end each class's output transform.
 pub(crate) fn conv2d_add(
     g: &ConvGeometry,
-    size: TileSize,
+    plan: &Plan,
     x: &[f32],
     weight: &[f32],
     out: &mut [f32],
     buffers: &mut Buffers,
 ) {
-    match size {
-        TileSize::F3 => conv2d_add_with::<3, 5, F3>(g, x, weight, out, buffers),
-        TileSize::F4 => conv2d_add_with::<4, 6, F4>(g, x, weight, out, buffers),
+    // Each algorithm pair is its own compiled instance of the transforms.
+    macro_rules! dispatch {
+        ($class:expr, $f:ident($($arg:expr),*)) => {
+            match ($class.rows, $class.cols) {
+                (Kind::F4, Kind::F4) => $f::<F4, F4>($($arg),*),
+                (Kind::F4, Kind::F3) => $f::<F4, F3>($($arg),*),
+                (Kind::F4, Kind::T2) => $f::<F4, T2>($($arg),*),
+                (Kind::F4, Kind::T1) => $f::<F4, T1>($($arg),*),
+                (Kind::F3, Kind::F4) => $f::<F3, F4>($($arg),*),
+                (Kind::F3, Kind::F3) => $f::<F3, F3>($($arg),*),
+                (Kind::F3, Kind::T2) => $f::<F3, T2>($($arg),*),
+                (Kind::F3, Kind::T1) => $f::<F3, T1>($($arg),*),
+                (Kind::T2, Kind::F4) => $f::<T2, F4>($($arg),*),
+                (Kind::T2, Kind::F3) => $f::<T2, F3>($($arg),*),
+                (Kind::T2, Kind::T2) => $f::<T2, T2>($($arg),*),
+                (Kind::T2, Kind::T1) => $f::<T2, T1>($($arg),*),
+                (Kind::T1, Kind::F4) => $f::<T1, F4>($($arg),*),
+                (Kind::T1, Kind::F3) => $f::<T1, F3>($($arg),*),
+                (Kind::T1, Kind::T2) => $f::<T1, T2>($($arg),*),
+                (Kind::T1, Kind::T1) => $f::<T1, T1>($($arg),*),
+            }
+        };
+    }
+    let Buffers {
+        interleaved,
+        input,
+        weight: transformed_weight,
+        product,
+    } = buffers;
+    let hw = g.h * g.w;
+    // Each class's M[co][ξ][tile] (R²·t per output channel), one after another.
+    let sizes: Vec<usize> = plan.classes.iter().map(|c| c.products_per_channel()).collect();
+    let largest = sizes.iter().copied().max().unwrap_or(1);
+    // A whole number of lane groups, so only the last chunk has a partial one.
+    let chunk = (INPUT_BUDGET / largest / LANES * LANES).clamp(LANES, g.cin);
+    // Not cleared: the first chunk's products overwrite it.
+    at_least(product, g.cout * sizes.iter().sum::<usize>());
+    for c0 in (0..g.cin).step_by(chunk) {
+        let cc = (c0 + chunk).min(g.cin) - c0;
+        let groups = cc.div_ceil(LANES);
+        if interleaved.len() < groups * hw {
+            interleaved.resize(groups * hw, [0.0; LANES]);
+        }
+        interleave(&x[c0 * hw..(c0 + cc) * hw], hw, &mut interleaved[..groups * hw]);
+        let mut at = 0;
+        for (class, size) in plan.classes.iter().zip(&sizes) {
+            let m = &mut product[at..at + g.cout * size];
+            at += g.cout * size;
+            let chunk_of = (&interleaved[..groups * hw], c0..c0 + cc);
+            dispatch!(
+                class,
+                accumulate_chunk(g, &class.tiles, chunk_of, weight, input, transformed_weight, m)
+            );
+        }
+    }
+    let mut at = 0;
+    for (class, size) in plan.classes.iter().zip(&sizes) {
+        let m = &product[at..at + g.cout * size];
+        at += g.cout * size;
+        dispatch!(class, transform_outputs(g, &class.tiles, m, out));
     }
 }
 
-fn conv2d_add_with<const M: usize, const A: usize, F: Transforms<M, A>>(
+/// One class (algorithm `Y` along rows, `X` along columns), one chunk of input channels (`interleaved`, the
+/// chunk's channels in lane groups, and their range): transforms its inputs and weights, then `M[ξ] (+)= U[ξ]·V[ξ]`
+/// into `m` `[Cout][ξ][tile]` (overwriting it for the first chunk).
+fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
-    x: &[f32],
+    tiles: &[Tile],
+    (interleaved, channels): (&[Lanes], std::ops::Range<usize>),
     weight: &[f32],
-    out: &mut [f32],
-    buffers: &mut Buffers,
+    input: &mut Vec<f32>,
+    transformed_weight: &mut Vec<f32>,
+    m: &mut [f32],
 ) {
-    let a2 = A * A;
-    let tiles = tiles(g, M);
-    let t = tiles.len();
-    // A whole number of lane groups, so only the last chunk has a partial one.
-    let chunk = (INPUT_BUDGET / (a2 * t) / LANES * LANES).clamp(LANES, g.cin);
-    // M[co][ξ][tile]
-    // Not cleared: the first chunk's products overwrite it.
-    at_least(&mut buffers.product, g.cout * a2 * t);
-    for c0 in (0..g.cin).step_by(chunk) {
-        let cc = (c0 + chunk).min(g.cin) - c0;
-        transform_inputs::<M, A, F>(
-            g,
-            &tiles,
-            x,
-            c0..c0 + cc,
-            &mut buffers.interleaved,
-            aligned(&mut buffers.input, A * A * v_stride(t, cc)),
-        );
-        transform_weights::<M, A, F>(g, weight, c0..c0 + cc, &mut buffers.weight);
-        let (u, v) = (&buffers.weight, aligned(&mut buffers.input, A * A * v_stride(t, cc)));
-        // The A² products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per
-        // task, rather than each product split across the threads with a wait after each.
-        let m = buffers.product[..g.cout * a2 * t].as_mut_ptr() as usize;
-        (0..a2).into_par_iter().for_each(|xi| {
-            // SAFETY: M[co][ξ][·] rows are A²·t apart (length t); U[co][ξ][·] rows A²·cc apart (length cc);
-            // V[ξ] is [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and
-            // tasks write disjoint elements of M (their own ξ).
-            unsafe {
-                gemm_strided(
-                    (g.cout, t, cc),
-                    ((m as *mut f32).add(xi * t), a2 * t, 1),
-                    (u[xi * cc..].as_ptr(), a2 * cc, 1),
-                    (v[xi * v_stride(t, cc)..].as_ptr(), 1, cc),
-                    c0 > 0,
-                    Parallelism::None,
-                )
-            };
-        });
-    }
-    transform_outputs::<M, A, F>(g, &tiles, &buffers.product[..g.cout * a2 * t], out);
+    let (r2, t, cc) = (Y::R * X::R, tiles.len(), channels.len());
+    let v = aligned(input, r2 * v_stride(t, cc));
+    transform_inputs::<Y, X>(g, tiles, interleaved, cc, v);
+    transform_weights::<Y, X>(g, weight, channels.clone(), transformed_weight);
+    let (u, v) = (&*transformed_weight, &*v);
+    // The R² products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per task,
+    // rather than each product split across the threads with a wait after each.
+    assert_eq!(m.len(), g.cout * r2 * t);
+    let m = m.as_mut_ptr() as usize;
+    (0..r2).into_par_iter().for_each(|xi| {
+        // SAFETY: M[co][ξ][·] rows are R²·t apart (length t); U[co][ξ][·] rows R²·cc apart (length cc); V[ξ] is
+        // [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and tasks write
+        // disjoint elements of M (their own ξ).
+        unsafe {
+            gemm_strided(
+                (g.cout, t, cc),
+                ((m as *mut f32).add(xi * t), r2 * t, 1),
+                (u[xi * cc..].as_ptr(), r2 * cc, 1),
+                (v[xi * v_stride(t, cc)..].as_ptr(), 1, cc),
+                channels.start > 0,
+                Parallelism::None,
+            )
+        };
+    });
 }
+
 /// Tiles (or channels) transformed together, one per SIMD lane: the loops over lanes vectorise.
 const LANES: usize = 16;
 
@@ -250,15 +423,19 @@ fn copy_lanes(dst: &mut [f32], src: &[f32], n: usize) {
     }
 }
 
-/// `out[i][j] = Σ_a m[i][a]·x[a][j]` on lane vectors, skipping the matrix's zeros.
+/// A tile's values, one lane vector per element, in a CAP×CAP block of which the transforms use the top left.
+type Block = [[Lanes; CAP]; CAP];
+
+/// `out[i][j] = Σ_{a < k} m[i][a]·x[a][j]` for `i < rows`, `j < cols`, on lane vectors, skipping the matrix's
+/// zeros (the bounds and `m` are constants where this is inlined, so the loops unroll to the exact size).
 #[inline(always)]
-fn left<const R: usize, const K: usize, const C: usize>(m: &[[f32; K]; R], x: &[[Lanes; C]; K]) -> [[Lanes; C]; R] {
-    let mut out = [[[0f32; LANES]; C]; R];
-    for i in 0..R {
-        for a in 0..K {
+fn left(m: &[[f32; CAP]; CAP], x: &Block, (rows, k, cols): (usize, usize, usize)) -> Block {
+    let mut out = [[[0f32; LANES]; CAP]; CAP];
+    for i in 0..rows {
+        for a in 0..k {
             let c = m[i][a];
             if c != 0.0 {
-                for j in 0..C {
+                for j in 0..cols {
                     for l in 0..LANES {
                         out[i][j][l] += c * x[a][j][l];
                     }
@@ -269,13 +446,13 @@ fn left<const R: usize, const K: usize, const C: usize>(m: &[[f32; K]; R], x: &[
     out
 }
 
-/// `out[i][j] = Σ_b x[i][b]·m[j][b]` (times the transpose of `m`) on lane vectors, skipping the matrix's zeros.
+/// `out[i][j] = Σ_{b < k} x[i][b]·m[j][b]` (times the transpose of `m`) for `i < rows`, `j < cols`, as [`left`].
 #[inline(always)]
-fn right<const R: usize, const K: usize, const C: usize>(x: &[[Lanes; K]; R], m: &[[f32; K]; C]) -> [[Lanes; C]; R] {
-    let mut out = [[[0f32; LANES]; C]; R];
-    for i in 0..R {
-        for j in 0..C {
-            for b in 0..K {
+fn right(x: &Block, m: &[[f32; CAP]; CAP], (rows, k, cols): (usize, usize, usize)) -> Block {
+    let mut out = [[[0f32; LANES]; CAP]; CAP];
+    for i in 0..rows {
+        for j in 0..cols {
+            for b in 0..k {
                 let c = m[j][b];
                 if c != 0.0 {
                     for l in 0..LANES {
@@ -485,50 +662,42 @@ fn avx512() -> bool {
 /// has it and for the baseline otherwise, with the same generic parameters and arguments.
 macro_rules! simd_dispatch {
     ($name:ident, $avx512:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
-        fn $name<const M: usize, const A: usize, F: Transforms<M, A>>($($arg: $ty),*) {
+        fn $name<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if avx512() {
                 // SAFETY: the CPU has AVX-512F; `$body`'s own contract is the caller's.
                 #[allow(unused_unsafe)]
-                return unsafe { $avx512::<M, A, F>($($arg),*) };
+                return unsafe { $avx512::<Y, X>($($arg),*) };
             }
             #[allow(unused_unsafe)]
-            unsafe { $body::<M, A, F>($($arg),*) }
+            unsafe { $body::<Y, X>($($arg),*) }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
-        unsafe fn $avx512<const M: usize, const A: usize, F: Transforms<M, A>>($($arg: $ty),*) {
+        unsafe fn $avx512<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[allow(unused_unsafe)]
-            unsafe { $body::<M, A, F>($($arg),*) }
+            unsafe { $body::<Y, X>($($arg),*) }
         }
     };
 }
 
-/// `V[ξ][tile][c] = (Bᵀ·d·B)[ξ]` for the A×A input patch `d` of every tile, channels `channels` (`c` counted
-/// from its start). Each task takes a band of tiles: it copies their rows of all the chunk's channels into
-/// channel-interleaved sub-images, then transforms `LANES` channels at a time, so the loads and stores are whole
-/// vectors and each task writes its own rows of V, whole.
-fn transform_inputs<const M: usize, const A: usize, F: Transforms<M, A>>(
+/// `V[ξ][tile][c] = (Bᵀ·d·B)[ξ]` for the input patch `d` of every tile, the chunk's `cc` channels given
+/// interleaved into vectors of `LANES`: each task takes a band of tiles, copies their padded sub-image rows out of
+/// that with whole-vector moves, and transforms `LANES` channels at a time, writing its own rows of V, whole.
+fn transform_inputs<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
     tiles: &[Tile],
-    x: &[f32],
-    channels: std::ops::Range<usize>,
-    interleaved: &mut Vec<Lanes>,
+    interleaved: &[Lanes],
+    cc: usize,
     v: &mut [f32],
 ) {
-    let (t, cc) = (tiles.len(), channels.len());
-    let sub = PaddedSubImages::new(g, M);
+    let t = tiles.len();
+    let sub = PaddedSubImages::new(g, X::M);
     let groups = cc.div_ceil(LANES);
     let hw = g.h * g.w;
-    if interleaved.len() < groups * hw {
-        interleaved.resize(groups * hw, [0.0; LANES]);
-    }
-    let interleaved = &mut interleaved[..groups * hw];
-    interleave(&x[channels.start * hw..channels.end * hw], hw, interleaved);
-    let interleaved = &*interleaved;
     // Every element is written below.
-    assert_eq!(v.len(), A * A * v_stride(t, cc));
+    assert_eq!(v.len(), Y::R * X::R * v_stride(t, cc));
     let v = v.as_mut_ptr() as usize;
     bands(tiles)
         .into_par_iter()
@@ -536,15 +705,15 @@ fn transform_inputs<const M: usize, const A: usize, F: Transforms<M, A>>(
             let band = &tiles[range.clone()];
             let (first, last) = (band[0], band[band.len() - 1]);
             // Padded rows ty·M .. (ty + 1)·M + 2 of each tile row.
-            let rows = first.ty * M..(last.ty + 1) * M + 2;
+            let rows = first.ty * Y::M..(last.ty + 1) * Y::M + 2;
             let per_group = rows.len() * sub.bw;
             buf.resize(groups * per_group, [0.0; LANES]);
             for (gbuf, image) in buf.chunks_mut(per_group).zip(interleaved.chunks(hw)) {
                 sub.fill(g, image, (first.ry, first.rx), rows.clone(), gbuf);
             }
-            // SAFETY: V holds A²·t·cc floats; this task writes rows V[ξ][range][·], which no other task does.
+            // SAFETY: V holds R²·t·cc floats; this task writes rows V[ξ][range][·], which no other task does.
             unsafe {
-                input_tiles::<M, A, F>(
+                input_tiles::<Y, X>(
                     &sub,
                     band,
                     (buf.as_slice(), per_group, rows.start),
@@ -564,35 +733,39 @@ simd_dispatch!(input_tiles, input_tiles_avx512, input_tiles_body, (sub: &PaddedS
 /// # Safety
 /// `v` must cover the band's rows of V, for every ξ.
 #[inline(always)]
-unsafe fn input_tiles_body<const M: usize, const A: usize, F: Transforms<M, A>>(
+unsafe fn input_tiles_body<Y: Algorithm, X: Algorithm>(
     sub: &PaddedSubImages,
     band: &[Tile],
     (buf, per_group, first_row): (&[Lanes], usize, usize),
     v: *mut f32,
     (t, cc): (usize, usize),
 ) {
-    let mut patch = [[[0f32; LANES]; A]; A];
+    let mut patch: Block = [[[0f32; LANES]; CAP]; CAP];
     for (i, tile) in band.iter().enumerate() {
-        let start = (tile.ty * M - first_row) * sub.bw + tile.tx * M;
+        let start = (tile.ty * Y::M - first_row) * sub.bw + tile.tx * X::M;
         for (group, gbuf) in buf.chunks(per_group).enumerate() {
-            for (a, row) in patch.iter_mut().enumerate() {
-                row.copy_from_slice(&gbuf[start + a * sub.bw..start + a * sub.bw + A]);
+            for (a, row) in patch.iter_mut().enumerate().take(Y::A) {
+                row[..X::A].copy_from_slice(&gbuf[start + a * sub.bw..start + a * sub.bw + X::A]);
             }
-            let transformed = right(&left(&F::BT, &patch), &F::BT);
+            let rows_done = left(&Y::BT, &patch, (Y::R, Y::A, X::A));
+            let transformed = right(&rows_done, &X::BT, (Y::R, X::A, X::R));
             let lanes = (cc - group * LANES).min(LANES);
-            for (xi, lanes_v) in transformed.iter().flatten().enumerate() {
-                // SAFETY (the caller's): V[ξ][tile i][group's lanes] is inside the band's rows.
-                let dst = unsafe {
-                    std::slice::from_raw_parts_mut(v.add(xi * v_stride(t, cc) + i * cc + group * LANES), lanes)
-                };
-                copy_lanes(dst, lanes_v, lanes);
+            for (r, row) in transformed.iter().enumerate().take(Y::R) {
+                for (s, lanes_v) in row.iter().enumerate().take(X::R) {
+                    let xi = r * X::R + s;
+                    // SAFETY (the caller's): V[ξ][tile i][group's lanes] is inside the band's rows.
+                    let dst = unsafe {
+                        std::slice::from_raw_parts_mut(v.add(xi * v_stride(t, cc) + i * cc + group * LANES), lanes)
+                    };
+                    copy_lanes(dst, lanes_v, lanes);
+                }
             }
         }
     }
 }
 
 /// `U[co][ξ][c] = (G·g·Gᵀ)[ξ]` for channels `channels` of every output channel, `LANES` channels at a time.
-fn transform_weights<const M: usize, const A: usize, F: Transforms<M, A>>(
+fn transform_weights<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
     weight: &[f32],
     channels: std::ops::Range<usize>,
@@ -600,12 +773,12 @@ fn transform_weights<const M: usize, const A: usize, F: Transforms<M, A>>(
 ) {
     let cc = channels.len();
     // Every element is written below.
-    at_least(u, g.cout * A * A * cc)
-        .par_chunks_mut(A * A * cc)
+    at_least(u, g.cout * Y::R * X::R * cc)
+        .par_chunks_mut(Y::R * X::R * cc)
         .enumerate()
         .for_each(|(co, uc)| {
             let w = &weight[co * g.cin * 9..(co + 1) * g.cin * 9];
-            weight_row::<M, A, F>(&w[channels.start * 9..channels.end * 9], uc);
+            weight_row::<Y, X>(&w[channels.start * 9..channels.end * 9], uc);
         });
 }
 
@@ -613,24 +786,25 @@ simd_dispatch!(weight_row, weight_row_avx512, weight_row_body, (w: &[f32], uc: &
 
 /// One output channel's `U[ξ][c]` from its weights `w` `[cc, 3, 3]`.
 #[inline(always)]
-fn weight_row_body<const M: usize, const A: usize, F: Transforms<M, A>>(w: &[f32], uc: &mut [f32]) {
+fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
     let cc = w.len() / 9;
     // Lanes past the last channel hold stale values, never stored.
-    let mut k = [[[0f32; LANES]; 3]; 3];
+    let mut k: Block = [[[0f32; LANES]; CAP]; CAP];
     for c0 in (0..cc).step_by(LANES) {
         let lanes = (cc - c0).min(LANES);
         for l in 0..lanes {
             let wc = &w[(c0 + l) * 9..(c0 + l + 1) * 9];
-            for (a, row) in k.iter_mut().enumerate() {
-                for (b, v) in row.iter_mut().enumerate() {
+            for (a, row) in k.iter_mut().enumerate().take(3) {
+                for (b, v) in row.iter_mut().enumerate().take(3) {
                     v[l] = wc[a * 3 + b];
                 }
             }
         }
-        let transformed = right(&left(&F::G, &k), &F::G);
-        for (r, row) in transformed.iter().enumerate() {
-            for (s, lanes_v) in row.iter().enumerate() {
-                let at = (r * A + s) * cc + c0;
+        let rows_done = left(&Y::G, &k, (Y::R, 3, 3));
+        let transformed = right(&rows_done, &X::G, (Y::R, 3, X::R));
+        for (r, row) in transformed.iter().enumerate().take(Y::R) {
+            for (s, lanes_v) in row.iter().enumerate().take(X::R) {
+                let at = (r * X::R + s) * cc + c0;
                 copy_lanes(&mut uc[at..], lanes_v, lanes);
             }
         }
@@ -638,15 +812,10 @@ fn weight_row_body<const M: usize, const A: usize, F: Transforms<M, A>>(w: &[f32
 }
 
 /// `out[co] += Aᵀ·M·A` of every tile, cropped to the output, `LANES` tiles at a time.
-fn transform_outputs<const M: usize, const A: usize, F: Transforms<M, A>>(
-    g: &ConvGeometry,
-    tiles: &[Tile],
-    m: &[f32],
-    out: &mut [f32],
-) {
-    let t = tiles.len();
+fn transform_outputs<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile], m: &[f32], out: &mut [f32]) {
+    let (t, r2) = (tiles.len(), Y::R * X::R);
     out.par_chunks_mut(g.oh * g.ow).enumerate().for_each(|(co, o)| {
-        output_channel::<M, A, F>(g, tiles, &m[co * A * A * t..(co + 1) * A * A * t], o);
+        output_channel::<Y, X>(g, tiles, &m[co * r2 * t..(co + 1) * r2 * t], o);
     });
 }
 
@@ -654,33 +823,29 @@ simd_dispatch!(output_channel, output_channel_avx512, output_channel_body, (g: &
 
 /// One output channel: `o` `[oh, ow]` += its tiles' `Aᵀ·M·A` from `mc` `[ξ][tile]`.
 #[inline(always)]
-fn output_channel_body<const M: usize, const A: usize, F: Transforms<M, A>>(
-    g: &ConvGeometry,
-    tiles: &[Tile],
-    mc: &[f32],
-    o: &mut [f32],
-) {
+fn output_channel_body<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile], mc: &[f32], o: &mut [f32]) {
     let t = tiles.len();
     let d = g.dilation;
     // Lanes past the last tile hold stale values, never stored.
-    let mut mt = [[[0f32; LANES]; A]; A];
+    let mut mt: Block = [[[0f32; LANES]; CAP]; CAP];
     for t0 in (0..t).step_by(LANES) {
         let lanes = (t - t0).min(LANES);
-        for (a, row) in mt.iter_mut().enumerate() {
-            for (b, v) in row.iter_mut().enumerate() {
-                let at = (a * A + b) * t + t0;
+        for (r, row) in mt.iter_mut().enumerate().take(Y::R) {
+            for (s, v) in row.iter_mut().enumerate().take(X::R) {
+                let at = (r * X::R + s) * t + t0;
                 copy_lanes(v, &mc[at..], lanes);
             }
         }
-        let y = right(&left(&F::AT, &mt), &F::AT);
+        let rows_done = left(&Y::AT, &mt, (Y::M, Y::R, X::R));
+        let y = right(&rows_done, &X::AT, (Y::M, X::R, X::M));
         for (l, tile) in tiles[t0..t0 + lanes].iter().enumerate() {
-            for (i, row) in y.iter().enumerate() {
-                let oy = tile.ry + d * (tile.ty * M + i);
+            for (i, row) in y.iter().enumerate().take(Y::M) {
+                let oy = tile.ry + d * (tile.ty * Y::M + i);
                 if oy >= g.oh {
                     break;
                 }
-                for (j, v) in row.iter().enumerate() {
-                    let ox = tile.rx + d * (tile.tx * M + j);
+                for (j, v) in row.iter().enumerate().take(X::M) {
+                    let ox = tile.rx + d * (tile.tx * X::M + j);
                     if ox >= g.ow {
                         break;
                     }
@@ -704,17 +869,12 @@ mod tests {
             let groups = planes.div_ceil(LANES);
             let mut out = vec![[f32::NAN; LANES]; groups * hw];
             interleave(&x, hw, &mut out);
-            for group in 0..groups {
-                for p in 0..hw {
-                    for l in 0..LANES {
-                        let c = group * LANES + l;
-                        let want = if c < planes { x[c * hw + p] } else { 0.0 };
-                        assert_eq!(
-                            out[group * hw + p][l],
-                            want,
-                            "planes {planes}, hw {hw}: channel {c}, pixel {p}"
-                        );
-                    }
+            for (i, lanes) in out.iter().enumerate() {
+                let (group, p) = (i / hw, i % hw);
+                for (l, &got) in lanes.iter().enumerate() {
+                    let c = group * LANES + l;
+                    let want = if c < planes { x[c * hw + p] } else { 0.0 };
+                    assert_eq!(got, want, "planes {planes}, hw {hw}: channel {c}, pixel {p}");
                 }
             }
         }
