@@ -608,9 +608,9 @@ mod x86 {
     }
 }
 
-/// Floats from V[ξ] to V[ξ + 1] (`[tiles, cc]` each): one cache line more than the matrix, so the A² rows a tile
-/// writes are not a multiple of 4 KiB apart (they would all fall in one set of the L1 cache, which evicted each
-/// line before it was full).
+/// Floats from V[ξ] to V[ξ + 1] (`[tiles, cc]` each): one cache line more than the matrix, so the R² rows a tile
+/// writes are not a multiple of 4 KiB apart (with ASPP's sizes they would be, all in one set of the L1 cache; the
+/// measured difference was within noise, the padding costs nothing).
 fn v_stride(t: usize, cc: usize) -> usize {
     t * cc + LANES
 }
