@@ -1,0 +1,64 @@
+//! One CPU convolution, timed: the kernel `conv2d_image` runs for that geometry (Winograd, tap-wise, blocked or a
+//! plain product), with bias and ReLU, on `RAYON_NUM_THREADS` threads. For reading one layer's cost in isolation
+//! (under `perf`, say) rather than inside a whole network's profile.
+//! Usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N]; prints one JSON line.
+
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use semseg::model::ops::conv_cpu::{conv2d_image, ConvGeometry, Epilogue, Scratch};
+
+fn main() -> Result<()> {
+    let mut numbers = Vec::new();
+    let mut runs = 10usize;
+    let mut args = std::env::args().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--runs" {
+            runs = args.next().context("--runs needs a value")?.parse()?;
+        } else {
+            numbers.push(a.parse::<usize>().with_context(|| format!("not a number: {a}"))?);
+        }
+    }
+    let [cin, h, w, cout, k, rest @ ..] = numbers.as_slice() else {
+        bail!("usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N]");
+    };
+    let (stride, padding, dilation) = match rest {
+        [] => (1, k / 2, 1),
+        [s, p, d] => (*s, *p, *d),
+        _ => bail!("STRIDE PADDING DILATION go together"),
+    };
+    let g = ConvGeometry::new((*cin, *h, *w), (*cout, *k), stride, padding, dilation)
+        .context("kernel larger than input")?;
+    let x: Vec<f32> = (0..g.input_len())
+        .map(|i| ((i * 7919) % 1000) as f32 * 1e-3 - 0.5)
+        .collect();
+    let weight: Vec<f32> = (0..g.weight_len())
+        .map(|i| ((i * 104729) % 1000) as f32 * 1e-4 - 0.05)
+        .collect();
+    let bias: Vec<f32> = (0..g.cout).map(|i| i as f32 * 1e-3).collect();
+    let mut out = vec![0f32; g.output_len()];
+    let mut scratch = Scratch::default();
+    let epilogue = Epilogue {
+        bias: Some(&bias),
+        residual: None,
+        relu: true,
+    };
+    conv2d_image(&g, &x, &weight, epilogue, &mut out, &mut scratch);
+    let mut ms: Vec<f64> = (0..runs.max(1))
+        .map(|_| {
+            let t = Instant::now();
+            conv2d_image(&g, &x, &weight, epilogue, &mut out, &mut scratch);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    ms.sort_by(f64::total_cmp);
+    let macs = (g.cout * g.cin * g.k * g.k * g.oh * g.ow) as f64;
+    println!(
+        "{{\"geometry\": \"{g:?}\", \"threads\": {}, \"median_ms\": {:.2}, \"min_ms\": {:.2}, \"dense_gflops\": {:.1}}}",
+        rayon::current_num_threads(),
+        ms[ms.len() / 2],
+        ms[0],
+        2.0 * macs / ms[0] / 1e6
+    );
+    Ok(())
+}
