@@ -220,8 +220,11 @@ pub(crate) unsafe fn gemm_bf16(
         rs: rhs_rs,
         cs: rhs_cs,
     };
-    let packed_lhs = pack_lhs(m, k, lhs, parallel, kernel);
-    let packed_rhs = PackedRhs::new(k, n, rhs, parallel, kernel);
+    // This thread's packing buffers, taken for the call (a nested call on this thread, from a task stolen while
+    // waiting, finds them empty and grows its own).
+    let (mut lhs_buffer, rhs_buffer) = (PACKED_LHS.take(), PACKED_RHS.take());
+    let packed_lhs = pack_lhs(m, k, lhs, parallel, kernel, &mut lhs_buffer);
+    let packed_rhs = PackedRhs::new(k, n, rhs, parallel, kernel, rhs_buffer);
     let panels = m.div_ceil(kernel.mr());
 
     // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
@@ -251,6 +254,24 @@ pub(crate) unsafe fn gemm_bf16(
     } else {
         (0..tasks).for_each(run);
     }
+    PACKED_LHS.set(lhs_buffer);
+    PACKED_RHS.set(packed_rhs.values);
+}
+
+thread_local! {
+    /// Packed operands of the last call on this thread, kept so that a call does not allocate (and zero) them:
+    /// that cost as much as the AMX products of a convolution's small matrices.
+    static PACKED_LHS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+    static PACKED_RHS: std::cell::Cell<Vec<u32>> = const { std::cell::Cell::new(Vec::new()) };
+}
+
+/// The first `len` values of `buffer`, grown if needed: what they hold is left over, so the packers write every
+/// value, padding included.
+fn reuse(buffer: &mut Vec<u32>, len: usize) -> &mut [u32] {
+    if buffer.len() < len {
+        buffer.resize(len, 0);
+    }
+    &mut buffer[..len]
 }
 
 /// `rhs` packed once per call (every task reads it; none re-packs it) as `[column block of NC][k block][panel]
@@ -263,25 +284,28 @@ struct PackedRhs {
 }
 
 impl PackedRhs {
-    fn new(k: usize, n: usize, rhs: Operand, parallel: bool, kernel: Kernel) -> Self {
+    /// Packs into `buffer` (reused; grown if needed).
+    fn new(k: usize, n: usize, rhs: Operand, parallel: bool, kernel: Kernel, buffer: Vec<u32>) -> Self {
         let kc = kernel.kc();
         let k_blocks = k.div_ceil(kc);
         let panel_len = kernel.rhs_panel_len();
         let mut packed = Self {
-            values: Vec::new(),
+            values: buffer,
             k_blocks,
             n,
             panel_len,
         };
         let col_blocks = n.div_ceil(NC);
-        packed.values = vec![0u32; k_blocks * n.div_ceil(NR) * panel_len];
-        let base = packed.values.as_mut_ptr() as usize;
+        let base = reuse(&mut packed.values, k_blocks * n.div_ceil(NR) * panel_len).as_mut_ptr() as usize;
         let fill = |i: usize| {
             let (ct, kb) = (i / k_blocks, i % k_blocks);
             let range = packed.block(ct, kb);
             // SAFETY: the (column block, k block) ranges are disjoint and inside `values`.
             let out = unsafe { std::slice::from_raw_parts_mut((base as *mut u32).add(range.start), range.len()) };
             let k0 = kb * kc;
+            if k - k0 < kc {
+                out.fill(0); // pairs beyond k (pack_rhs writes the columns beyond n)
+            }
             pack_rhs(rhs, k0, (k - k0).min(kc), ct * NC..((ct + 1) * NC).min(n), out, kernel);
         };
         if parallel && col_blocks * k_blocks > 1 {
@@ -323,17 +347,27 @@ pub fn matmul_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
 
 /// `lhs` as `[k block][panel]` panels of `kc / 2 × mr` bf16 pairs laid out as [`Kernel::lhs_at`] says, zero beyond
 /// `m` and `k`.
-fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool, kernel: Kernel) -> Vec<u32> {
+fn pack_lhs<'a>(
+    m: usize,
+    k: usize,
+    lhs: Operand,
+    parallel: bool,
+    kernel: Kernel,
+    buffer: &'a mut Vec<u32>,
+) -> &'a [u32] {
     let (mr, kc) = (kernel.mr(), kernel.kc());
     let panels = m.div_ceil(mr);
     let blocks = k.div_ceil(kc);
     let panel_len = kc / 2 * mr;
-    let mut packed = vec![0u32; blocks * panels * panel_len];
+    let packed = reuse(buffer, blocks * panels * panel_len);
     let fill = |(i, out): (usize, &mut [u32])| {
         let (block, panel) = (i / panels, i % panels);
         let k0 = block * kc;
         let kc = (k - k0).min(kc);
         let rows = (m - panel * mr).min(mr);
+        if rows < mr || kc < kernel.kc() {
+            out.fill(0); // rows beyond m, pairs beyond k
+        }
         if lhs.cs == 1 {
             // Row by row along k (contiguous).
             for r in 0..rows {
