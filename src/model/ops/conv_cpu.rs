@@ -226,6 +226,10 @@ pub fn conv2d_image(
         assert_eq!(r.len(), out.len(), "conv2d_image: residual length");
     }
 
+    if g.k == 1 && g.stride == 1 && g.padding == 0 && !crate::model::precision::bf16_products() {
+        return pointwise(g, x, weight, epilogue, out);
+    }
+
     // out = bias + residual: the products below add onto it.
     out.par_chunks_mut(plane).enumerate().for_each(|(co, o)| {
         let b = epilogue.bias.map_or(0.0, |b| b[co]);
@@ -275,6 +279,60 @@ pub fn conv2d_image(
         out.par_chunks_mut(plane)
             .for_each(|o| o.iter_mut().for_each(|v| *v = v.max(0.0)));
     }
+}
+
+/// Bytes of one pointwise task's output block: it stays in L2 between the bias fill, the product and the ReLU.
+const POINTWISE_BLOCK_BYTES: usize = 1 << 20;
+
+/// A 1×1 stride-1 convolution (`out[Cout, hw] = W[Cout, Cin] · x[Cin, hw]`, the input is the column matrix), in
+/// column blocks, each one task from start to end: its part of `out` filled with the bias (and residual), the
+/// product added by a single-threaded gemm, the ReLU applied, while the block is still in cache. Separate passes
+/// over the whole output (fill, product, ReLU) cost a quarter of a ResNet bottleneck's small 1×1 convs (64 → 256
+/// channels at 128²: 4.3 ms, of which the gemm kernel 2.8).
+fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
+    let n = g.h * g.w;
+    let threads = rayon::current_num_threads();
+    let for_cache = (g.cout * n * 4).div_ceil(POINTWISE_BLOCK_BYTES);
+    let tasks = (4 * threads)
+        .max(for_cache)
+        .min(n.div_ceil(MIN_COLUMNS_PER_TASK))
+        .max(1);
+    let per_task = n.div_ceil(tasks).next_multiple_of(16);
+    let (out_at, x_at) = (out.as_mut_ptr() as usize, x.as_ptr() as usize);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        // SAFETY: tasks touch disjoint column ranges of `out` ([cout, n], asserted by the caller); each row's part
+        // is in bounds.
+        let row = |co: usize| unsafe {
+            std::slice::from_raw_parts_mut((out_at as *mut f32).add(co * n + cols.start), cols.len())
+        };
+        for co in 0..g.cout {
+            let b = epilogue.bias.map_or(0.0, |b| b[co]);
+            let o = row(co);
+            match epilogue.residual {
+                Some(r) => o
+                    .iter_mut()
+                    .zip(&r[co * n + cols.start..co * n + cols.end])
+                    .for_each(|(o, r)| *o = r + b),
+                None => o.fill(b),
+            }
+        }
+        // SAFETY: `weight` is [cout, cin]; `x` is [cin, n], this block's columns from cols.start; `out`'s block
+        // as above.
+        unsafe {
+            gemm_strided(
+                (g.cout, cols.len(), g.cin),
+                ((out_at as *mut f32).add(cols.start), n, 1),
+                (weight.as_ptr(), g.cin, 1),
+                ((x_at as *const f32).add(cols.start), n, 1),
+                true,
+                Parallelism::None,
+            )
+        };
+        if epilogue.relu {
+            (0..g.cout).for_each(|co| row(co).iter_mut().for_each(|v| *v = v.max(0.0)));
+        }
+    });
 }
 
 /// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]`, all row-major with unit column stride except `lhs` (`lhs_cs`).
