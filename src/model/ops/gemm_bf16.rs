@@ -236,7 +236,7 @@ pub(crate) unsafe fn gemm_bf16(
         m,
         k,
         dst,
-        packed_lhs: &packed_lhs,
+        packed_lhs,
         packed_rhs: &packed_rhs,
         accumulate,
         kernel,
@@ -347,14 +347,14 @@ pub fn matmul_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
 
 /// `lhs` as `[k block][panel]` panels of `kc / 2 × mr` bf16 pairs laid out as [`Kernel::lhs_at`] says, zero beyond
 /// `m` and `k`.
-fn pack_lhs<'a>(
+fn pack_lhs(
     m: usize,
     k: usize,
     lhs: Operand,
     parallel: bool,
     kernel: Kernel,
-    buffer: &'a mut Vec<u32>,
-) -> &'a [u32] {
+    buffer: &mut Vec<u32>,
+) -> &[u32] {
     let (mr, kc) = (kernel.mr(), kernel.kc());
     let panels = m.div_ceil(mr);
     let blocks = k.div_ceil(kc);
