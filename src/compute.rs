@@ -87,6 +87,7 @@ impl Compute {
             compute_dtype = ?mode.compute_dtype,
             tf32 = mode.tf32,
             bf16_products = mode.bf16_products,
+            bf16_kernel = if mode.bf16_products { crate::model::ops::gemm_bf16::kernel_name() } else { "-" },
             cpu_threads = candle_core::utils::get_num_threads(),
             "compute device chosen"
         );

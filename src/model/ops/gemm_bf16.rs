@@ -114,6 +114,15 @@ pub fn amx_available() -> bool {
     })
 }
 
+/// The micro-kernel bf16 products run on here, for the log: `amx`, `avx512-bf16` or `portable`.
+pub fn kernel_name() -> &'static str {
+    match Kernel::best() {
+        Kernel::Amx => "amx",
+        Kernel::Avx512Bf16 => "avx512-bf16",
+        Kernel::Portable => "portable",
+    }
+}
+
 /// Which micro-kernel runs the tiles.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub(crate) enum Kernel {
@@ -347,14 +356,7 @@ pub fn matmul_bf16(m: usize, n: usize, k: usize, a: &[f32], b: &[f32], c: &mut [
 
 /// `lhs` as `[k block][panel]` panels of `kc / 2 × mr` bf16 pairs laid out as [`Kernel::lhs_at`] says, zero beyond
 /// `m` and `k`.
-fn pack_lhs(
-    m: usize,
-    k: usize,
-    lhs: Operand,
-    parallel: bool,
-    kernel: Kernel,
-    buffer: &mut Vec<u32>,
-) -> &[u32] {
+fn pack_lhs(m: usize, k: usize, lhs: Operand, parallel: bool, kernel: Kernel, buffer: &mut Vec<u32>) -> &[u32] {
     let (mr, kc) = (kernel.mr(), kernel.kc());
     let panels = m.div_ceil(mr);
     let blocks = k.div_ceil(kc);
