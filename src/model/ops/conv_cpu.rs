@@ -660,6 +660,7 @@ pub(crate) mod tests {
         // (cin, h, w, cout, k, stride, padding, dilation)
         let cases = [
             (5, 7, 6, 4, 1, 1, 0, 1),     // 1×1: no columns
+            (6, 37, 29, 70, 1, 1, 0, 1),  // 1×1 over several column blocks, the last one shorter
             (5, 7, 6, 4, 1, 2, 0, 1),     // strided 1×1 (a downsample)
             (3, 9, 8, 4, 7, 2, 3, 1),     // the stem's 7×7/2
             (4, 8, 8, 6, 3, 1, 1, 1),     // 3×3 "same"
