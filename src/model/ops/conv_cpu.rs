@@ -182,6 +182,21 @@ pub struct Epilogue<'a> {
     pub relu: bool,
 }
 
+impl Epilogue<'_> {
+    /// Starts `o`, pixels `from..from + o.len()` of output channel `co` (planes of `plane` pixels), as
+    /// bias + residual: the product is then added onto it.
+    fn start(&self, co: usize, plane: usize, from: usize, o: &mut [f32]) {
+        let b = self.bias.map_or(0.0, |b| b[co]);
+        match self.residual {
+            Some(r) => {
+                let r = &r[co * plane + from..co * plane + from + o.len()];
+                o.iter_mut().zip(r).for_each(|(o, r)| *o = r + b);
+            }
+            None => o.fill(b),
+        }
+    }
+}
+
 /// The first `n` elements of `buf`, grown if needed; what they hold is left over from earlier use.
 pub(crate) fn at_least(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     if buf.len() < n {
@@ -231,16 +246,9 @@ pub fn conv2d_image(
     }
 
     // out = bias + residual: the products below add onto it.
-    out.par_chunks_mut(plane).enumerate().for_each(|(co, o)| {
-        let b = epilogue.bias.map_or(0.0, |b| b[co]);
-        match epilogue.residual {
-            Some(r) => o
-                .iter_mut()
-                .zip(&r[co * plane..(co + 1) * plane])
-                .for_each(|(o, r)| *o = r + b),
-            None => o.fill(b),
-        }
-    });
+    out.par_chunks_mut(plane)
+        .enumerate()
+        .for_each(|(co, o)| epilogue.start(co, plane, 0, o));
 
     if g.k == 1 && g.stride == 1 && g.padding == 0 {
         // SAFETY: `weight` is [cout, cin], `x` is [cin, plane] (oh = h, ow = w here), `out` is [cout, plane]; the
@@ -307,15 +315,7 @@ fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, ou
             std::slice::from_raw_parts_mut((out_at as *mut f32).add(co * n + cols.start), cols.len())
         };
         for co in 0..g.cout {
-            let b = epilogue.bias.map_or(0.0, |b| b[co]);
-            let o = row(co);
-            match epilogue.residual {
-                Some(r) => o
-                    .iter_mut()
-                    .zip(&r[co * n + cols.start..co * n + cols.end])
-                    .for_each(|(o, r)| *o = r + b),
-                None => o.fill(b),
-            }
+            epilogue.start(co, n, cols.start, row(co));
         }
         // SAFETY: `weight` is [cout, cin]; `x` is [cin, n], this block's columns from cols.start; `out`'s block
         // as above.

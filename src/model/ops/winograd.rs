@@ -527,6 +527,12 @@ fn interleave(x: &[f32], hw: usize, out: &mut [Lanes]) {
             unsafe { x86::interleave_16(x, hw, out) };
             return;
         }
+        #[cfg(target_arch = "x86_64")]
+        if lanes == LANES && avx2() {
+            // SAFETY: the CPU has AVX2; `x` holds LANES planes of hw floats and `out` hw vectors.
+            unsafe { x86::interleave_16_avx2(x, hw, out) };
+            return;
+        }
         interleave_scalar(x, hw, lanes, out, 0);
     });
 }
@@ -568,6 +574,63 @@ mod x86 {
             }
         }
         interleave_scalar(x, hw, LANES, out, full);
+    }
+
+    /// [`super::interleave`] of one full group on AVX2: 8 pixels of 8 planes at a time, transposed in registers,
+    /// into one half of each of the 8 pixels' vectors.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `x` must hold 16 planes of `hw` floats and `out` `hw` vectors.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn interleave_16_avx2(x: &[f32], hw: usize, out: &mut [Lanes]) {
+        const HALF: usize = LANES / 2;
+        assert!(x.len() >= LANES * hw && out.len() >= hw);
+        let full = hw / HALF * HALF;
+        for p0 in (0..full).step_by(HALF) {
+            for half in 0..2 {
+                // SAFETY: rows (8·half + l)·hw + p0 .. + 8 and out[p0 .. p0 + 8] are inside the slices (asserted
+                // above).
+                unsafe {
+                    let mut r = [_mm256_setzero_ps(); HALF];
+                    for (l, r) in r.iter_mut().enumerate() {
+                        *r = _mm256_loadu_ps(x.as_ptr().add((HALF * half + l) * hw + p0));
+                    }
+                    let t = transpose_8(r);
+                    for (i, t) in t.iter().enumerate() {
+                        _mm256_storeu_ps((out.as_mut_ptr().add(p0 + i) as *mut f32).add(HALF * half), *t);
+                    }
+                }
+            }
+        }
+        interleave_scalar(x, hw, LANES, out, full);
+    }
+
+    /// The transpose of an 8×8 block of floats held as 8 rows: interleaving 32-bit, then 64-bit elements within
+    /// each 128-bit lane, then swapping 128-bit lanes.
+    #[target_feature(enable = "avx2")]
+    pub(super) fn transpose_8(r: [__m256; 8]) -> [__m256; 8] {
+        // t[2i] lane k: [r2i[4k], r2i+1[4k], r2i[4k+1], r2i+1[4k+1]]; t[2i+1] the same at 4k+2, 4k+3.
+        let mut t = [_mm256_setzero_ps(); 8];
+        for i in 0..4 {
+            t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+            t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+        }
+        // u[4j + q] lane k: column 4k + q of rows 4j .. 4j + 4.
+        let mut u = [_mm256_setzero_ps(); 8];
+        for j in 0..2 {
+            let (t0, t1, t2, t3) = (t[4 * j], t[4 * j + 1], t[4 * j + 2], t[4 * j + 3]);
+            u[4 * j] = _mm256_shuffle_ps::<0x44>(t0, t2);
+            u[4 * j + 1] = _mm256_shuffle_ps::<0xEE>(t0, t2);
+            u[4 * j + 2] = _mm256_shuffle_ps::<0x44>(t1, t3);
+            u[4 * j + 3] = _mm256_shuffle_ps::<0xEE>(t1, t3);
+        }
+        // Column q < 4: the low lanes of u[q] (rows 0..4) and u[4 + q] (rows 4..8); column q + 4: their high lanes.
+        let mut out = [_mm256_setzero_ps(); 8];
+        for q in 0..4 {
+            out[q] = _mm256_permute2f128_ps::<0x20>(u[q], u[4 + q]);
+            out[q + 4] = _mm256_permute2f128_ps::<0x31>(u[q], u[4 + q]);
+        }
+        out
     }
 
     /// The transpose of a 16×16 block of floats held as 16 rows: interleaving 32-bit, then 64-bit elements
@@ -658,16 +721,36 @@ fn avx512() -> bool {
     }
 }
 
+/// Whether the transforms run compiled for AVX2 (8 floats per instruction) on CPUs without AVX-512: AMD before
+/// Zen 4, Intel client CPUs, Haswell to Broadwell servers.
+fn avx2() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        is_x86_feature_detected!("avx2")
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    {
+        false
+    }
+}
+
 /// Defines `$name`, which runs `$body` (a function marked `#[inline(always)]`) compiled for AVX-512F when the CPU
-/// has it and for the baseline otherwise, with the same generic parameters and arguments.
+/// has it, for AVX2 when it has that, and for the baseline otherwise, with the same generic parameters and
+/// arguments.
 macro_rules! simd_dispatch {
-    ($name:ident, $avx512:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
+    ($name:ident, $avx512:ident, $avx2:ident, $body:ident, ($($arg:ident: $ty:ty),*)) => {
         fn $name<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[cfg(target_arch = "x86_64")]
             if avx512() {
                 // SAFETY: the CPU has AVX-512F; `$body`'s own contract is the caller's.
                 #[allow(unused_unsafe)]
                 return unsafe { $avx512::<Y, X>($($arg),*) };
+            }
+            #[cfg(target_arch = "x86_64")]
+            if avx2() {
+                // SAFETY: the CPU has AVX2; `$body`'s own contract is the caller's.
+                #[allow(unused_unsafe)]
+                return unsafe { $avx2::<Y, X>($($arg),*) };
             }
             #[allow(unused_unsafe)]
             unsafe { $body::<Y, X>($($arg),*) }
@@ -676,6 +759,13 @@ macro_rules! simd_dispatch {
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         unsafe fn $avx512<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
+            #[allow(unused_unsafe)]
+            unsafe { $body::<Y, X>($($arg),*) }
+        }
+
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = "avx2")]
+        unsafe fn $avx2<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[allow(unused_unsafe)]
             unsafe { $body::<Y, X>($($arg),*) }
         }
@@ -724,7 +814,7 @@ fn transform_inputs<Y: Algorithm, X: Algorithm>(
         });
 }
 
-simd_dispatch!(input_tiles, input_tiles_avx512, input_tiles_body, (sub: &PaddedSubImages, band: &[Tile], bufs: (&[Lanes], usize, usize), v: *mut f32, dims: (usize, usize)));
+simd_dispatch!(input_tiles, input_tiles_avx512, input_tiles_avx2, input_tiles_body, (sub: &PaddedSubImages, band: &[Tile], bufs: (&[Lanes], usize, usize), v: *mut f32, dims: (usize, usize)));
 
 /// `V[ξ][tile][·]` for a band of tiles from their padded sub-image rows `bufs` (the buffer, its length per lane
 /// group, the first padded row it holds); `v` points at V[0][the band's first tile][0], `dims` = (all tiles,
@@ -782,7 +872,7 @@ fn transform_weights<Y: Algorithm, X: Algorithm>(
         });
 }
 
-simd_dispatch!(weight_row, weight_row_avx512, weight_row_body, (w: &[f32], uc: &mut [f32]));
+simd_dispatch!(weight_row, weight_row_avx512, weight_row_avx2, weight_row_body, (w: &[f32], uc: &mut [f32]));
 
 /// One output channel's `U[ξ][c]` from its weights `w` `[cc, 3, 3]`.
 #[inline(always)]
@@ -819,7 +909,7 @@ fn transform_outputs<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile
     });
 }
 
-simd_dispatch!(output_channel, output_channel_avx512, output_channel_body, (g: &ConvGeometry, tiles: &[Tile], mc: &[f32], o: &mut [f32]));
+simd_dispatch!(output_channel, output_channel_avx512, output_channel_avx2, output_channel_body, (g: &ConvGeometry, tiles: &[Tile], mc: &[f32], o: &mut [f32]));
 
 /// One output channel: `o` `[oh, ow]` += its tiles' `Aᵀ·M·A` from `mc` `[ξ][tile]`.
 #[inline(always)]
@@ -877,6 +967,25 @@ mod tests {
                     assert_eq!(got, want, "planes {planes}, hw {hw}: channel {c}, pixel {p}");
                 }
             }
+        }
+    }
+
+    /// The AVX2 copy on CPUs that would otherwise take the AVX-512 one.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn avx2_interleave_matches_the_scalar_one() {
+        if !avx2() {
+            eprintln!("skipped: this CPU has no AVX2");
+            return;
+        }
+        for hw in [64usize, 37, 5, 8] {
+            let x: Vec<f32> = (0..LANES * hw).map(|i| i as f32).collect();
+            let mut want = vec![[f32::NAN; LANES]; hw];
+            interleave_scalar(&x, hw, LANES, &mut want, 0);
+            let mut got = vec![[f32::NAN; LANES]; hw];
+            // SAFETY: the CPU has AVX2; `x` holds 16 planes of hw floats and `got` hw vectors.
+            unsafe { x86::interleave_16_avx2(&x, hw, &mut got) };
+            assert_eq!(got, want, "hw {hw}");
         }
     }
 }
