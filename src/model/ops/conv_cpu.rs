@@ -307,6 +307,8 @@ fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, ou
         .max(1);
     let per_task = n.div_ceil(tasks).next_multiple_of(16);
     let (out_at, x_at) = (out.as_mut_ptr() as usize, x.as_ptr() as usize);
+    // On AVX2 CPUs the weight is packed once here for every task's product (the gemm crate would pack it per task).
+    let packed = super::gemm_f32::available().then(|| super::gemm_f32::PackedLhs::new(weight, g.cout, g.cin));
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let cols = t * per_task..((t + 1) * per_task).min(n);
         // SAFETY: tasks touch disjoint column ranges of `out` ([cout, n], asserted by the caller); each row's part
@@ -316,6 +318,20 @@ fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, ou
         };
         for co in 0..g.cout {
             epilogue.start(co, n, cols.start, row(co));
+        }
+        if let Some(packed) = &packed {
+            // SAFETY: `x` is [cin, n], this block's columns from cols.start; `out`'s block as above; `packed`
+            // exists only where the CPU has AVX2 and FMA. The ReLU is applied as the tiles finish.
+            unsafe {
+                super::gemm_f32::gemm_add(
+                    packed,
+                    ((x_at as *const f32).add(cols.start), n),
+                    ((out_at as *mut f32).add(cols.start), n),
+                    cols.len(),
+                    epilogue.relu,
+                )
+            };
+            return;
         }
         // SAFETY: `weight` is [cout, cin]; `x` is [cin, n], this block's columns from cols.start; `out`'s block
         // as above.

@@ -42,6 +42,7 @@ pub mod device_check;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
 pub mod gemm_bf16;
+mod gemm_f32;
 pub mod op_timing;
 pub mod polyphase;
 pub mod pool;
