@@ -66,6 +66,15 @@ impl PackedLhs {
             "PackedLhs: lhs holds {} values, not {m} × {k}",
             lhs.len()
         );
+        // SAFETY: `lhs` holds m rows of k values, k apart (asserted above).
+        unsafe { Self::from_strided(lhs.as_ptr(), (k, 1), m, k) }
+    }
+
+    /// Packs `[m, k]` at `lhs`, rows `rs` apart and columns `cs` apart.
+    ///
+    /// # Safety
+    /// `lhs` must cover the matrix with those strides.
+    unsafe fn from_strided(lhs: *const f32, (rs, cs): (usize, usize), m: usize, k: usize) -> Self {
         let panels = m.div_ceil(MR);
         let mut values = vec![0f32; panels * MR * k];
         for kb in 0..k.div_ceil(KC) {
@@ -73,9 +82,9 @@ impl PackedLhs {
             for p in 0..panels {
                 let out = &mut values[Self::offset(panels, kb, p, kc)..][..kc * MR];
                 for r in 0..(m - p * MR).min(MR) {
-                    let row = &lhs[(p * MR + r) * k + k0..][..kc];
-                    for (q, &v) in row.iter().enumerate() {
-                        out[q * MR + r] = v;
+                    let row = lhs.add((p * MR + r) * rs + k0 * cs);
+                    for q in 0..kc {
+                        out[q * MR + r] = *row.add(q * cs);
                     }
                 }
             }
@@ -103,8 +112,8 @@ thread_local! {
 /// pass over the output cost 5% of a 1×1 convolution).
 ///
 /// # Safety
-/// The CPU must have AVX2 and FMA (as where [`available`]); `rhs` must cover `k` rows of `n` values and `dst` `m` rows of
-/// `n` values with those strides, and `dst` must not overlap `rhs`.
+/// The CPU must have AVX2 and FMA (as where [`available`]); `rhs` must cover `k` rows of `n` values and `dst` `m`
+/// rows of `n` values with those strides, and `dst` must not overlap `rhs`.
 pub(crate) unsafe fn gemm_add(
     lhs: &PackedLhs,
     (rhs, rhs_rs): (*const f32, usize),
@@ -112,35 +121,52 @@ pub(crate) unsafe fn gemm_add(
     n: usize,
     relu: bool,
 ) {
-    let (m, k) = (lhs.m, lhs.k);
-    if k == 0 && relu {
-        for r in 0..m {
+    if lhs.k == 0 && relu {
+        for r in 0..lhs.m {
             for c in 0..n {
                 let d = &mut *dst.add(r * dst_rs + c);
                 *d = d.max(0.0);
             }
         }
     }
-    if m == 0 || n == 0 || k == 0 {
+    add_block(lhs, 0..lhs.m.div_ceil(MR), (rhs, rhs_rs, 1), (dst, dst_rs), n, relu);
+}
+
+/// Row panels `panels` of `dst += lhs · rhs` over `n` columns on this thread: `rhs` (`[k, n]`, any strides) and
+/// `dst` (the first row of panel `panels.start`, rows `dst_rs` apart, unit column stride) start at the block's
+/// first column. With `relu`, as [`gemm_add`].
+///
+/// # Safety
+/// As [`gemm_add`], for the rows of `panels`.
+unsafe fn add_block(
+    lhs: &PackedLhs,
+    panels: std::ops::Range<usize>,
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    (dst, dst_rs): (*mut f32, usize),
+    n: usize,
+    relu: bool,
+) {
+    let (m, k) = (lhs.m, lhs.k);
+    if m == 0 || n == 0 || k == 0 || panels.is_empty() {
         return;
     }
-    let (row_panels, col_panels) = (m.div_ceil(MR), n.div_ceil(NR));
+    let col_panels = n.div_ceil(NR);
     let mut packed = PACKED_RHS.take();
     let k_blocks = k.div_ceil(KC);
     for kb in 0..k_blocks {
         let (k0, kc) = (kb * KC, (k - kb * KC).min(KC));
         let relu = relu && kb + 1 == k_blocks;
         let b = reuse(&mut packed, col_panels * kc * NR);
-        pack_rhs(rhs.add(k0 * rhs_rs), rhs_rs, kc, n, b);
-        for first in (0..row_panels).step_by(MC / MR) {
-            let panels = first..(first + MC / MR).min(row_panels);
+        pack_rhs(rhs.add(k0 * rhs_rs), (rhs_rs, rhs_cs), kc, n, b);
+        for first in panels.clone().step_by(MC / MR) {
+            let block = first..(first + MC / MR).min(panels.end);
             for cp in 0..col_panels {
                 let bp = &b[cp * kc * NR..][..kc * NR];
                 let width = (n - cp * NR).min(NR);
-                for p in panels.clone() {
+                for p in block.clone() {
                     let ap = lhs.panel(kb, p, kc);
                     let rows = (m - p * MR).min(MR);
-                    let origin = dst.add(p * MR * dst_rs + cp * NR);
+                    let origin = dst.add((p - panels.start) * MR * dst_rs + cp * NR);
                     if rows == MR && width == NR {
                         x86::tile(kc, ap.as_ptr(), bp.as_ptr(), origin, dst_rs, relu);
                     } else {
@@ -163,6 +189,83 @@ pub(crate) unsafe fn gemm_add(
     PACKED_RHS.set(packed);
 }
 
+/// Columns per task of a parallel [`gemm`]: the task's packed `rhs` k block (`KC × NC`, 256 KiB) stays in L2.
+const NC: usize = 256;
+
+/// `dst[m, n] (+)= lhs[m, k] · rhs[k, n]` with any (row, column) strides, the gemm crate's contract: `lhs` packed
+/// once per call, the work split over rayon's threads with `parallel`.
+///
+/// # Safety
+/// The CPU must have AVX2 and FMA (as where [`available`]); every pointer must cover its matrix with its strides;
+/// `dst` must not overlap `lhs` or `rhs`.
+pub(crate) unsafe fn gemm(
+    (m, n, k): (usize, usize, usize),
+    (dst, dst_rs, dst_cs): (*mut f32, usize, usize),
+    (lhs, lhs_rs, lhs_cs): (*const f32, usize, usize),
+    (rhs, rhs_rs, rhs_cs): (*const f32, usize, usize),
+    accumulate: bool,
+    parallel: bool,
+) {
+    use rayon::prelude::*;
+
+    if m == 0 || n == 0 {
+        return;
+    }
+    if !accumulate {
+        for r in 0..m {
+            for c in 0..n {
+                *dst.add(r * dst_rs + c * dst_cs) = 0.0;
+            }
+        }
+    }
+    if k == 0 {
+        return;
+    }
+    let lhs = PackedLhs::from_strided(lhs, (lhs_rs, lhs_cs), m, k);
+    let panels = m.div_ceil(MR);
+    // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
+    let threads = if parallel { rayon::current_num_threads() } else { 1 };
+    let col_tasks = n.div_ceil(NC);
+    let row_tasks = if threads > 1 {
+        (4 * threads).div_ceil(col_tasks).clamp(1, panels.div_ceil(4).max(1))
+    } else {
+        1
+    };
+    let per_row_task = panels.div_ceil(row_tasks);
+    let (dst_at, rhs_at) = (dst as usize, rhs as usize);
+    let run = |t: usize| {
+        let (rt, ct) = (t / col_tasks, t % col_tasks);
+        let rows = rt * per_row_task..((rt + 1) * per_row_task).min(panels);
+        let cols = ct * NC..((ct + 1) * NC).min(n);
+        if rows.is_empty() {
+            return;
+        }
+        // SAFETY: tasks write disjoint (row panel, column) blocks of dst; the offsets stay inside the matrices.
+        unsafe {
+            let rhs = ((rhs_at as *const f32).add(cols.start * rhs_cs), rhs_rs, rhs_cs);
+            let origin = (dst_at as *mut f32).add(rows.start * MR * dst_rs + cols.start * dst_cs);
+            if dst_cs == 1 {
+                return add_block(&lhs, rows, rhs, (origin, dst_rs), cols.len(), false);
+            }
+            // Strided columns (a weight gradient's transposed result): into a local block, then added.
+            let valid_rows = (m - rows.start * MR).min(rows.len() * MR);
+            let mut local = vec![0f32; valid_rows * cols.len()];
+            add_block(&lhs, rows, rhs, (local.as_mut_ptr(), cols.len()), cols.len(), false);
+            for r in 0..valid_rows {
+                for c in 0..cols.len() {
+                    *origin.add(r * dst_rs + c * dst_cs) += local[r * cols.len() + c];
+                }
+            }
+        }
+    };
+    let tasks = row_tasks * col_tasks;
+    if threads > 1 && tasks > 1 {
+        (0..tasks).into_par_iter().for_each(run);
+    } else {
+        (0..tasks).for_each(run);
+    }
+}
+
 /// The first `len` values of `buffer`, grown if needed (what they hold is left over; the packer writes them all).
 fn reuse(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     if buffer.len() < len {
@@ -171,22 +274,40 @@ fn reuse(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buffer[..len]
 }
 
-/// `kc` rows of `rhs` (`n` values each, `rs` apart) as `[panel][kc][NR]`, zero beyond `n`.
+/// `kc` rows of `rhs` (`n` values each; rows `rs` apart, columns `cs` apart) as `[panel][kc][NR]`, zero beyond `n`.
 ///
 /// # Safety
-/// `rhs` must cover `kc` rows of `n` values `rs` apart; `out` holds `n.div_ceil(NR) · kc · NR` values.
-unsafe fn pack_rhs(rhs: *const f32, rs: usize, kc: usize, n: usize, out: &mut [f32]) {
+/// `rhs` must cover `kc` rows of `n` values with those strides; `out` holds `n.div_ceil(NR) · kc · NR` values.
+unsafe fn pack_rhs(rhs: *const f32, (rs, cs): (usize, usize), kc: usize, n: usize, out: &mut [f32]) {
     let full = n / NR;
-    for r in 0..kc {
-        let row = std::slice::from_raw_parts(rhs.add(r * rs), n);
-        for cp in 0..full {
-            out[(cp * kc + r) * NR..][..NR].copy_from_slice(&row[cp * NR..][..NR]);
+    let tail = n - full * NR;
+    if cs == 1 {
+        for r in 0..kc {
+            let row = std::slice::from_raw_parts(rhs.add(r * rs), n);
+            for cp in 0..full {
+                out[(cp * kc + r) * NR..][..NR].copy_from_slice(&row[cp * NR..][..NR]);
+            }
+            if tail > 0 {
+                let dst = &mut out[(full * kc + r) * NR..][..NR];
+                dst[..tail].copy_from_slice(&row[full * NR..]);
+                dst[tail..].fill(0.0);
+            }
         }
-        if full * NR < n {
-            let dst = &mut out[(full * kc + r) * NR..][..NR];
-            let tail = n - full * NR;
-            dst[..tail].copy_from_slice(&row[full * NR..]);
-            dst[tail..].fill(0.0);
+        return;
+    }
+    // Column by column (a column-major operand, as Winograd's V: each column's k values are contiguous).
+    for cp in 0..n.div_ceil(NR) {
+        let panel = &mut out[cp * kc * NR..][..kc * NR];
+        let width = (n - cp * NR).min(NR);
+        for c in 0..NR {
+            if c >= width {
+                (0..kc).for_each(|r| panel[r * NR + c] = 0.0);
+                continue;
+            }
+            let column = rhs.add((cp * NR + c) * cs);
+            for r in 0..kc {
+                panel[r * NR + c] = *column.add(r * rs);
+            }
         }
     }
 }
@@ -297,6 +418,59 @@ mod tests {
                         (got as f64 - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
                         "({m}, {n}, {k}) at ({r}, {c}): {got} against {want}"
                     );
+                }
+            }
+        }
+    }
+
+    /// The general entry: transposed (column-major) operands and result, overwrite and accumulate, split over the
+    /// threads by columns and by rows.
+    #[test]
+    fn general_products_match_the_definition() {
+        if !kernel_supported() {
+            eprintln!("skipped: this CPU has no AVX2/FMA");
+            return;
+        }
+        let shapes = [(1, 1, 1), (6, 16, 256), (7, 300, 5), (70, 20, 300), (130, 600, 40)];
+        for (i, &(m, n, k)) in shapes.iter().enumerate() {
+            for transposed in [false, true] {
+                for (accumulate, parallel) in [(false, false), (true, true), (false, true)] {
+                    let lhs = seeded(m * k, 10 + i as u64);
+                    let rhs = seeded(k * n, 20 + i as u64);
+                    let start = seeded(m * n, 30 + i as u64);
+                    // Row-major [m, k], [k, n], [m, n]; or each stored column-major.
+                    let (l, r, d) = if transposed {
+                        ((1, m), (1, k), (1, m))
+                    } else {
+                        ((k, 1), (n, 1), (n, 1))
+                    };
+                    let mut dst = start.clone();
+                    // SAFETY: the CPU has AVX2 and FMA; each buffer holds its matrix with these strides.
+                    unsafe {
+                        gemm(
+                            (m, n, k),
+                            (dst.as_mut_ptr(), d.0, d.1),
+                            (lhs.as_ptr(), l.0, l.1),
+                            (rhs.as_ptr(), r.0, r.1),
+                            accumulate,
+                            parallel,
+                        )
+                    };
+                    for row in 0..m {
+                        for col in 0..n {
+                            let at = row * d.0 + col * d.1;
+                            let sum: f64 = (0..k)
+                                .map(|q| lhs[row * l.0 + q * l.1] as f64 * rhs[q * r.0 + col * r.1] as f64)
+                                .sum();
+                            let want = sum + if accumulate { start[at] as f64 } else { 0.0 };
+                            let got = dst[at] as f64;
+                            assert!(
+                                (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
+                                "({m}, {n}, {k}) transposed {transposed}, accumulate {accumulate}: ({row}, {col}) \
+                                 {got} against {want}"
+                            );
+                        }
+                    }
                 }
             }
         }
