@@ -13,6 +13,8 @@
 
 use std::sync::OnceLock;
 
+use super::conv_cpu::at_least;
+
 /// Rows of the micro-kernel's tile: 6 broadcasts × 2 vectors = 12 accumulators, 2 `rhs` vectors and a broadcast
 /// in the 16 registers.
 const MR: usize = 6;
@@ -156,7 +158,8 @@ unsafe fn add_block(
     for kb in 0..k_blocks {
         let (k0, kc) = (kb * KC, (k - kb * KC).min(KC));
         let relu = relu && kb + 1 == k_blocks;
-        let b = reuse(&mut packed, col_panels * kc * NR);
+        // What the buffer holds is left over from earlier calls: pack_rhs writes every value, padding included.
+        let b = at_least(&mut packed, col_panels * kc * NR);
         pack_rhs(rhs.add(k0 * rhs_rs), (rhs_rs, rhs_cs), kc, n, b);
         for first in panels.clone().step_by(MC / MR) {
             let block = first..(first + MC / MR).min(panels.end);
@@ -264,14 +267,6 @@ pub(crate) unsafe fn gemm(
     } else {
         (0..tasks).for_each(run);
     }
-}
-
-/// The first `len` values of `buffer`, grown if needed (what they hold is left over; the packer writes them all).
-fn reuse(buffer: &mut Vec<f32>, len: usize) -> &mut [f32] {
-    if buffer.len() < len {
-        buffer.resize(len, 0.0);
-    }
-    &mut buffer[..len]
 }
 
 /// `kc` rows of `rhs` (`n` values each; rows `rs` apart, columns `cs` apart) as `[panel][kc][NR]`, zero beyond `n`.
