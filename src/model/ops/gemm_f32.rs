@@ -320,6 +320,13 @@ mod x86 {
     /// The CPU must have AVX2 and FMA; the panels must hold `kc` rows and `c` must cover the tile.
     #[target_feature(enable = "avx2,fma")]
     pub(super) unsafe fn tile(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, relu: bool) {
+        // The tile's rows of `c` are far apart (a convolution's output planes) and come back once per k block:
+        // fetched now, they arrive while the k loop runs instead of stalling the adds at its end.
+        for r in 0..MR {
+            let p = c.add(r * ldc) as *const i8;
+            _mm_prefetch::<_MM_HINT_T0>(p);
+            _mm_prefetch::<_MM_HINT_T0>(p.add(4 * NR - 4));
+        }
         let mut acc = [[_mm256_setzero_ps(); 2]; MR];
         let (mut a, mut b) = (a, b);
         for _ in 0..kc {
