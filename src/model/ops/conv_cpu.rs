@@ -408,9 +408,9 @@ pub(crate) unsafe fn gemm_strided(
             super::gemm_bf16::Kernel::best(),
         );
     }
-    // Only for a row-major `rhs` (im2col columns, input planes): Winograd's column-major `V` ran 5–10% slower
-    // packed than read in place by the gemm crate's kernel, which broadcasts `rhs` values.
-    if rhs_cs == 1 && super::gemm_f32::available() {
+    // A row-major `rhs` (im2col columns, input planes) or a column-major one (Winograd's `V`, packed by register
+    // transposes).
+    if (rhs_cs == 1 || rhs_rs == 1) && super::gemm_f32::available() {
         return super::gemm_f32::gemm(
             (m, n, k),
             (dst, dst_rs, dst_cs),

@@ -69,29 +69,41 @@ impl PackedLhs {
             lhs.len()
         );
         // SAFETY: `lhs` holds m rows of k values, k apart (asserted above).
-        unsafe { Self::from_strided(lhs.as_ptr(), (k, 1), m, k) }
+        unsafe { Self::from_strided(lhs.as_ptr(), (k, 1), m, k, Vec::new()) }
     }
 
-    /// Packs `[m, k]` at `lhs`, rows `rs` apart and columns `cs` apart.
+    /// Packs `[m, k]` at `lhs`, rows `rs` apart and columns `cs` apart, into `values` (grown as needed: a caller
+    /// that packs on every call hands back the last one's buffer, see [`PackedLhs::into_values`]).
     ///
     /// # Safety
     /// `lhs` must cover the matrix with those strides.
-    unsafe fn from_strided(lhs: *const f32, (rs, cs): (usize, usize), m: usize, k: usize) -> Self {
+    unsafe fn from_strided(lhs: *const f32, (rs, cs): (usize, usize), m: usize, k: usize, values: Vec<f32>) -> Self {
         let panels = m.div_ceil(MR);
-        let mut values = vec![0f32; panels * MR * k];
+        let mut values = values;
+        // Every value up to panels · MR · k is written below, the padding rows included.
+        at_least(&mut values, panels * MR * k);
         for kb in 0..k.div_ceil(KC) {
             let (k0, kc) = (kb * KC, (k - kb * KC).min(KC));
             for p in 0..panels {
                 let out = &mut values[Self::offset(panels, kb, p, kc)..][..kc * MR];
-                for r in 0..(m - p * MR).min(MR) {
+                let rows = (m - p * MR).min(MR);
+                for r in 0..rows {
                     let row = lhs.add((p * MR + r) * rs + k0 * cs);
                     for q in 0..kc {
                         out[q * MR + r] = *row.add(q * cs);
                     }
                 }
+                for r in rows..MR {
+                    (0..kc).for_each(|q| out[q * MR + r] = 0.0);
+                }
             }
         }
         Self { values, m, k }
+    }
+
+    /// The buffer, for the next [`PackedLhs::from_strided`].
+    fn into_values(self) -> Vec<f32> {
+        self.values
     }
 
     /// Where panel `p` of k block `kb` (of `kc` values of k) starts.
@@ -107,6 +119,9 @@ impl PackedLhs {
 thread_local! {
     /// The packed `rhs` block of the last call on this thread, kept so that a call does not allocate it.
     static PACKED_RHS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
+    /// The packed `lhs` of the last [`gemm`] on this thread: Winograd runs hundreds of small products per layer,
+    /// and allocating and zeroing each one's cost 3% of FCN's time.
+    static PACKED_LHS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
 /// `dst[m, n] += lhs[m, k] · rhs[k, n]` on this thread, `rhs` rows `rhs_rs` apart and `dst` rows `dst_rs` apart
@@ -224,7 +239,7 @@ pub(crate) unsafe fn gemm(
     if k == 0 {
         return;
     }
-    let lhs = PackedLhs::from_strided(lhs, (lhs_rs, lhs_cs), m, k);
+    let lhs = PackedLhs::from_strided(lhs, (lhs_rs, lhs_cs), m, k, PACKED_LHS.take());
     let panels = m.div_ceil(MR);
     // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
     let threads = if parallel { rayon::current_num_threads() } else { 1 };
@@ -267,6 +282,7 @@ pub(crate) unsafe fn gemm(
     } else {
         (0..tasks).for_each(run);
     }
+    PACKED_LHS.set(lhs.into_values());
 }
 
 /// `kc` rows of `rhs` (`n` values each; rows `rs` apart, columns `cs` apart) as `[panel][kc][NR]`, zero beyond `n`.
@@ -290,17 +306,23 @@ unsafe fn pack_rhs(rhs: *const f32, (rs, cs): (usize, usize), kc: usize, n: usiz
         }
         return;
     }
-    // Column by column (a column-major operand, as Winograd's V: each column's k values are contiguous).
+    // Column by column (a column-major operand, as Winograd's V: each column's k values are contiguous), whole
+    // 8 × 8 blocks transposed in registers.
     for cp in 0..n.div_ceil(NR) {
         let panel = &mut out[cp * kc * NR..][..kc * NR];
         let width = (n - cp * NR).min(NR);
+        let done = if rs == 1 && width == NR {
+            x86::pack_columns(rhs.add(cp * NR * cs), cs, kc, panel)
+        } else {
+            0
+        };
         for c in 0..NR {
             if c >= width {
-                (0..kc).for_each(|r| panel[r * NR + c] = 0.0);
+                (done..kc).for_each(|r| panel[r * NR + c] = 0.0);
                 continue;
             }
             let column = rhs.add((cp * NR + c) * cs);
-            for r in 0..kc {
+            for r in done..kc {
                 panel[r * NR + c] = *column.add(r * rs);
             }
         }
@@ -312,6 +334,31 @@ mod x86 {
     use std::arch::x86_64::*;
 
     use super::{MR, NR};
+    use crate::model::ops::winograd::x86::transpose_8;
+
+    /// Rows `0..kc / 8 · 8` of a packed `[kc][NR]` panel from `NR` columns of `kc` contiguous values, `cs` apart,
+    /// as 8 × 8 blocks transposed in registers (a scalar gather ran Winograd's products slower than the gemm
+    /// crate's in-place reads). Returns how many rows it packed.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `rhs` must cover `NR` columns of `kc` values, `cs` apart.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_columns(rhs: *const f32, cs: usize, kc: usize, panel: &mut [f32]) -> usize {
+        let rows = kc / 8 * 8;
+        assert!(panel.len() >= rows * NR);
+        for q0 in (0..rows).step_by(8) {
+            for half in 0..NR / 8 {
+                let mut r = [_mm256_setzero_ps(); 8];
+                for (j, r) in r.iter_mut().enumerate() {
+                    *r = _mm256_loadu_ps(rhs.add((8 * half + j) * cs + q0));
+                }
+                for (i, t) in transpose_8(r).iter().enumerate() {
+                    _mm256_storeu_ps(panel.as_mut_ptr().add((q0 + i) * NR + 8 * half), *t);
+                }
+            }
+        }
+        rows
+    }
 
     /// `c[MR, NR] += a · b` over `kc` values of k (then `max(0, ·)` with `relu`): `a` a packed `[kc][MR]` panel,
     /// `b` a packed `[kc][NR]` panel, `c` rows `ldc` apart.
@@ -357,6 +404,11 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
+    /// Never called: [`super::available`] is false off x86_64.
+    pub(super) unsafe fn pack_columns(_: *const f32, _: usize, _: usize, _: &mut [f32]) -> usize {
+        unreachable!("gemm_f32 runs only on x86_64")
+    }
+
     /// Never called: [`super::available`] is false off x86_64.
     pub(super) unsafe fn tile(_: usize, _: *const f32, _: *const f32, _: *mut f32, _: usize, _: bool) {
         unreachable!("gemm_f32 runs only on x86_64")

@@ -547,7 +547,7 @@ fn interleave_scalar(x: &[f32], hw: usize, lanes: usize, out: &mut [Lanes], from
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use std::arch::x86_64::*;
 
     use super::{interleave_scalar, Lanes, LANES};
@@ -608,7 +608,7 @@ mod x86 {
     /// The transpose of an 8×8 block of floats held as 8 rows: interleaving 32-bit, then 64-bit elements within
     /// each 128-bit lane, then swapping 128-bit lanes.
     #[target_feature(enable = "avx2")]
-    pub(super) fn transpose_8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(crate) fn transpose_8(r: [__m256; 8]) -> [__m256; 8] {
         // t[2i] lane k: [r2i[4k], r2i+1[4k], r2i[4k+1], r2i+1[4k+1]]; t[2i+1] the same at 4k+2, 4k+3.
         let mut t = [_mm256_setzero_ps(); 8];
         for i in 0..4 {
