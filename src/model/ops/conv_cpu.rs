@@ -408,9 +408,10 @@ pub(crate) unsafe fn gemm_strided(
             super::gemm_bf16::Kernel::best(),
         );
     }
-    // A row-major `rhs` (im2col columns, input planes) or a column-major one (Winograd's `V`, packed by register
-    // transposes).
-    if (rhs_cs == 1 || rhs_rs == 1) && super::gemm_f32::available() {
+    // Only for a row-major `rhs` (im2col columns, input planes). Winograd's column-major `V` stays on the gemm
+    // crate, whose kernel broadcasts `rhs` values in place: packed here (8 × 8 register transposes, `lhs` too) its
+    // products ran no faster on Zen 3, single layers and whole networks alike.
+    if rhs_cs == 1 && super::gemm_f32::available() {
         return super::gemm_f32::gemm(
             (m, n, k),
             (dst, dst_rs, dst_cs),

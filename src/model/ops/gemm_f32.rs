@@ -87,9 +87,16 @@ impl PackedLhs {
             for p in 0..panels {
                 let out = &mut values[Self::offset(panels, kb, p, kc)..][..kc * MR];
                 let rows = (m - p * MR).min(MR);
+                let first = lhs.add(p * MR * rs + k0 * cs);
+                // Whole panels of contiguous rows (Winograd's U) by register transposes, the rest value by value.
+                let done = if cs == 1 && rows == MR {
+                    x86::pack_rows(first, rs, kc, out)
+                } else {
+                    0
+                };
                 for r in 0..rows {
-                    let row = lhs.add((p * MR + r) * rs + k0 * cs);
-                    for q in 0..kc {
+                    let row = first.add(r * rs);
+                    for q in done..kc {
                         out[q * MR + r] = *row.add(q * cs);
                     }
                 }
@@ -360,6 +367,30 @@ mod x86 {
         rows
     }
 
+    /// Values `0..kc / 8 · 8` of a packed `[kc][MR]` panel from `MR` rows of contiguous values, `rs` apart: 8 × 8
+    /// blocks (two of them zero) transposed in registers, each k's 6 values stored as 4 + 2. Returns how many
+    /// values of k it packed.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2; `lhs` must cover `MR` rows of `kc` values, `rs` apart.
+    #[target_feature(enable = "avx2")]
+    pub(super) unsafe fn pack_rows(lhs: *const f32, rs: usize, kc: usize, panel: &mut [f32]) -> usize {
+        let ks = kc / 8 * 8;
+        assert!(panel.len() >= ks * MR);
+        for q0 in (0..ks).step_by(8) {
+            let mut r = [_mm256_setzero_ps(); 8];
+            for (i, r) in r.iter_mut().enumerate().take(MR) {
+                *r = _mm256_loadu_ps(lhs.add(i * rs + q0));
+            }
+            for (q, t) in transpose_8(r).iter().enumerate() {
+                let at = panel.as_mut_ptr().add((q0 + q) * MR);
+                _mm_storeu_ps(at, _mm256_castps256_ps128(*t));
+                _mm_storel_pd(at.add(4) as *mut f64, _mm_castps_pd(_mm256_extractf128_ps::<1>(*t)));
+            }
+        }
+        ks
+    }
+
     /// `c[MR, NR] += a · b` over `kc` values of k (then `max(0, ·)` with `relu`): `a` a packed `[kc][MR]` panel,
     /// `b` a packed `[kc][NR]` panel, `c` rows `ldc` apart.
     ///
@@ -404,6 +435,11 @@ mod x86 {
 
 #[cfg(not(target_arch = "x86_64"))]
 mod x86 {
+    /// Never called: [`super::available`] is false off x86_64.
+    pub(super) unsafe fn pack_rows(_: *const f32, _: usize, _: usize, _: &mut [f32]) -> usize {
+        unreachable!("gemm_f32 runs only on x86_64")
+    }
+
     /// Never called: [`super::available`] is false off x86_64.
     pub(super) unsafe fn pack_columns(_: *const f32, _: usize, _: usize, _: &mut [f32]) -> usize {
         unreachable!("gemm_f32 runs only on x86_64")
