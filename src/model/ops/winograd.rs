@@ -341,7 +341,7 @@ pub(crate) fn conv2d_add(
     // A whole number of lane groups, so only the last chunk has a partial one.
     let chunk = (INPUT_BUDGET / largest / LANES * LANES).clamp(LANES, g.cin);
     // Not cleared: the first chunk's products overwrite it.
-    at_least(product, g.cout * sizes.iter().sum::<usize>());
+    at_least(product, g.cout * sizes.iter().map(|&s| padded_row(s)).sum::<usize>());
     for c0 in (0..g.cin).step_by(chunk) {
         let cc = (c0 + chunk).min(g.cin) - c0;
         let groups = cc.div_ceil(LANES);
@@ -351,8 +351,8 @@ pub(crate) fn conv2d_add(
         interleave(&x[c0 * hw..(c0 + cc) * hw], hw, &mut interleaved[..groups * hw]);
         let mut at = 0;
         for (class, size) in plan.classes.iter().zip(&sizes) {
-            let m = &mut product[at..at + g.cout * size];
-            at += g.cout * size;
+            let m = &mut product[at..at + g.cout * padded_row(*size)];
+            at += g.cout * padded_row(*size);
             let chunk_of = (&interleaved[..groups * hw], c0..c0 + cc);
             dispatch!(
                 class,
@@ -362,8 +362,8 @@ pub(crate) fn conv2d_add(
     }
     let mut at = 0;
     for (class, size) in plan.classes.iter().zip(&sizes) {
-        let m = &product[at..at + g.cout * size];
-        at += g.cout * size;
+        let m = &product[at..at + g.cout * padded_row(*size)];
+        at += g.cout * padded_row(*size);
         dispatch!(class, transform_outputs(g, &class.tiles, m, out));
     }
 }
@@ -387,17 +387,18 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     let (u, v) = (&*transformed_weight, &*v);
     // The R² products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per task,
     // rather than each product split across the threads with a wait after each.
-    assert_eq!(m.len(), g.cout * r2 * t);
+    assert_eq!(m.len(), g.cout * padded_row(r2 * t));
     let m = m.as_mut_ptr() as usize;
     (0..r2).into_par_iter().for_each(|xi| {
-        // SAFETY: M[co][ξ][·] rows are R²·t apart (length t); U[co][ξ][·] rows R²·cc apart (length cc); V[ξ] is
+        // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows padded_row(R²·cc)
+        // apart (length cc); V[ξ] is
         // [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and tasks write
         // disjoint elements of M (their own ξ).
         unsafe {
             gemm_strided(
                 (g.cout, t, cc),
-                ((m as *mut f32).add(xi * t), r2 * t, 1),
-                (u[xi * cc..].as_ptr(), r2 * cc, 1),
+                ((m as *mut f32).add(xi * t), padded_row(r2 * t), 1),
+                (u[xi * cc..].as_ptr(), padded_row(r2 * cc), 1),
                 (v[xi * v_stride(t, cc)..].as_ptr(), 1, cc),
                 channels.start > 0,
                 Parallelism::None,
@@ -676,6 +677,14 @@ pub(super) mod x86 {
     }
 }
 
+/// Floats from one output channel's row of U (`[ξ][c]`) or M (`[ξ][tile]`) to the next, a row of `len`: one cache
+/// line more, so that the rows are not a multiple of 4 KiB apart. They were with most sizes here (36·256 floats
+/// for a 64×64 map's 256 tiles), so the six rows of the result a micro-kernel tile adds into, and the rows of U
+/// its packing gathers, all fell in one set of the L1 cache.
+fn padded_row(len: usize) -> usize {
+    len + LANES
+}
+
 /// Floats from V[ξ] to V[ξ + 1] (`[tiles, cc]` each): one cache line more than the matrix, so the R² rows a tile
 /// writes are not a multiple of 4 KiB apart (with ASPP's sizes they would be, all in one set of the L1 cache; the
 /// measured difference was within noise, the padding costs nothing).
@@ -868,8 +877,8 @@ fn transform_weights<Y: Algorithm, X: Algorithm>(
 ) {
     let cc = channels.len();
     // Every element is written below.
-    at_least(u, g.cout * Y::R * X::R * cc)
-        .par_chunks_mut(Y::R * X::R * cc)
+    at_least(u, g.cout * padded_row(Y::R * X::R * cc))
+        .par_chunks_mut(padded_row(Y::R * X::R * cc))
         .enumerate()
         .for_each(|(co, uc)| {
             let w = &weight[co * g.cin * 9..(co + 1) * g.cin * 9];
@@ -910,7 +919,8 @@ fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
 fn transform_outputs<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile], m: &[f32], out: &mut [f32]) {
     let (t, r2) = (tiles.len(), Y::R * X::R);
     out.par_chunks_mut(g.oh * g.ow).enumerate().for_each(|(co, o)| {
-        output_channel::<Y, X>(g, tiles, &m[co * r2 * t..(co + 1) * r2 * t], o);
+        let row = co * padded_row(r2 * t);
+        output_channel::<Y, X>(g, tiles, &m[row..row + r2 * t], o);
     });
 }
 
