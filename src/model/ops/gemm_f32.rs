@@ -88,7 +88,8 @@ impl PackedLhs {
                 let out = &mut values[Self::offset(panels, kb, p, kc)..][..kc * MR];
                 let rows = (m - p * MR).min(MR);
                 let first = lhs.add(p * MR * rs + k0 * cs);
-                // Whole panels of contiguous rows (Winograd's U) by register transposes, the rest value by value.
+                // Whole panels of contiguous rows (a convolution's weight) by register transposes, the rest value
+                // by value.
                 let done = if cs == 1 && rows == MR {
                     x86::pack_rows(first, rs, kc, out)
                 } else {
@@ -126,8 +127,8 @@ impl PackedLhs {
 thread_local! {
     /// The packed `rhs` block of the last call on this thread, kept so that a call does not allocate it.
     static PACKED_RHS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
-    /// The packed `lhs` of the last [`gemm`] on this thread: Winograd runs hundreds of small products per layer,
-    /// and allocating and zeroing each one's cost 3% of FCN's time.
+    /// The packed `lhs` of the last [`gemm`] on this thread: tap-wise and backward convolutions run many products
+    /// per layer, and allocating and zeroing a fresh one for each cost about 3% of FCN's time.
     static PACKED_LHS: std::cell::Cell<Vec<f32>> = const { std::cell::Cell::new(Vec::new()) };
 }
 
@@ -313,23 +314,17 @@ unsafe fn pack_rhs(rhs: *const f32, (rs, cs): (usize, usize), kc: usize, n: usiz
         }
         return;
     }
-    // Column by column (a column-major operand, as Winograd's V: each column's k values are contiguous), whole
-    // 8 × 8 blocks transposed in registers.
+    // Column by column (no caller in the convolutions: `conv_cpu::gemm_strided` sends only row-major ones here).
     for cp in 0..n.div_ceil(NR) {
         let panel = &mut out[cp * kc * NR..][..kc * NR];
         let width = (n - cp * NR).min(NR);
-        let done = if rs == 1 && width == NR {
-            x86::pack_columns(rhs.add(cp * NR * cs), cs, kc, panel)
-        } else {
-            0
-        };
         for c in 0..NR {
             if c >= width {
-                (done..kc).for_each(|r| panel[r * NR + c] = 0.0);
+                (0..kc).for_each(|r| panel[r * NR + c] = 0.0);
                 continue;
             }
             let column = rhs.add((cp * NR + c) * cs);
-            for r in done..kc {
+            for r in 0..kc {
                 panel[r * NR + c] = *column.add(r * rs);
             }
         }
@@ -342,30 +337,6 @@ mod x86 {
 
     use super::{MR, NR};
     use crate::model::ops::winograd::x86::transpose_8;
-
-    /// Rows `0..kc / 8 · 8` of a packed `[kc][NR]` panel from `NR` columns of `kc` contiguous values, `cs` apart,
-    /// as 8 × 8 blocks transposed in registers (a scalar gather ran Winograd's products slower than the gemm
-    /// crate's in-place reads). Returns how many rows it packed.
-    ///
-    /// # Safety
-    /// The CPU must have AVX2; `rhs` must cover `NR` columns of `kc` values, `cs` apart.
-    #[target_feature(enable = "avx2")]
-    pub(super) unsafe fn pack_columns(rhs: *const f32, cs: usize, kc: usize, panel: &mut [f32]) -> usize {
-        let rows = kc / 8 * 8;
-        assert!(panel.len() >= rows * NR);
-        for q0 in (0..rows).step_by(8) {
-            for half in 0..NR / 8 {
-                let mut r = [_mm256_setzero_ps(); 8];
-                for (j, r) in r.iter_mut().enumerate() {
-                    *r = _mm256_loadu_ps(rhs.add((8 * half + j) * cs + q0));
-                }
-                for (i, t) in transpose_8(r).iter().enumerate() {
-                    _mm256_storeu_ps(panel.as_mut_ptr().add((q0 + i) * NR + 8 * half), *t);
-                }
-            }
-        }
-        rows
-    }
 
     /// Values `0..kc / 8 · 8` of a packed `[kc][MR]` panel from `MR` rows of contiguous values, `rs` apart: 8 × 8
     /// blocks (two of them zero) transposed in registers, each k's 6 values stored as 4 + 2. Returns how many
@@ -437,11 +408,6 @@ mod x86 {
 mod x86 {
     /// Never called: [`super::available`] is false off x86_64.
     pub(super) unsafe fn pack_rows(_: *const f32, _: usize, _: usize, _: &mut [f32]) -> usize {
-        unreachable!("gemm_f32 runs only on x86_64")
-    }
-
-    /// Never called: [`super::available`] is false off x86_64.
-    pub(super) unsafe fn pack_columns(_: *const f32, _: usize, _: usize, _: &mut [f32]) -> usize {
         unreachable!("gemm_f32 runs only on x86_64")
     }
 

@@ -391,9 +391,8 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     let m = m.as_mut_ptr() as usize;
     (0..r2).into_par_iter().for_each(|xi| {
         // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows padded_row(R²·cc)
-        // apart (length cc); V[ξ] is
-        // [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and tasks write
-        // disjoint elements of M (their own ξ).
+        // apart (length cc); V[ξ] is [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their
+        // buffers, and tasks write disjoint elements of M (their own ξ).
         unsafe {
             gemm_strided(
                 (g.cout, t, cc),
