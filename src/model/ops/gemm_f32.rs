@@ -77,9 +77,14 @@ impl PackedLhs {
     ///
     /// # Safety
     /// `lhs` must cover the matrix with those strides.
-    unsafe fn from_strided(lhs: *const f32, (rs, cs): (usize, usize), m: usize, k: usize, values: Vec<f32>) -> Self {
+    unsafe fn from_strided(
+        lhs: *const f32,
+        (rs, cs): (usize, usize),
+        m: usize,
+        k: usize,
+        mut values: Vec<f32>,
+    ) -> Self {
         let panels = m.div_ceil(MR);
-        let mut values = values;
         // Every value up to panels · MR · k is written below, the padding rows included.
         at_least(&mut values, panels * MR * k);
         for kb in 0..k.div_ceil(KC) {
