@@ -236,11 +236,6 @@ pub(crate) unsafe fn gemm_bf16(
     let packed_rhs = PackedRhs::new(k, n, rhs, parallel, kernel, rhs_buffer);
     let panels = m.div_ceil(kernel.mr());
 
-    // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
-    let col_tasks = n.div_ceil(NC);
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let row_tasks = (4 * threads).div_ceil(col_tasks).clamp(1, panels.div_ceil(4).max(1));
-    let panels_per_row_task = panels.div_ceil(row_tasks);
     let job = Job {
         m,
         k,
@@ -250,19 +245,7 @@ pub(crate) unsafe fn gemm_bf16(
         accumulate,
         kernel,
     };
-    let run = |t: usize| {
-        let (rt, ct) = (t / col_tasks, t % col_tasks);
-        let rows = rt * panels_per_row_task..((rt + 1) * panels_per_row_task).min(panels);
-        if !rows.is_empty() {
-            job.run(rows, ct);
-        }
-    };
-    let tasks = row_tasks * col_tasks;
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        (0..tasks).for_each(run);
-    }
+    super::gemm_blocks::for_each_block(panels, n.div_ceil(NC), parallel, |rows, ct| job.run(rows, ct));
     PACKED_LHS.set(lhs_buffer);
     PACKED_RHS.set(packed_rhs.values);
 }

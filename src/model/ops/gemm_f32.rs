@@ -237,8 +237,6 @@ pub(crate) unsafe fn gemm(
     accumulate: bool,
     parallel: bool,
 ) {
-    use rayon::prelude::*;
-
     if m == 0 || n == 0 {
         return;
     }
@@ -254,23 +252,9 @@ pub(crate) unsafe fn gemm(
     }
     let lhs = PackedLhs::from_strided(lhs, (lhs_rs, lhs_cs), m, k, PACKED_LHS.take());
     let panels = m.div_ceil(MR);
-    // Tasks: column blocks of NC, and row blocks when there are too few column blocks to keep the threads busy.
-    let threads = if parallel { rayon::current_num_threads() } else { 1 };
-    let col_tasks = n.div_ceil(NC);
-    let row_tasks = if threads > 1 {
-        (4 * threads).div_ceil(col_tasks).clamp(1, panels.div_ceil(4).max(1))
-    } else {
-        1
-    };
-    let per_row_task = panels.div_ceil(row_tasks);
     let (dst_at, rhs_at) = (dst as usize, rhs as usize);
-    let run = |t: usize| {
-        let (rt, ct) = (t / col_tasks, t % col_tasks);
-        let rows = rt * per_row_task..((rt + 1) * per_row_task).min(panels);
+    super::gemm_blocks::for_each_block(panels, n.div_ceil(NC), parallel, |rows, ct| {
         let cols = ct * NC..((ct + 1) * NC).min(n);
-        if rows.is_empty() {
-            return;
-        }
         // SAFETY: tasks write disjoint (row panel, column) blocks of dst; the offsets stay inside the matrices.
         unsafe {
             let rhs = ((rhs_at as *const f32).add(cols.start * rhs_cs), rhs_rs, rhs_cs);
@@ -288,13 +272,7 @@ pub(crate) unsafe fn gemm(
                 }
             }
         }
-    };
-    let tasks = row_tasks * col_tasks;
-    if threads > 1 && tasks > 1 {
-        (0..tasks).into_par_iter().for_each(run);
-    } else {
-        (0..tasks).for_each(run);
-    }
+    });
     PACKED_LHS.set(lhs.into_values());
 }
 

@@ -23,7 +23,10 @@
 //!   uses one `output_padding` for both axes). On the CPU, when a gradient is needed, it runs as im2col + matmul
 //!   custom ops (Candle's CPU conv backward is about six forward passes; this one is about two); with the `cuda`
 //!   feature, f32/bf16 on CUDA runs on cuDNN forward, backward-data and backward-filter (`conv_cuda`; TF32 only
-//!   when [`crate::model::precision::tf32_allowed`]); elsewhere, and for CPU inference, it is Candle's own `conv2d`.
+//!   when [`crate::model::precision::tf32_allowed`]); elsewhere it is Candle's own `conv2d`. CPU inference goes
+//!   through [`conv::conv2d_fused`] to [`conv_cpu`]'s kernels (1×1 products on `gemm_f32` where the CPU has AVX2
+//!   and no AVX-512, Winograd, tap-wise products for dilated convolutions, im2col otherwise), the bias, residual
+//!   and ReLU fused in.
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]); [`device_check`] compares
 //! a device's ops with the f64 CPU reference in each precision mode (`semseg device-check` on a GPU), and
@@ -42,6 +45,7 @@ pub mod device_check;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
 pub mod gemm_bf16;
+mod gemm_blocks;
 mod gemm_f32;
 pub mod op_timing;
 pub mod polyphase;
