@@ -9,6 +9,7 @@
 # Needs a Python with torch, torchvision, safetensors, numpy and pillow (PyPI; see ../shared/bench/peer/README.md):
 #   python3 -m venv /tmp/torchvenv && /tmp/torchvenv/bin/pip install torch torchvision safetensors numpy pillow
 # Usage: PYTHON=/tmp/torchvenv/bin/python PEER=../shared/bench/peer SIZE="256 320" scripts/whole-model-parity.sh
+#   PROFILE=--release (default, the build users run; PROFILE= for the dev profile)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-/tmp/torchvenv/bin/python}
@@ -17,13 +18,16 @@ SIZE=${SIZE:-"256 320"}
 OUT=${OUT:-$(mktemp -d /tmp/semseg-parity.XXXXXX)}
 mkdir -p "$OUT"
 MODELS=${MODELS:-"deeplabv3_resnet50 fcn_resnet50 pspnet_resnet50"}
+PROFILE=${PROFILE---release}
 
 [ -f "$PEER/export_reference.py" ] || { echo "no $PEER/export_reference.py: set PEER" >&2; exit 2; }
-cargo build --quiet --example whole_model_parity
+# shellcheck disable=SC2086
+cargo build --quiet --locked $PROFILE --example whole_model_parity
 status=0
 for m in $MODELS; do
   # shellcheck disable=SC2086
   (cd "$PEER" && "$PYTHON" export_reference.py --model "$m" --size $SIZE --out "$OUT/$m") >/dev/null
-  cargo run --quiet --example whole_model_parity -- "$OUT/$m" || status=1
+  # shellcheck disable=SC2086
+  cargo run --quiet --locked $PROFILE --example whole_model_parity -- "$OUT/$m" || status=1
 done
 exit $status
