@@ -93,10 +93,16 @@ impl PackedLhs {
                 let out = &mut values[Self::offset(panels, kb, p, kc)..][..kc * MR];
                 let rows = (m - p * MR).min(MR);
                 let first = lhs.add(p * MR * rs + k0 * cs);
-                // Whole panels of contiguous rows (a convolution's weight) by register transposes, the rest value
-                // by value.
+                // Whole panels of contiguous rows (a convolution's weight) by register transposes; of a
+                // column-major lhs (a transposed weight, in the input gradient) each k's MR rows are one run; the
+                // rest value by value.
                 let done = if cs == 1 && rows == MR {
                     x86::pack_rows(first, rs, kc, out)
+                } else if rs == 1 && rows == MR {
+                    for q in 0..kc {
+                        out[q * MR..(q + 1) * MR].copy_from_slice(std::slice::from_raw_parts(first.add(q * cs), MR));
+                    }
+                    kc
                 } else {
                     0
                 };
@@ -472,17 +478,18 @@ mod tests {
         }
         let shapes = [(1, 1, 1), (6, 16, 256), (7, 300, 5), (70, 20, 300), (130, 600, 40)];
         for (i, &(m, n, k)) in shapes.iter().enumerate() {
-            for transposed in [false, true] {
+            // Row-major [m, k], [k, n], [m, n]; each stored column-major; only lhs column-major (an input
+            // gradient's transposed weight).
+            let layouts = [
+                ((k, 1), (n, 1), (n, 1)),
+                ((1, m), (1, k), (1, m)),
+                ((1, m), (n, 1), (n, 1)),
+            ];
+            for (layout, &(l, r, d)) in layouts.iter().enumerate() {
                 for (accumulate, parallel) in [(false, false), (true, true), (false, true)] {
                     let lhs = seeded(m * k, 10 + i as u64);
                     let rhs = seeded(k * n, 20 + i as u64);
                     let start = seeded(m * n, 30 + i as u64);
-                    // Row-major [m, k], [k, n], [m, n]; or each stored column-major.
-                    let (l, r, d) = if transposed {
-                        ((1, m), (1, k), (1, m))
-                    } else {
-                        ((k, 1), (n, 1), (n, 1))
-                    };
                     let mut dst = start.clone();
                     // SAFETY: the CPU has AVX2 and FMA; each buffer holds its matrix with these strides.
                     unsafe {
@@ -505,7 +512,7 @@ mod tests {
                             let got = dst[at] as f64;
                             assert!(
                                 (got - want).abs() <= 1e-5 * (1.0 + want.abs()) * (k as f64).sqrt(),
-                                "({m}, {n}, {k}) transposed {transposed}, accumulate {accumulate}: ({row}, {col}) \
+                                "({m}, {n}, {k}) layout {layout}, accumulate {accumulate}: ({row}, {col}) \
                                  {got} against {want}"
                             );
                         }
