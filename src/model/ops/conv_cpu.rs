@@ -479,8 +479,8 @@ pub(crate) unsafe fn product_strided(
     };
     let threads = rayon::current_num_threads();
     // The bf16 products and gemm_f32's split their work themselves and pack `lhs` once for all of it (split here,
-    // each column block packed it again: a 1×1 conv's input gradient, `Wᵀ · dY`, ran at 45 GFLOP/s against its
-    // forward's 68 on Zen 1).
+    // each column block packed it again: a 1×1 conv's input gradient, `Wᵀ · dY`, ran at 44 GFLOP/s, 66 packed
+    // once, on Zen 1).
     let splits_itself = crate::model::precision::bf16_products() || (rhs_cs == 1 && super::gemm_f32::available());
     if threads < 2 || n < 2 * MIN_COLUMNS_PER_TASK || splits_itself {
         return gemm_on(n, dst, rhs, parallelism());
