@@ -797,17 +797,18 @@ pub(crate) mod tests {
         use super::super::winograd::{plan, Kind};
         // (cin, h, w, cout, dilation, the algorithm pairs it takes): enough channels that the columns are built a
         // chunk at a time, and 3×3 "same" convolutions that take Winograd, plain and on polyphase sub-grids, with
-        // sizes that leave partial tiles: F(4×4, 3×3) on sub-images of 8 pixels and more, F(3×3, 3×3) on ASPP-like
-        // 5–6 pixel ones, and the 2- and 1-pixel sub-images of large dilations mixed with 3-pixel ones. One scratch
-        // for all, largest first, so leftovers would show.
+        // sizes that leave partial tiles: F(6×6, 3×3) on large sub-images and on ASPP-like 5–6 pixel ones,
+        // F(4×4, 3×3) where 6×6 tiles would multiply more (8 pixels) or as much (13–15), mixed with F(6×6, 3×3)
+        // (12), the 3- 2- and 1-pixel sub-images of large dilations. One scratch for all, largest first, so
+        // leftovers would show.
         use Kind::*;
         let mut scratch = Scratch::default();
         for (cin, h, w, cout, d, classes) in [
             (256, 40, 40, 64, 5, vec![(F4, F4)]),
-            (64, 37, 45, 64, 1, vec![(F4, F4)]),
-            (48, 46, 42, 64, 2, vec![(F4, F3)]),
-            (32, 57, 49, 64, 4, vec![(F4, F4)]),
-            (64, 62, 60, 256, 12, vec![(F3, F3)]),
+            (64, 37, 45, 64, 1, vec![(F6, F6)]),
+            (48, 46, 42, 64, 2, vec![(F6, F6)]),
+            (32, 57, 49, 64, 4, vec![(F4, F4), (F4, F6)]),
+            (64, 62, 60, 256, 12, vec![(F6, F6)]),
             (32, 62, 60, 256, 24, vec![(F3, F3), (F3, T2), (T2, F3), (T2, T2)]),
             (32, 60, 62, 256, 36, vec![(T2, T2), (T2, T1), (T1, T2), (T1, T1)]),
         ] {
@@ -838,14 +839,15 @@ pub(crate) mod tests {
         use super::super::winograd::{plan, Kind};
         use Kind::*;
         let direct = |g: &ConvGeometry| super::plan(g).iter().map(Block::macs).sum::<usize>();
-        // DeepLabV3-ResNet-50 at 512²: the backbone's 3×3 convs on 64×64 maps (dilation 1, 2, 4) take 4×4 tiles,
-        // ASPP's dilation 12 (sub-images of 5–6 pixels) 3×3 tiles, its 24 (2–3 pixels) 3×3 tiles and the 2-pixel
-        // algorithm, its 36 (1–2 pixels) the 2- and 1-pixel ones.
+        // DeepLabV3-ResNet-50 at 512²: the 3×3 convs on whole 64×64 maps take 6×6 tiles; at dilation 2 and 4
+        // (sub-images of 32 and 16 pixels, where 6×6 tiles multiply as much) 4×4 tiles; ASPP's dilation 12
+        // (sub-images of 5–6 pixels) one 6×6 tile, its 24 (2–3 pixels) 3×3 tiles and the 2-pixel algorithm, its 36
+        // (1–2 pixels) the 2- and 1-pixel ones.
         for (cin, cout, d, classes) in [
-            (256, 256, 1, vec![(F4, F4)]),
+            (256, 256, 1, vec![(F6, F6)]),
             (256, 256, 2, vec![(F4, F4)]),
             (512, 512, 4, vec![(F4, F4)]),
-            (2048, 256, 12, vec![(F3, F3)]),
+            (2048, 256, 12, vec![(F6, F6)]),
             (2048, 256, 24, vec![(F3, F3), (F3, T2), (T2, F3), (T2, T2)]),
             (2048, 256, 36, vec![(T2, T2), (T2, T1), (T1, T2), (T1, T1)]),
         ] {

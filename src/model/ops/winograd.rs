@@ -1,13 +1,16 @@
 //! Winograd minimal filtering for the CPU convolution's 3×3 stride-1 "same" convolutions: F(m×m, 3×3) computes
 //! each m×m output tile from an (m+2)×(m+2) input tile with (m+2)² multiplications per (input, output) channel
-//! pair instead of 9m² (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). m is 4 where the
-//! map allows (a quarter of the multiply-accumulates), 3 where 4×4 tiles would be mostly padding.
+//! pair instead of 9m² (Lavin & Gray, "Fast Algorithms for Convolutional Neural Networks", 2016). m is 6 (64
+//! products for 36 outputs, a fifth of the direct multiply-accumulates), 4 (a quarter) or 3, whichever multiplies
+//! least over the map's length with its last tile partly padding. F(6, 3) took the 3×3 convs on whole 64×64 and
+//! 128×128 maps and ASPP's dilation 12: DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads 1172 → 1130 ms, FCN 1020
+//! → 961, PSPNet 1166 → 1131 (medians of 3 alternating rounds).
 //!
 //! Dilated convolutions (ResNet's layer3/layer4 at output stride 8, dilation 2 and 4, and ASPP's 12, 24, 36) run
 //! on polyphase sub-grids: output pixels whose row and column have the same residues modulo the dilation read
 //! only input pixels with those residues, so each residue pair is an ordinary 3×3 convolution on a sub-image.
 //! ASPP's sub-images on a 64×64 map are small: 5–6 pixels a side at dilation 12, 2–3 at 24, 1–2 at 36. So each
-//! dimension of each sub-image takes the algorithm with the fewest multiplications for its length: F(4, 3),
+//! dimension of each sub-image takes the algorithm with the fewest multiplications for its length: F(6, 3), F(4, 3),
 //! F(3, 3), or, for a whole sub-image of 2 or 1 pixels between zero padding, a 3-multiplication 2×2 Toeplitz
 //! product or the centre tap alone. Tiles with the same pair of algorithms form a class; each class is its own
 //! set of products. DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads: ASPP's three convs 368 → 279 ms (the
@@ -26,8 +29,8 @@ use gemm::Parallelism;
 
 use super::conv_cpu::{at_least, gemm_strided, ConvGeometry};
 
-/// The widest tile an algorithm here reads or multiplies (F(4, 3): 6 inputs, 6 products).
-const CAP: usize = 6;
+/// The widest tile an algorithm here reads or multiplies (F(6, 3): 8 inputs, 8 products).
+const CAP: usize = 8;
 
 /// A 1-D minimal filtering algorithm for 3 taps: `M` outputs from `A = M + 2` inputs with `R` multiplications,
 /// `y = Aᵀ·[(G·w) ⊙ (Bᵀ·x)]`. A tile is one along rows times one along columns: `R_rows·R_cols` products per
@@ -56,6 +59,45 @@ const fn pad<const R: usize, const C: usize>(m: [[f32; C]; R]) -> [[f32; CAP]; C
         i += 1;
     }
     out
+}
+
+/// F(6, 3), Toom-Cook at 0, ±1, ±2, ±1/2 (and ∞): 8 multiplications for 6 outputs against F(4, 3)'s 6 for 4, at
+/// a larger rounding error (the powers of 2 up to 32 in `Aᵀ`), still near 1e-5 of the result in f32.
+struct F6;
+
+#[rustfmt::skip]
+impl Algorithm for F6 {
+    const M: usize = 6;
+    const A: usize = 8;
+    const R: usize = 8;
+    const BT: [[f32; CAP]; CAP] = pad([
+        [1.0,  0.0, -21.0 / 4.0,  0.0,         21.0 / 4.0,  0.0,        -1.0, 0.0],
+        [0.0,  1.0,  1.0,        -17.0 / 4.0, -17.0 / 4.0,  1.0,         1.0, 0.0],
+        [0.0, -1.0,  1.0,         17.0 / 4.0, -17.0 / 4.0, -1.0,         1.0, 0.0],
+        [0.0,  0.5,  0.25,       -2.5,        -1.25,        2.0,         1.0, 0.0],
+        [0.0, -0.5,  0.25,        2.5,        -1.25,       -2.0,         1.0, 0.0],
+        [0.0,  2.0,  4.0,        -2.5,        -5.0,         0.5,         1.0, 0.0],
+        [0.0, -2.0,  4.0,         2.5,        -5.0,        -0.5,         1.0, 0.0],
+        [0.0, -1.0,  0.0,         21.0 / 4.0,  0.0,        -21.0 / 4.0,  0.0, 1.0],
+    ]);
+    const G: [[f32; CAP]; CAP] = pad([
+        [ 1.0,          0.0,          0.0        ],
+        [-2.0 / 9.0,   -2.0 / 9.0,   -2.0 / 9.0  ],
+        [-2.0 / 9.0,    2.0 / 9.0,   -2.0 / 9.0  ],
+        [ 1.0 / 90.0,   1.0 / 45.0,   2.0 / 45.0 ],
+        [ 1.0 / 90.0,  -1.0 / 45.0,   2.0 / 45.0 ],
+        [ 32.0 / 45.0,  16.0 / 45.0,  8.0 / 45.0 ],
+        [ 32.0 / 45.0, -16.0 / 45.0,  8.0 / 45.0 ],
+        [ 0.0,          0.0,          1.0        ],
+    ]);
+    const AT: [[f32; CAP]; CAP] = pad([
+        [1.0, 1.0,  1.0,  1.0,   1.0,  1.0,         1.0,         0.0],
+        [0.0, 1.0, -1.0,  2.0,  -2.0,  0.5,        -0.5,         0.0],
+        [0.0, 1.0,  1.0,  4.0,   4.0,  0.25,        0.25,        0.0],
+        [0.0, 1.0, -1.0,  8.0,  -8.0,  0.125,      -0.125,       0.0],
+        [0.0, 1.0,  1.0, 16.0,  16.0,  1.0 / 16.0,  1.0 / 16.0,  0.0],
+        [0.0, 1.0, -1.0, 32.0, -32.0,  1.0 / 32.0, -1.0 / 32.0,  1.0],
+    ]);
 }
 
 /// F(4, 3), Toom-Cook at 0, ±1, ±2 (and ∞), the fractions in `G`.
@@ -165,6 +207,7 @@ const INPUT_BUDGET: usize = 4 << 20;
 /// The algorithm along one dimension of a tile.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(crate) enum Kind {
+    F6,
     F4,
     F3,
     T2,
@@ -175,6 +218,7 @@ impl Kind {
     /// Outputs per tile.
     fn m(self) -> usize {
         match self {
+            Kind::F6 => 6,
             Kind::F4 => 4,
             Kind::F3 => 3,
             Kind::T2 => 2,
@@ -185,6 +229,7 @@ impl Kind {
     /// Multiplications per tile.
     fn products(self) -> usize {
         match self {
+            Kind::F6 => 8,
             Kind::F4 => 6,
             Kind::F3 => 5,
             Kind::T2 => 3,
@@ -201,9 +246,10 @@ impl Kind {
         }
     }
 
-    /// The cheapest algorithm for a sub-image of `len` pixels (ties to the larger tile).
+    /// The cheapest algorithm for a sub-image of `len` pixels. Ties go to F(4, 3), whose transforms cost less
+    /// per output than F(6, 3)'s, then to the larger tile.
     fn best(len: usize) -> Kind {
-        [Kind::F4, Kind::F3, Kind::T2, Kind::T1]
+        [Kind::F4, Kind::F6, Kind::F3, Kind::T2, Kind::T1]
             .into_iter()
             .filter_map(|k| Some((k, k.cost(len)?)))
             .min_by_key(|&(_, cost)| cost)
@@ -309,18 +355,27 @@ pub(crate) fn conv2d_add(
     macro_rules! dispatch {
         ($class:expr, $f:ident($($arg:expr),*)) => {
             match ($class.rows, $class.cols) {
+                (Kind::F6, Kind::F6) => $f::<F6, F6>($($arg),*),
+                (Kind::F6, Kind::F4) => $f::<F6, F4>($($arg),*),
+                (Kind::F6, Kind::F3) => $f::<F6, F3>($($arg),*),
+                (Kind::F6, Kind::T2) => $f::<F6, T2>($($arg),*),
+                (Kind::F6, Kind::T1) => $f::<F6, T1>($($arg),*),
+                (Kind::F4, Kind::F6) => $f::<F4, F6>($($arg),*),
                 (Kind::F4, Kind::F4) => $f::<F4, F4>($($arg),*),
                 (Kind::F4, Kind::F3) => $f::<F4, F3>($($arg),*),
                 (Kind::F4, Kind::T2) => $f::<F4, T2>($($arg),*),
                 (Kind::F4, Kind::T1) => $f::<F4, T1>($($arg),*),
+                (Kind::F3, Kind::F6) => $f::<F3, F6>($($arg),*),
                 (Kind::F3, Kind::F4) => $f::<F3, F4>($($arg),*),
                 (Kind::F3, Kind::F3) => $f::<F3, F3>($($arg),*),
                 (Kind::F3, Kind::T2) => $f::<F3, T2>($($arg),*),
                 (Kind::F3, Kind::T1) => $f::<F3, T1>($($arg),*),
+                (Kind::T2, Kind::F6) => $f::<T2, F6>($($arg),*),
                 (Kind::T2, Kind::F4) => $f::<T2, F4>($($arg),*),
                 (Kind::T2, Kind::F3) => $f::<T2, F3>($($arg),*),
                 (Kind::T2, Kind::T2) => $f::<T2, T2>($($arg),*),
                 (Kind::T2, Kind::T1) => $f::<T2, T1>($($arg),*),
+                (Kind::T1, Kind::F6) => $f::<T1, F6>($($arg),*),
                 (Kind::T1, Kind::F4) => $f::<T1, F4>($($arg),*),
                 (Kind::T1, Kind::F3) => $f::<T1, F3>($($arg),*),
                 (Kind::T1, Kind::T2) => $f::<T1, T2>($($arg),*),
@@ -412,15 +467,22 @@ const LANES: usize = 16;
 type Lanes = [f32; LANES];
 
 /// `dst[..n] = src[..n]`: one vector copy for a full group (a `copy_from_slice` of a run-time length is a call to
-/// `memmove`, which cost more than the transform itself).
+/// `memmove`, which cost more than the transform itself). The partial copy is a function of its own: inlined,
+/// the compiler merged both branches into one `memcpy` of a run-time size, 13% of ASPP's dilation-12 conv.
 #[inline(always)]
 fn copy_lanes(dst: &mut [f32], src: &[f32], n: usize) {
     if n == LANES {
         let dst: &mut Lanes = (&mut dst[..LANES]).try_into().unwrap();
         *dst = src[..LANES].try_into().unwrap();
     } else {
-        dst[..n].copy_from_slice(&src[..n]);
+        copy_partial_lanes(dst, src, n);
     }
+}
+
+#[cold]
+#[inline(never)]
+fn copy_partial_lanes(dst: &mut [f32], src: &[f32], n: usize) {
+    dst[..n].copy_from_slice(&src[..n]);
 }
 
 /// A tile's values, one lane vector per element, in a CAP×CAP block of which the transforms use the top left.
@@ -887,9 +949,15 @@ fn transform_weights<Y: Algorithm, X: Algorithm>(
 
 simd_dispatch!(weight_row, weight_row_avx512, weight_row_avx2, weight_row_body, (w: &[f32], uc: &mut [f32]));
 
-/// One output channel's `U[ξ][c]` from its weights `w` `[cc, 3, 3]`.
+/// One output channel's `U[ξ][c]` from its weights `w` `[cc, 3, 3]`, `LANES` input channels at a time, as two
+/// block products (as the input transform does) where a tile has at most 36 products: on 2 Zen 4 threads that ran
+/// layer4's F(4×4, 3×3) (512 → 512 at dilation 4) in 41 ms against 44 by rows, and ASPP's dilation 24 with its
+/// smaller tiles in 88 against 101.
 #[inline(always)]
 fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
+    if Y::R * X::R > 36 {
+        return weight_row_by_rows::<Y, X>(w, uc);
+    }
     let cc = w.len() / 9;
     // Lanes past the last channel hold stale values, never stored.
     let (mut k, mut rows_done, mut transformed) = (ZERO_BLOCK, ZERO_BLOCK, ZERO_BLOCK);
@@ -909,6 +977,49 @@ fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
             for (s, lanes_v) in row.iter().enumerate().take(X::R) {
                 let at = (r * X::R + s) * cc + c0;
                 copy_lanes(&mut uc[at..], lanes_v, lanes);
+            }
+        }
+    }
+}
+
+/// [`weight_row_body`] for the largest tiles: row `r` of `G_Y·g` (3 vectors), then each `U[r][s]` from it, stored
+/// at once, so a group's work stays in registers. The block form kept F(6, 3)'s 8×8 blocks of vectors on the
+/// stack: 44% of ASPP's dilation-12 conv. Same sums in the same order, so the same bits.
+#[inline(always)]
+fn weight_row_by_rows<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
+    let cc = w.len() / 9;
+    for c0 in (0..cc).step_by(LANES) {
+        let lanes = (cc - c0).min(LANES);
+        // k[tap][lane]; lanes past the last channel stay zero, never stored.
+        let mut k = [[0f32; LANES]; 9];
+        for (l, wc) in w[c0 * 9..(c0 + lanes) * 9].chunks_exact(9).enumerate() {
+            for (tap, &v) in wc.iter().enumerate() {
+                k[tap][l] = v;
+            }
+        }
+        for r in 0..Y::R {
+            let mut t = [[0f32; LANES]; 3];
+            for (b, tb) in t.iter_mut().enumerate() {
+                for a in 0..3 {
+                    let c = Y::G[r][a];
+                    if c != 0.0 {
+                        for l in 0..LANES {
+                            tb[l] += c * k[a * 3 + b][l];
+                        }
+                    }
+                }
+            }
+            for s in 0..X::R {
+                let mut acc = [0f32; LANES];
+                for (b, tb) in t.iter().enumerate() {
+                    let c = X::G[s][b];
+                    if c != 0.0 {
+                        for l in 0..LANES {
+                            acc[l] += c * tb[l];
+                        }
+                    }
+                }
+                copy_lanes(&mut uc[(r * X::R + s) * cc + c0..], &acc, lanes);
             }
         }
     }
@@ -963,6 +1074,43 @@ fn output_channel_body<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Ti
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `Aᵀ·[(G·w) ⊙ (Bᵀ·x)]` of one algorithm, in f64.
+    fn filter_1d<K: Algorithm>(x: &[f64], w: &[f64; 3]) -> Vec<f64> {
+        let u: Vec<f64> = (0..K::R)
+            .map(|r| (0..3).map(|k| K::G[r][k] as f64 * w[k]).sum())
+            .collect();
+        let v: Vec<f64> = (0..K::R)
+            .map(|r| (0..K::A).map(|a| K::BT[r][a] as f64 * x[a]).sum())
+            .collect();
+        (0..K::M)
+            .map(|i| (0..K::R).map(|r| K::AT[i][r] as f64 * u[r] * v[r]).sum())
+            .collect()
+    }
+
+    /// Each algorithm's matrices compute the 3-tap correlation `y[i] = Σ_k w[k]·x[i + k]` of its tile: on any input
+    /// for the Toom-Cook ones, on inputs with zeros around the sub-image for the 2- and 1-pixel ones.
+    #[test]
+    fn every_algorithm_is_the_three_tap_correlation() {
+        fn check<K: Algorithm>(name: &str, zero_ends: bool) {
+            let mut x: Vec<f64> = (0..K::A).map(|a| ((a * 7 + 3) % 11) as f64 / 5.0 - 1.0).collect();
+            if zero_ends {
+                x[0] = 0.0;
+                x[K::A - 1] = 0.0;
+            }
+            let w = [0.7, -1.3, 0.4];
+            let got = filter_1d::<K>(&x, &w);
+            for (i, y) in got.iter().enumerate() {
+                let want: f64 = (0..3).map(|k| w[k] * x[i + k]).sum();
+                assert!((y - want).abs() < 1e-6, "{name}: output {i} is {y}, not {want}");
+            }
+        }
+        check::<F6>("F(6, 3)", false);
+        check::<F4>("F(4, 3)", false);
+        check::<F3>("F(3, 3)", false);
+        check::<T2>("2-pixel", true);
+        check::<T1>("1-pixel", true);
+    }
 
     /// The channel-interleaved copy holds every plane's pixel in its lane, zeros past the last plane, for full
     /// groups (the AVX-512 transposes where the CPU has them), a partial one, and a pixel count that leaves a tail.
