@@ -396,7 +396,7 @@ pub(crate) fn conv2d_add(
     // A whole number of lane groups, so only the last chunk has a partial one.
     let chunk = (INPUT_BUDGET / largest / LANES * LANES).clamp(LANES, g.cin);
     // Not cleared: the first chunk's products overwrite it.
-    at_least(product, g.cout * sizes.iter().map(|&s| padded_row(s)).sum::<usize>());
+    let product = aligned(product, g.cout * sizes.iter().map(|&s| padded_row(s)).sum::<usize>());
     for c0 in (0..g.cin).step_by(chunk) {
         let cc = (c0 + chunk).min(g.cin) - c0;
         let groups = cc.div_ceil(LANES);
@@ -438,8 +438,9 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     let (r2, t, cc) = (Y::R * X::R, tiles.len(), channels.len());
     let v = aligned(input, r2 * v_stride(t, cc));
     transform_inputs::<Y, X>(g, tiles, interleaved, cc, v);
-    transform_weights::<Y, X>(g, weight, channels.clone(), transformed_weight);
-    let (u, v) = (&*transformed_weight, &*v);
+    let u = aligned(transformed_weight, g.cout * padded_row(r2 * cc));
+    transform_weights::<Y, X>(g, weight, channels.clone(), u);
+    let (u, v) = (&*u, &*v);
     // The R² products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per task,
     // rather than each product split across the threads with a wait after each.
     assert_eq!(m.len(), g.cout * padded_row(r2 * t));
@@ -754,7 +755,7 @@ fn v_stride(t: usize, cc: usize) -> usize {
 }
 
 /// The first `n` floats of `buf` from a 64-byte boundary on (grown as needed), so each vector store of the
-/// input transform fills one cache line rather than straddling two.
+/// transforms (and each row the products write) fills one cache line rather than straddling two.
 fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     let buf = at_least(buf, n + LANES);
     let skip = buf.as_ptr().align_offset(64).min(LANES);
@@ -934,12 +935,11 @@ fn transform_weights<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
     weight: &[f32],
     channels: std::ops::Range<usize>,
-    u: &mut Vec<f32>,
+    u: &mut [f32],
 ) {
     let cc = channels.len();
     // Every element is written below.
-    at_least(u, g.cout * padded_row(Y::R * X::R * cc))
-        .par_chunks_mut(padded_row(Y::R * X::R * cc))
+    u.par_chunks_mut(padded_row(Y::R * X::R * cc))
         .enumerate()
         .for_each(|(co, uc)| {
             let w = &weight[co * g.cin * 9..(co + 1) * g.cin * 9];
