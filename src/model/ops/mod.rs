@@ -44,6 +44,7 @@ pub mod conv_cuda;
 pub mod device_check;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
+mod epilogue;
 pub mod gemm_bf16;
 mod gemm_blocks;
 mod gemm_f32;
