@@ -614,18 +614,60 @@ pub(crate) fn fill_columns(
                         let start = first - g.padding;
                         seg.copy_from_slice(&line[start..start + width]);
                     } else if !block.checked {
-                        let start = first - g.padding;
-                        seg.iter_mut()
-                            .enumerate()
-                            .for_each(|(i, v)| *v = line[start + i * g.stride]);
+                        copy_strided(seg, &line[first - g.padding..], g.stride);
                     } else {
-                        for (i, v) in seg.iter_mut().enumerate() {
-                            *v = g.source(block.out_cols.start + i, kx, g.w).map_or(0.0, |ix| line[ix]);
+                        // Zeros where the tap reads padding, at either end; the strided copy between.
+                        let valid = |i: &usize| g.source(block.out_cols.start + i, kx, g.w).is_some();
+                        let lo = (0..width).find(valid).unwrap_or(width);
+                        let hi = (lo..width).rfind(valid).map_or(lo, |i| i + 1);
+                        seg[..lo].fill(0.0);
+                        seg[hi..].fill(0.0);
+                        if lo < hi {
+                            let ix = g.source(block.out_cols.start + lo, kx, g.w).expect("a valid column");
+                            copy_strided(&mut seg[lo..hi], &line[ix..], g.stride);
                         }
                     }
                 }
             }
         });
+}
+
+/// `seg[i] = line[i·stride]`. Stride 1 is a copy; stride 2 (ResNet's stem and downsampling convolutions) compiled for AVX-512 or AVX2
+/// where the CPU has them, where the compiler turns the constant stride into vector shuffles: done value by value
+/// in the baseline's SSE2, this copy was a third of the stem's time on Zen 4.
+fn copy_strided(seg: &mut [f32], line: &[f32], stride: usize) {
+    #[inline(always)]
+    fn by_two(seg: &mut [f32], line: &[f32]) {
+        let line = &line[..2 * seg.len() - 1];
+        for (i, v) in seg.iter_mut().enumerate() {
+            *v = line[2 * i];
+        }
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        #[target_feature(enable = "avx512f")]
+        unsafe fn by_two_avx512(seg: &mut [f32], line: &[f32]) {
+            by_two(seg, line)
+        }
+        #[target_feature(enable = "avx2")]
+        unsafe fn by_two_avx2(seg: &mut [f32], line: &[f32]) {
+            by_two(seg, line)
+        }
+        if stride == 2 && !seg.is_empty() {
+            if is_x86_feature_detected!("avx512f") {
+                // SAFETY: the CPU has AVX-512F.
+                return unsafe { by_two_avx512(seg, line) };
+            }
+            if is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2.
+                return unsafe { by_two_avx2(seg, line) };
+            }
+        }
+    }
+    if stride == 1 {
+        return seg.copy_from_slice(&line[..seg.len()]);
+    }
+    seg.iter_mut().enumerate().for_each(|(i, v)| *v = line[i * stride]);
 }
 
 #[cfg(test)]
