@@ -4,7 +4,7 @@
 //! products for 36 outputs, a fifth of the direct multiply-accumulates), 4 (a quarter) or 3, whichever multiplies
 //! least over the map's length with its last tile partly padding. F(6, 3) took the 3×3 convs on whole 64×64 and
 //! 128×128 maps and ASPP's dilation 12: DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads 1172 → 1130 ms, FCN 1020
-//! → 961, PSPNet 1166 → 1131 (medians of 3 alternating rounds).
+//! → 961, PSPNet 1166 → 1131 (means of 3 alternating rounds).
 //!
 //! Dilated convolutions (ResNet's layer3/layer4 at output stride 8, dilation 2 and 4, and ASPP's 12, 24, 36) run
 //! on polyphase sub-grids: output pixels whose row and column have the same residues modulo the dilation read
