@@ -1,26 +1,30 @@
 //! One CPU convolution, timed: the kernel `conv2d_image` runs for that geometry (Winograd, tap-wise, blocked or a
 //! plain product), with bias and ReLU, on `RAYON_NUM_THREADS` threads. For reading one layer's cost in isolation
-//! (under `perf`, say) rather than inside a whole network's profile.
-//! Usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N]; prints one JSON line.
+//! (under `perf`, say) rather than inside a whole network's profile. `--keep` lets the convolution keep its
+//! transformed weights across calls, as an inference model's do (`KeptWeights`).
+//! Usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N] [--keep]; prints one JSON line.
 
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use semseg::model::ops::conv_cpu::{conv2d_image, ConvGeometry, Epilogue, Scratch};
+use semseg::model::ops::conv_cpu::{conv2d_image, ConvGeometry, Epilogue, KeptWeights, Scratch};
 
 fn main() -> Result<()> {
     let mut numbers = Vec::new();
     let mut runs = 10usize;
+    let mut kept = None;
     let mut args = std::env::args().skip(1);
     while let Some(a) = args.next() {
-        if a == "--runs" {
+        if a == "--keep" {
+            kept = Some(KeptWeights::default());
+        } else if a == "--runs" {
             runs = args.next().context("--runs needs a value")?.parse()?;
         } else {
             numbers.push(a.parse::<usize>().with_context(|| format!("not a number: {a}"))?);
         }
     }
     let [cin, h, w, cout, k, rest @ ..] = numbers.as_slice() else {
-        bail!("usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N]");
+        bail!("usage: bench_conv CIN H W COUT K [STRIDE PADDING DILATION] [--runs N] [--keep]");
     };
     let (stride, padding, dilation) = match rest {
         [] => (1, k / 2, 1),
@@ -43,11 +47,11 @@ fn main() -> Result<()> {
         residual: None,
         relu: true,
     };
-    conv2d_image(&g, &x, &weight, epilogue, &mut out, &mut scratch);
+    conv2d_image(&g, &x, (&weight, kept.as_ref()), epilogue, &mut out, &mut scratch);
     let mut ms: Vec<f64> = (0..runs.max(1))
         .map(|_| {
             let t = Instant::now();
-            conv2d_image(&g, &x, &weight, epilogue, &mut out, &mut scratch);
+            conv2d_image(&g, &x, (&weight, kept.as_ref()), epilogue, &mut out, &mut scratch);
             t.elapsed().as_secs_f64() * 1e3
         })
         .collect();

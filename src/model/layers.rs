@@ -5,6 +5,7 @@
 //! from the structure (`vb.pp("layer1").pp(0).pp("conv1")` → `layer1.0.conv1.weight`).
 
 use std::cell::RefCell;
+use std::sync::Arc;
 
 use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
@@ -12,7 +13,7 @@ use rand::{Rng, SeedableRng};
 use rand_chacha::ChaCha8Rng;
 
 use super::ops;
-use super::ops::conv::conv2d_fused;
+use super::ops::conv::{conv2d_fused, KeptWeights};
 
 /// How a convolution's weights start when the `VarBuilder` creates them (training from scratch).
 #[derive(Clone, Copy, Debug)]
@@ -59,6 +60,9 @@ pub struct Conv2d {
     weight: Tensor,
     bias: Option<Tensor>,
     spec: ConvSpec,
+    /// What the CPU kernel keeps from the weight across calls; only for a weight that never changes (made by
+    /// [`ConvBn::fold`]), shared by clones.
+    kept: Option<Arc<KeptWeights>>,
 }
 
 impl Conv2d {
@@ -85,7 +89,12 @@ impl Conv2d {
         } else {
             None
         };
-        Ok(Self { weight, bias, spec })
+        Ok(Self {
+            weight,
+            bias,
+            spec,
+            kept: None,
+        })
     }
 
     pub fn spec(&self) -> ConvSpec {
@@ -99,6 +108,8 @@ impl Conv2d {
             weight: self.weight.detach(),
             bias: self.bias.as_ref().map(Tensor::detach),
             spec: self.spec,
+            // A trainable weight has none; a folded one never changes.
+            kept: self.kept.clone(),
         }
     }
 
@@ -107,7 +118,7 @@ impl Conv2d {
         let s = &self.spec;
         conv2d_fused(
             x,
-            &self.weight,
+            (&self.weight, self.kept.as_deref()),
             self.bias.as_ref(),
             residual,
             relu,
@@ -326,6 +337,8 @@ impl ConvBn {
                 weight,
                 bias: Some(bias.detach()),
                 spec: self.conv.spec,
+                // A new tensor, never changed: the CPU kernel may keep what it derives from it.
+                kept: Some(Arc::new(KeptWeights::default())),
             },
             bn: None,
         })

@@ -12,6 +12,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, DType, Layout, Result, Shape, Storage, Tensor};
 
 use super::contiguous_slice;
+pub use super::conv_cpu::KeptWeights;
 use super::conv_cpu::{self, ConvGeometry, Epilogue, Scratch};
 use super::conv_cpu_backward;
 use super::profile;
@@ -93,10 +94,12 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilati
 ///
 /// `bias` is `[Cout]`, `residual` has the output's shape. When nothing needs a gradient and the tensors are f32 on
 /// the CPU, this runs [`conv_cpu`]'s fused kernel (bias and residual folded into the product, one ReLU pass);
-/// otherwise it is [`conv2d`] followed by Candle's own ops, so training and other devices are unchanged.
+/// otherwise it is [`conv2d`] followed by Candle's own ops, so training and other devices are unchanged. `kept`,
+/// given only with a weight that never changes (an inference model's), lets the kernel keep what it derives from
+/// the weight across calls.
 pub fn conv2d_fused(
     x: &Tensor,
-    weight: &Tensor,
+    (weight, kept): (&Tensor, Option<&KeptWeights>),
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     relu: bool,
@@ -108,14 +111,14 @@ pub fn conv2d_fused(
         dims(x),
         dims(weight),
         (stride, dilation),
-        || conv2d_fused_unprofiled(x, weight, bias, residual, relu, (padding, stride, dilation)),
+        || conv2d_fused_unprofiled(x, (weight, kept), bias, residual, relu, (padding, stride, dilation)),
         |y| dims(y),
     )
 }
 
 fn conv2d_fused_unprofiled(
     x: &Tensor,
-    weight: &Tensor,
+    (weight, kept): (&Tensor, Option<&KeptWeights>),
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     relu: bool,
@@ -129,7 +132,7 @@ fn conv2d_fused_unprofiled(
             .flatten()
             .all(|t| t.dtype() == DType::F32 && !t.track_op() && t.device().is_cpu());
     if fast {
-        return conv2d_cpu_inference(x, weight, bias, residual, relu, (padding, stride, dilation));
+        return conv2d_cpu_inference(x, (weight, kept), bias, residual, relu, (padding, stride, dilation));
     }
     let mut y = conv2d(x, weight, padding, stride, dilation)?;
     // Under mixed precision the bias (f32 master) or a residual may differ from the activations' dtype
@@ -165,7 +168,7 @@ thread_local! {
 
 fn conv2d_cpu_inference(
     x: &Tensor,
-    weight: &Tensor,
+    (weight, kept): (&Tensor, Option<&KeptWeights>),
     bias: Option<&Tensor>,
     residual: Option<&Tensor>,
     relu: bool,
@@ -218,7 +221,7 @@ fn conv2d_cpu_inference(
                 residual: rs.map(|r| &r[i * n_out..(i + 1) * n_out]),
                 relu,
             };
-            conv_cpu::conv2d_image(&g, &xs[i * n_in..(i + 1) * n_in], ws, epilogue, o, scratch);
+            conv_cpu::conv2d_image(&g, &xs[i * n_in..(i + 1) * n_in], (ws, kept), epilogue, o, scratch);
         }
     });
     Tensor::from_vec(out, out_shape, &candle_core::Device::Cpu)
@@ -273,7 +276,14 @@ impl candle_core::CustomOp2 for CpuConv2d {
         let mut out = vec![0f32; b * n_out];
         SCRATCH.with_borrow_mut(|scratch| {
             for (i, o) in out.chunks_mut(n_out).enumerate() {
-                conv_cpu::conv2d_image(&g, &x[i * n_in..(i + 1) * n_in], w, Epilogue::default(), o, scratch);
+                conv_cpu::conv2d_image(
+                    &g,
+                    &x[i * n_in..(i + 1) * n_in],
+                    (w, None),
+                    Epilogue::default(),
+                    o,
+                    scratch,
+                );
             }
         });
         Ok((CpuStorage::F32(out), Shape::from((b, g.cout, g.oh, g.ow))))

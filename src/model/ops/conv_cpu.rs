@@ -173,6 +173,7 @@ pub(crate) fn plan(g: &ConvGeometry) -> Vec<Block> {
 }
 
 pub use super::epilogue::Epilogue;
+pub use super::winograd::KeptWeights;
 
 /// The first `n` elements of `buf`, grown if needed; what they hold is left over from earlier use.
 pub(crate) fn at_least(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
@@ -198,11 +199,12 @@ pub struct Scratch {
     tapwise: super::tapwise::Buffers,
 }
 
-/// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`.
+/// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`. `kept`: what may be kept
+/// across calls for this weight, if it never changes (Winograd's transformed weights).
 pub fn conv2d_image(
     g: &ConvGeometry,
     x: &[f32],
-    weight: &[f32],
+    (weight, kept): (&[f32], Option<&KeptWeights>),
     epilogue: Epilogue,
     out: &mut [f32],
     scratch: &mut Scratch,
@@ -249,7 +251,7 @@ pub fn conv2d_image(
         let blocks = plan(g);
         let direct_macs: usize = blocks.iter().map(Block::macs).sum();
         if let Some(plan) = super::winograd::plan(g, direct_macs) {
-            super::winograd::conv2d_add(g, &plan, x, weight, out, &mut scratch.winograd);
+            super::winograd::conv2d_add(g, &plan, (x, weight, kept), out, &mut scratch.winograd);
         } else if g.stride == 1 && blocks.len() > 1 {
             // Skipping the padded taps pays: one large product per tap rather than many small ones per block.
             super::tapwise::conv2d_add(g, x, weight, out, &mut scratch.tapwise);
@@ -751,7 +753,7 @@ pub(crate) mod tests {
             ] {
                 let want = reference(&g, &x, &wt, &e);
                 let mut got = vec![f32::NAN; g.output_len()];
-                conv2d_image(&g, &x, &wt, e, &mut got, &mut scratch);
+                conv2d_image(&g, &x, (&wt, None), e, &mut got, &mut scratch);
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err < 1e-4, "case {i} {g:?}: max error {err}");
             }
@@ -851,7 +853,7 @@ pub(crate) mod tests {
             };
             let want = reference(&g, &x, &wt, &e);
             let mut got = vec![0f32; g.output_len()];
-            conv2d_image(&g, &x, &wt, e, &mut got, &mut scratch);
+            conv2d_image(&g, &x, (&wt, None), e, &mut got, &mut scratch);
             let err = relative_l2(&want, &got);
             // F(4×4, 3×3) in f32 loses about a digit to the direct sum (measured: 3.6e-6 at 9216 terms).
             assert!(err < 1e-5, "{g:?}: relative error {err}");

@@ -185,7 +185,7 @@ pub fn input_grad(
         let flipped = flipped_transpose(g, weight, &mut buffers.flipped);
         let back = ConvGeometry::new((g.cout, g.oh, g.ow), (g.cin, g.k), 1, g.padding, g.dilation)
             .expect("the transposed geometry of a valid same-size convolution is valid");
-        conv2d_image(&back, grad_y, flipped, Epilogue::default(), grad_x, forward);
+        conv2d_image(&back, grad_y, (flipped, None), Epilogue::default(), grad_x, forward);
         return;
     }
     grad_x.fill(0.0);

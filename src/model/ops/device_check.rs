@@ -300,7 +300,7 @@ fn fused_case(
     let bd = on_device(&b64, DType::F32, device)?;
     let y0 = conv::conv2d(&xd, &wd, p, s, d)?;
     let resd = on_device(&seeded(y0.dims(), seed + 3)?, mode.dtype, device)?;
-    let y = conv::conv2d_fused(&xd, &wd, Some(&bd), Some(&resd), true, (p, s, d))?;
+    let y = conv::conv2d_fused(&xd, (&wd, None), Some(&bd), Some(&resd), true, (p, s, d))?;
     anyhow::ensure!(
         y.dtype() == mode.dtype,
         "output dtype {:?}, expected {:?}",

@@ -201,11 +201,49 @@ impl Algorithm for T1 {
     const AT: [[f32; CAP]; CAP] = pad([[1.0]]);
 }
 
+/// `$f::<Y, X>(args)` for the class's pair of algorithms: each pair is its own compiled instance of the
+/// transforms.
+macro_rules! dispatch {
+    ($class:expr, $f:ident($($arg:expr),*)) => {
+        match ($class.rows, $class.cols) {
+            (Kind::F6, Kind::F6) => $f::<F6, F6>($($arg),*),
+            (Kind::F6, Kind::F4) => $f::<F6, F4>($($arg),*),
+            (Kind::F6, Kind::F3) => $f::<F6, F3>($($arg),*),
+            (Kind::F6, Kind::T2) => $f::<F6, T2>($($arg),*),
+            (Kind::F6, Kind::T1) => $f::<F6, T1>($($arg),*),
+            (Kind::F4, Kind::F6) => $f::<F4, F6>($($arg),*),
+            (Kind::F4, Kind::F4) => $f::<F4, F4>($($arg),*),
+            (Kind::F4, Kind::F3) => $f::<F4, F3>($($arg),*),
+            (Kind::F4, Kind::T2) => $f::<F4, T2>($($arg),*),
+            (Kind::F4, Kind::T1) => $f::<F4, T1>($($arg),*),
+            (Kind::F3, Kind::F6) => $f::<F3, F6>($($arg),*),
+            (Kind::F3, Kind::F4) => $f::<F3, F4>($($arg),*),
+            (Kind::F3, Kind::F3) => $f::<F3, F3>($($arg),*),
+            (Kind::F3, Kind::T2) => $f::<F3, T2>($($arg),*),
+            (Kind::F3, Kind::T1) => $f::<F3, T1>($($arg),*),
+            (Kind::T2, Kind::F6) => $f::<T2, F6>($($arg),*),
+            (Kind::T2, Kind::F4) => $f::<T2, F4>($($arg),*),
+            (Kind::T2, Kind::F3) => $f::<T2, F3>($($arg),*),
+            (Kind::T2, Kind::T2) => $f::<T2, T2>($($arg),*),
+            (Kind::T2, Kind::T1) => $f::<T2, T1>($($arg),*),
+            (Kind::T1, Kind::F6) => $f::<T1, F6>($($arg),*),
+            (Kind::T1, Kind::F4) => $f::<T1, F4>($($arg),*),
+            (Kind::T1, Kind::F3) => $f::<T1, F3>($($arg),*),
+            (Kind::T1, Kind::T2) => $f::<T1, T2>($($arg),*),
+            (Kind::T1, Kind::T1) => $f::<T1, T1>($($arg),*),
+        }
+    };
+}
+
+mod kept;
+
+pub use kept::KeptWeights;
+
 /// Transformed inputs per chunk, in floats (16 MiB).
 const INPUT_BUDGET: usize = 4 << 20;
 
 /// The algorithm along one dimension of a tile.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(crate) enum Kind {
     F6,
     F4,
@@ -273,10 +311,29 @@ pub(crate) struct Class {
     tiles: Vec<Tile>,
 }
 
+/// The cost model of [`plan`], in multiply-accumulates of the products per channel pair and product of the
+/// algorithms: the input transform, per input channel, tile and product, takes about 72 multiply-accumulates' time
+/// (shared by the output channels); the weight transform, per channel pair and product, about 47. Measured on
+/// ASPP's 2048 → 256 channels at dilation 12 on 2 Zen 4 threads (inputs 24 ms, weights 7 ms, products 86 ms).
+const INPUT_TRANSFORM_COST: f64 = 72.0;
+const WEIGHT_TRANSFORM_COST: f64 = 47.0;
+
 impl Class {
     /// Products per channel pair: one per tile and (row, column) product of the algorithms.
     fn products_per_channel(&self) -> usize {
         self.rows.products() * self.cols.products() * self.tiles.len()
+    }
+
+    /// Per channel pair and product of the algorithms: the tiles' products and input transforms, plus the weight
+    /// transform where it runs on this call.
+    fn cost_per_product(&self, cout: usize, weights_transformed: bool) -> f64 {
+        let per_tile = 1.0 + INPUT_TRANSFORM_COST / cout as f64;
+        let weights = if weights_transformed {
+            WEIGHT_TRANSFORM_COST
+        } else {
+            0.0
+        };
+        self.tiles.len() as f64 * per_tile + weights
     }
 }
 
@@ -318,15 +375,9 @@ pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
             }
         }
     }
-    // Cost per channel pair, in multiply-accumulates of the products: each tile's products, plus the input
-    // transform (per input channel, tile and product, about 72 multiply-accumulates' time: shared by the output
-    // channels) and the weight transform (per channel pair and product, about 47). Measured on ASPP's 2048 → 256
-    // channels at dilation 12 on 2 Zen 4 threads (inputs 24 ms, weights 7 ms, products 86 ms); the direct
-    // products run about 10% faster per multiply-accumulate.
-    let per_tile = 1.0 + 72.0 / g.cout as f64;
     let cost: f64 = classes
         .iter()
-        .map(|c| (c.rows.products() * c.cols.products()) as f64 * (c.tiles.len() as f64 * per_tile + 47.0))
+        .map(|c| (c.rows.products() * c.cols.products()) as f64 * c.cost_per_product(g.cout, true))
         .sum();
     (cost < direct_macs as f64 * 0.9).then_some(Plan { classes })
 }
@@ -346,43 +397,10 @@ pub(crate) struct Buffers {
 pub(crate) fn conv2d_add(
     g: &ConvGeometry,
     plan: &Plan,
-    x: &[f32],
-    weight: &[f32],
+    (x, weight, kept): (&[f32], &[f32], Option<&KeptWeights>),
     out: &mut [f32],
     buffers: &mut Buffers,
 ) {
-    // Each algorithm pair is its own compiled instance of the transforms.
-    macro_rules! dispatch {
-        ($class:expr, $f:ident($($arg:expr),*)) => {
-            match ($class.rows, $class.cols) {
-                (Kind::F6, Kind::F6) => $f::<F6, F6>($($arg),*),
-                (Kind::F6, Kind::F4) => $f::<F6, F4>($($arg),*),
-                (Kind::F6, Kind::F3) => $f::<F6, F3>($($arg),*),
-                (Kind::F6, Kind::T2) => $f::<F6, T2>($($arg),*),
-                (Kind::F6, Kind::T1) => $f::<F6, T1>($($arg),*),
-                (Kind::F4, Kind::F6) => $f::<F4, F6>($($arg),*),
-                (Kind::F4, Kind::F4) => $f::<F4, F4>($($arg),*),
-                (Kind::F4, Kind::F3) => $f::<F4, F3>($($arg),*),
-                (Kind::F4, Kind::T2) => $f::<F4, T2>($($arg),*),
-                (Kind::F4, Kind::T1) => $f::<F4, T1>($($arg),*),
-                (Kind::F3, Kind::F6) => $f::<F3, F6>($($arg),*),
-                (Kind::F3, Kind::F4) => $f::<F3, F4>($($arg),*),
-                (Kind::F3, Kind::F3) => $f::<F3, F3>($($arg),*),
-                (Kind::F3, Kind::T2) => $f::<F3, T2>($($arg),*),
-                (Kind::F3, Kind::T1) => $f::<F3, T1>($($arg),*),
-                (Kind::T2, Kind::F6) => $f::<T2, F6>($($arg),*),
-                (Kind::T2, Kind::F4) => $f::<T2, F4>($($arg),*),
-                (Kind::T2, Kind::F3) => $f::<T2, F3>($($arg),*),
-                (Kind::T2, Kind::T2) => $f::<T2, T2>($($arg),*),
-                (Kind::T2, Kind::T1) => $f::<T2, T1>($($arg),*),
-                (Kind::T1, Kind::F6) => $f::<T1, F6>($($arg),*),
-                (Kind::T1, Kind::F4) => $f::<T1, F4>($($arg),*),
-                (Kind::T1, Kind::F3) => $f::<T1, F3>($($arg),*),
-                (Kind::T1, Kind::T2) => $f::<T1, T2>($($arg),*),
-                (Kind::T1, Kind::T1) => $f::<T1, T1>($($arg),*),
-            }
-        };
-    }
     let Buffers {
         interleaved,
         input,
@@ -397,6 +415,11 @@ pub(crate) fn conv2d_add(
     let chunk = (INPUT_BUDGET / largest / LANES * LANES).clamp(LANES, g.cin);
     // Not cleared: the first chunk's products overwrite it.
     let product = aligned(product, g.cout * sizes.iter().map(|&s| padded_row(s)).sum::<usize>());
+    let kept: Vec<_> = plan
+        .classes
+        .iter()
+        .map(|c| kept.and_then(|k| k.get(g, c, weight)))
+        .collect();
     for c0 in (0..g.cin).step_by(chunk) {
         let cc = (c0 + chunk).min(g.cin) - c0;
         let groups = cc.div_ceil(LANES);
@@ -405,14 +428,15 @@ pub(crate) fn conv2d_add(
         }
         interleave(&x[c0 * hw..(c0 + cc) * hw], hw, &mut interleaved[..groups * hw]);
         let mut at = 0;
-        for (class, size) in plan.classes.iter().zip(&sizes) {
+        for ((class, size), kept) in plan.classes.iter().zip(&sizes).zip(&kept) {
             let m = &mut product[at..at + g.cout * padded_row(*size)];
             at += g.cout * padded_row(*size);
             let chunk_of = (&interleaved[..groups * hw], c0..c0 + cc);
-            dispatch!(
-                class,
-                accumulate_chunk(g, &class.tiles, chunk_of, weight, input, transformed_weight, m)
-            );
+            let weights = match kept {
+                Some(kept) => Weights::Kept(kept.u()),
+                None => Weights::Raw(weight, &mut *transformed_weight),
+            };
+            dispatch!(class, accumulate_chunk(g, &class.tiles, chunk_of, weights, input, m));
         }
     }
     let mut at = 0;
@@ -423,37 +447,53 @@ pub(crate) fn conv2d_add(
     }
 }
 
+/// Where a class's transformed weights come from on this call.
+enum Weights<'a> {
+    /// The raw weights `[Cout, Cin, 3, 3]`, transformed chunk by chunk into the buffer.
+    Raw(&'a [f32], &'a mut Vec<f32>),
+    /// `U[co][ξ][c]` of every input channel, kept from an earlier call ([`KeptWeights`]).
+    Kept(&'a [f32]),
+}
+
 /// One class (algorithm `Y` along rows, `X` along columns), one chunk of input channels (`interleaved`, the
-/// chunk's channels in lane groups, and their range): transforms its inputs and weights, then `M[ξ] (+)= U[ξ]·V[ξ]`
-/// into `m` `[Cout][ξ][tile]` (overwriting it for the first chunk).
+/// chunk's channels in lane groups, and their range): transforms its inputs (and its weights, unless kept), then
+/// `M[ξ] (+)= U[ξ]·V[ξ]` into `m` `[Cout][ξ][tile]` (overwriting it for the first chunk).
 fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
     tiles: &[Tile],
     (interleaved, channels): (&[Lanes], std::ops::Range<usize>),
-    weight: &[f32],
+    weights: Weights,
     input: &mut Vec<f32>,
-    transformed_weight: &mut Vec<f32>,
     m: &mut [f32],
 ) {
     let (r2, t, cc) = (Y::R * X::R, tiles.len(), channels.len());
     let v = aligned(input, r2 * v_stride(t, cc));
     transform_inputs::<Y, X>(g, tiles, interleaved, cc, v);
-    let u = aligned(transformed_weight, g.cout * padded_row(r2 * cc));
-    transform_weights::<Y, X>(g, weight, channels.clone(), u);
-    let (u, v) = (&*u, &*v);
+    // U[co][ξ][·]: this chunk's columns start at `u_first`, rows of R²·`u_channels` (padded) apart.
+    let (u, u_channels, u_first): (&[f32], usize, usize) = match weights {
+        Weights::Kept(u) => (u, g.cin, channels.start),
+        Weights::Raw(weight, buffer) => {
+            let u = aligned(buffer, g.cout * padded_row(r2 * cc));
+            transform_weights::<Y, X>(g, weight, channels.clone(), u);
+            (u, cc, 0)
+        }
+    };
+    assert_eq!(u.len(), g.cout * padded_row(r2 * u_channels));
+    let v = &*v;
     // The R² products are independent and small (`[Cout, cc] · [cc, tiles]`): one single-threaded gemm per task,
     // rather than each product split across the threads with a wait after each.
     assert_eq!(m.len(), g.cout * padded_row(r2 * t));
     let m = m.as_mut_ptr() as usize;
     (0..r2).into_par_iter().for_each(|xi| {
-        // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows padded_row(R²·cc)
-        // apart (length cc); V[ξ] is [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their
-        // buffers, and tasks write disjoint elements of M (their own ξ).
+        // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows
+        // padded_row(R²·u_channels) apart, of which this chunk reads cc from u_first (asserted length above);
+        // V[ξ] is [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and tasks
+        // write disjoint elements of M (their own ξ).
         unsafe {
             gemm_strided(
                 (g.cout, t, cc),
                 ((m as *mut f32).add(xi * t), padded_row(r2 * t), 1),
-                (u[xi * cc..].as_ptr(), padded_row(r2 * cc), 1),
+                (u[xi * u_channels + u_first..].as_ptr(), padded_row(r2 * u_channels), 1),
                 (v[xi * v_stride(t, cc)..].as_ptr(), 1, cc),
                 channels.start > 0,
                 Parallelism::None,

@@ -1,0 +1,238 @@
+//! Winograd's transformed weights kept across calls, for convolutions whose weights never change (an inference
+//! model's folded convolutions).
+//!
+//! Transformed on each call, a class's `U` is R²·Cout·Cin floats written out and read back by the products: 134 MB
+//! for ASPP's dilation 12 at 512². Where a class has few tiles, that pass is a large share of the convolution
+//! (about a fifth of ASPP's dilation 12, a quarter of FCN's head). So such classes keep their `U` from the first
+//! call on, within a process-wide budget (`SEMSEG_KEPT_WEIGHTS_MB`, default 512 MiB; 0 keeps none), so memory
+//! stays bounded whatever the image sizes served. The products read the kept `U` exactly as the per-call one: the
+//! same floats, so the same results.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use super::{
+    aligned, padded_row, transform_weights, Class, ConvGeometry, Kind, F3, F4, F6, T1, T2, WEIGHT_TRANSFORM_COST,
+};
+
+/// Keep a class's `U` when transforming it would be at least this share of the class's cost ([`super::plan`]'s
+/// model): ASPP's dilation 12 at 512² (144 tiles, about a fifth), FCN's and PSPNet's heads (121), not layer3's or
+/// layer4's (256 tiles: there the kept `U` saved 2–5% for 38 MB a layer).
+const MIN_SHARE: f64 = 0.15;
+
+/// ... and when the class has at least this many tiles. On small maps (the server's 128² warm-up, thumbnails)
+/// the transform is most of every class, but the whole convolution costs little: keeping their `U` would spend
+/// the budget on sizes that do not need it (the warm-up alone would have kept 250 MB of DeepLabV3's).
+const MIN_TILES: usize = 64;
+
+/// The budget when `SEMSEG_KEPT_WEIGHTS_MB` is not set: DeepLabV3-ResNet-50 keeps about 250 MB at 512², FCN 280.
+const DEFAULT_BUDGET_MB: usize = 512;
+
+/// Bytes kept by every [`KeptWeights`] of the process.
+static KEPT_BYTES: AtomicUsize = AtomicUsize::new(0);
+
+/// The process-wide budget in bytes, read once from `SEMSEG_KEPT_WEIGHTS_MB`.
+fn budget() -> usize {
+    static BUDGET: OnceLock<usize> = OnceLock::new();
+    *BUDGET.get_or_init(|| {
+        let mb = match std::env::var("SEMSEG_KEPT_WEIGHTS_MB") {
+            Err(_) => DEFAULT_BUDGET_MB,
+            Ok(v) => v.trim().parse().unwrap_or_else(|_| {
+                tracing::warn!(
+                    value = %v,
+                    "SEMSEG_KEPT_WEIGHTS_MB is not a whole number of MiB: keeping up to {DEFAULT_BUDGET_MB} MiB"
+                );
+                DEFAULT_BUDGET_MB
+            }),
+        };
+        mb.saturating_mul(1 << 20)
+    })
+}
+
+/// One convolution's kept transforms, by pair of algorithms, made on first use. Belongs to one weight (the first
+/// one it is called with; any other gets nothing kept), so it must live with a weight that never changes.
+#[derive(Default)]
+pub struct KeptWeights {
+    /// Where the weight's floats were on the first call.
+    weight_at: OnceLock<usize>,
+    classes: Mutex<Vec<(Pair, Arc<Slot>)>>,
+}
+
+impl std::fmt::Debug for KeptWeights {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let classes = self.classes.lock().map(|c| c.len()).unwrap_or(0);
+        f.debug_struct("KeptWeights").field("classes", &classes).finish()
+    }
+}
+
+/// One class's kept transform, once made: `None` where the budget did not allow it.
+type Slot = OnceLock<Option<Arc<Transformed>>>;
+
+/// The algorithms along rows and columns.
+type Pair = (Kind, Kind);
+
+/// `U[co][ξ][c]` of every input channel of one class, rows `padded_row(R²·Cin)` apart, from a 64-byte boundary.
+pub(crate) struct Transformed {
+    buf: Vec<f32>,
+    start: usize,
+    len: usize,
+    /// Counted in [`KEPT_BYTES`] until dropped.
+    bytes: usize,
+}
+
+impl Transformed {
+    pub(crate) fn u(&self) -> &[f32] {
+        &self.buf[self.start..self.start + self.len]
+    }
+}
+
+impl Drop for Transformed {
+    fn drop(&mut self) {
+        KEPT_BYTES.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
+}
+
+impl KeptWeights {
+    /// The kept `U` of `class` for `weight` (`[Cout, Cin, 3, 3]`), transformed now if this is its first use;
+    /// `None` where keeping does not pay, the budget is spent, or `weight` is not the one this belongs to.
+    pub(crate) fn get(&self, g: &ConvGeometry, class: &Class, weight: &[f32]) -> Option<Arc<Transformed>> {
+        if !worth_keeping(class, g.cout)
+            || *self.weight_at.get_or_init(|| weight.as_ptr() as usize) != weight.as_ptr() as usize
+        {
+            return None;
+        }
+        let cell = {
+            let mut classes = self.classes.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let key = (class.rows, class.cols);
+            match classes.iter().find(|(k, _)| *k == key) {
+                Some((_, cell)) => cell.clone(),
+                None => {
+                    let cell = Arc::new(OnceLock::new());
+                    classes.push((key, cell.clone()));
+                    cell
+                }
+            }
+        };
+        // Concurrent first calls wait for one transform rather than each making its own.
+        cell.get_or_init(|| transform_all(g, class, weight)).clone()
+    }
+}
+
+/// Whether the class is large enough ([`MIN_TILES`]) and transforming its weights on each call would be at least
+/// [`MIN_SHARE`] of its cost.
+fn worth_keeping(class: &Class, cout: usize) -> bool {
+    class.tiles.len() >= MIN_TILES && WEIGHT_TRANSFORM_COST / class.cost_per_product(cout, true) >= MIN_SHARE
+}
+
+/// Counts `bytes` into `kept` if that stays within `limit`.
+fn reserve(kept: &AtomicUsize, bytes: usize, limit: usize) -> bool {
+    kept.fetch_update(Ordering::Relaxed, Ordering::Relaxed, |now| {
+        now.checked_add(bytes).filter(|&total| total <= limit)
+    })
+    .is_ok()
+}
+
+/// The class's `U` for all input channels, if the budget allows it.
+fn transform_all(g: &ConvGeometry, class: &Class, weight: &[f32]) -> Option<Arc<Transformed>> {
+    let r2 = class.rows.products() * class.cols.products();
+    let len = g.cout * padded_row(r2 * g.cin);
+    // `aligned` may skip up to one cache line.
+    let bytes = (len + super::LANES) * std::mem::size_of::<f32>();
+    if !reserve(&KEPT_BYTES, bytes, budget()) {
+        tracing::debug!(bytes, "Winograd weights not kept: over SEMSEG_KEPT_WEIGHTS_MB");
+        return None;
+    }
+    let mut buf = Vec::new();
+    let u = aligned(&mut buf, len);
+    dispatch!(class, transform_weights(g, weight, 0..g.cin, u));
+    let start = u.as_ptr() as usize - buf.as_ptr() as usize;
+    Some(Arc::new(Transformed {
+        start: start / std::mem::size_of::<f32>(),
+        buf,
+        len,
+        bytes,
+    }))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::plan;
+    use super::*;
+    use crate::model::ops::conv_cpu::tests::seeded;
+    use crate::model::ops::conv_cpu::{conv2d_image, Epilogue, Scratch};
+
+    /// ASPP's dilation 12 on a 64×64 map with 256 output channels (144 tiles of F(6×6), kept), on few input
+    /// channels so the test stays quick.
+    fn aspp_like() -> ConvGeometry {
+        ConvGeometry::new((24, 64, 64), (256, 3), 1, 12, 12).unwrap()
+    }
+
+    fn convolve(g: &ConvGeometry, x: &[f32], w: &[f32], kept: Option<&KeptWeights>) -> Vec<f32> {
+        let bias = seeded(g.cout, 3);
+        let epilogue = Epilogue {
+            bias: Some(&bias),
+            residual: None,
+            relu: true,
+        };
+        let mut out = vec![0f32; g.output_len()];
+        conv2d_image(g, x, (w, kept), epilogue, &mut out, &mut Scratch::default());
+        out
+    }
+
+    #[test]
+    fn kept_weights_give_the_same_bits_as_transforming_on_each_call() {
+        let g = aspp_like();
+        let (x, w) = (seeded(g.input_len(), 1), seeded(g.weight_len(), 2));
+        let plan = plan(&g, usize::MAX).expect("Winograd applies");
+        assert!(
+            plan.classes.iter().any(|c| worth_keeping(c, g.cout)),
+            "the test's class must be kept"
+        );
+        let fresh = convolve(&g, &x, &w, None);
+        let kept = KeptWeights::default();
+        let first = convolve(&g, &x, &w, Some(&kept));
+        assert_eq!(kept.classes.lock().unwrap().len(), 1, "one class kept: {kept:?}");
+        let second = convolve(&g, &x, &w, Some(&kept));
+        assert!(fresh == first && first == second, "kept weights changed the result");
+    }
+
+    #[test]
+    fn another_weight_is_not_served_the_kept_one() {
+        let g = aspp_like();
+        let x = seeded(g.input_len(), 1);
+        let (w1, w2) = (seeded(g.weight_len(), 2), seeded(g.weight_len(), 4));
+        let kept = KeptWeights::default();
+        convolve(&g, &x, &w1, Some(&kept));
+        assert_eq!(convolve(&g, &x, &w2, Some(&kept)), convolve(&g, &x, &w2, None));
+    }
+
+    /// Floats of `U` that a convolution of this geometry would keep.
+    fn kept_floats(g: &ConvGeometry) -> usize {
+        let plan = plan(g, usize::MAX).expect("Winograd applies");
+        let kept = plan.classes.iter().filter(|c| worth_keeping(c, g.cout));
+        kept.map(|c| c.rows.products() * c.cols.products() * g.cout * g.cin)
+            .sum()
+    }
+
+    #[test]
+    fn small_maps_and_cheap_transforms_keep_little() {
+        // The server's 128² warm-up: ASPP's map is 16², its sub-images 1–2 pixels; only the 1-pixel ones (the
+        // centre tap, 64 tiles) are kept, no more floats than the weight itself.
+        let warm_up = ConvGeometry::new((24, 16, 16), (256, 3), 1, 12, 12).unwrap();
+        assert!(kept_floats(&warm_up) <= warm_up.weight_len());
+        // Layer4 at 512²: 256 tiles of F(4×4), where keeping saved little.
+        let layer4 = ConvGeometry::new((512, 64, 64), (512, 3), 1, 4, 4).unwrap();
+        assert_eq!(kept_floats(&layer4), 0);
+        assert!(kept_floats(&aspp_like()) > 0);
+    }
+
+    #[test]
+    fn the_budget_is_never_exceeded() {
+        let kept = AtomicUsize::new(0);
+        assert!(reserve(&kept, 60, 100));
+        assert!(!reserve(&kept, 41, 100));
+        assert!(reserve(&kept, 40, 100));
+        assert!(!reserve(&kept, usize::MAX, 100));
+        assert_eq!(kept.load(Ordering::Relaxed), 100);
+    }
+}
