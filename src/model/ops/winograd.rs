@@ -502,24 +502,14 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     });
 }
 
-/// Tiles (or channels) transformed together, one per SIMD lane: the loops over lanes vectorise.
+/// Tiles (or channels) transformed together, one per SIMD lane (one AVX-512 register; see [`Simd`]).
 const LANES: usize = 16;
 
 type Lanes = [f32; LANES];
 
-/// `dst[..n] = src[..n]`: one vector copy for a full group (a `copy_from_slice` of a run-time length is a call to
-/// `memmove`, which cost more than the transform itself). The partial copy is a function of its own: inlined,
-/// the compiler merged both branches into one `memcpy` of a run-time size, 13% of ASPP's dilation-12 conv.
-#[inline(always)]
-fn copy_lanes(dst: &mut [f32], src: &[f32], n: usize) {
-    if n == LANES {
-        let dst: &mut Lanes = (&mut dst[..LANES]).try_into().unwrap();
-        *dst = src[..LANES].try_into().unwrap();
-    } else {
-        copy_partial_lanes(dst, src, n);
-    }
-}
-
+/// The partial copy of [`copy_lanes_with`], a function of its own: inlined, the compiler merged both branches into
+/// one `memcpy` of a run-time size, 13% of ASPP's dilation-12 conv (a `copy_from_slice` of a run-time length is a
+/// call to `memmove`, which cost more than the transform itself).
 #[cold]
 #[inline(never)]
 fn copy_partial_lanes(dst: &mut [f32], src: &[f32], n: usize) {
@@ -529,44 +519,118 @@ fn copy_partial_lanes(dst: &mut [f32], src: &[f32], n: usize) {
 /// A tile's values, one lane vector per element, in a CAP×CAP block of which the transforms use the top left.
 type Block = [[Lanes; CAP]; CAP];
 
+/// The vector operations of the transforms on one [`Lanes`]: one AVX-512 register, two AVX2 registers, or a
+/// plain array for the baseline. Written out because, given plain array loops, LLVM fully unrolled the lanes and
+/// its SLP vectoriser regrouped them across a tile's elements, into gathers: 542 `vgatherqps` in the output
+/// transform, whose share of layer3's and layer4's convolutions was 20–30%.
+trait Simd {
+    type V: Copy;
+    /// # Safety
+    /// `p` must be valid for `LANES` floats and the CPU must have the type's features (as for all methods).
+    unsafe fn load(p: *const f32) -> Self::V;
+    /// # Safety
+    /// As [`Simd::load`], for writing.
+    unsafe fn store(p: *mut f32, v: Self::V);
+    /// `acc + c·x`, rounded after the product and after the sum (no fused multiply-add: the same bits as the
+    /// scalar formula).
+    ///
+    /// # Safety
+    /// The CPU must have the type's features.
+    unsafe fn mul_add(acc: Self::V, c: f32, x: Self::V) -> Self::V;
+    /// # Safety
+    /// The CPU must have the type's features.
+    unsafe fn zero() -> Self::V;
+}
+
+/// Arrays, for the baseline build.
+struct Portable;
+
+impl Simd for Portable {
+    type V = Lanes;
+    #[inline(always)]
+    unsafe fn load(p: *const f32) -> Lanes {
+        // SAFETY: the caller's.
+        unsafe { *(p as *const Lanes) }
+    }
+    #[inline(always)]
+    unsafe fn store(p: *mut f32, v: Lanes) {
+        // SAFETY: the caller's.
+        unsafe { *(p as *mut Lanes) = v }
+    }
+    #[inline(always)]
+    unsafe fn mul_add(mut acc: Lanes, c: f32, x: Lanes) -> Lanes {
+        for l in 0..LANES {
+            acc[l] += c * x[l];
+        }
+        acc
+    }
+    #[inline(always)]
+    unsafe fn zero() -> Lanes {
+        [0.0; LANES]
+    }
+}
+
 /// `out[i][j] = Σ_{a < k} m[i][a]·x[a][j]` for `i < rows`, `j < cols`, on lane vectors, skipping the matrix's
 /// zeros (the bounds and `m` are constants where this is inlined, so the loops unroll to the exact size). The rest
 /// of `out` is left as it was: a fresh zeroed block per call was a 2.3 KB `memset` per tile and lane group, 8–9%
 /// of ASPP's dilated convolutions, whose 2×2 tiles do far less work than that.
+///
+/// # Safety
+/// The CPU must have `S`'s features.
 #[inline(always)]
-fn left(m: &[[f32; CAP]; CAP], x: &Block, (rows, k, cols): (usize, usize, usize), out: &mut Block) {
+unsafe fn left<S: Simd>(m: &[[f32; CAP]; CAP], x: &Block, (rows, k, cols): (usize, usize, usize), out: &mut Block) {
     for i in 0..rows {
         for j in 0..cols {
-            let mut acc = [0f32; LANES];
-            for a in 0..k {
-                let c = m[i][a];
-                if c != 0.0 {
-                    for l in 0..LANES {
-                        acc[l] += c * x[a][j][l];
+            // SAFETY: every pointer is to a whole `Lanes` of a block; the features are the caller's.
+            unsafe {
+                let mut acc = S::zero();
+                for a in 0..k {
+                    let c = m[i][a];
+                    if c != 0.0 {
+                        acc = S::mul_add(acc, c, S::load(x[a][j].as_ptr()));
                     }
                 }
+                S::store(out[i][j].as_mut_ptr(), acc);
             }
-            out[i][j] = acc;
         }
     }
 }
 
 /// `out[i][j] = Σ_{b < k} x[i][b]·m[j][b]` (times the transpose of `m`) for `i < rows`, `j < cols`, as [`left`].
+///
+/// # Safety
+/// The CPU must have `S`'s features.
 #[inline(always)]
-fn right(x: &Block, m: &[[f32; CAP]; CAP], (rows, k, cols): (usize, usize, usize), out: &mut Block) {
+unsafe fn right<S: Simd>(x: &Block, m: &[[f32; CAP]; CAP], (rows, k, cols): (usize, usize, usize), out: &mut Block) {
     for i in 0..rows {
         for j in 0..cols {
-            let mut acc = [0f32; LANES];
-            for b in 0..k {
-                let c = m[j][b];
-                if c != 0.0 {
-                    for l in 0..LANES {
-                        acc[l] += c * x[i][b][l];
+            // SAFETY: as in `left`.
+            unsafe {
+                let mut acc = S::zero();
+                for b in 0..k {
+                    let c = m[j][b];
+                    if c != 0.0 {
+                        acc = S::mul_add(acc, c, S::load(x[i][b].as_ptr()));
                     }
                 }
+                S::store(out[i][j].as_mut_ptr(), acc);
             }
-            out[i][j] = acc;
         }
+    }
+}
+
+/// `dst[..n] = src[..n]` through `S`'s registers for a full group, else by [`copy_partial_lanes`].
+///
+/// # Safety
+/// The CPU must have `S`'s features.
+#[inline(always)]
+unsafe fn copy_lanes_with<S: Simd>(dst: &mut [f32], src: &[f32], n: usize) {
+    if n == LANES {
+        let (dst, src) = (&mut dst[..LANES], &src[..LANES]);
+        // SAFETY: both slices hold LANES floats; the features are the caller's.
+        unsafe { S::store(dst.as_mut_ptr(), S::load(src.as_ptr())) };
+    } else {
+        copy_partial_lanes(dst, src, n);
     }
 }
 
@@ -711,6 +775,69 @@ pub(super) mod x86 {
             }
         }
         interleave_scalar(x, hw, LANES, out, full);
+    }
+
+    /// One AVX-512 register.
+    pub(super) struct Avx512;
+
+    impl super::Simd for Avx512 {
+        type V = __m512;
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> __m512 {
+            // SAFETY: the caller's.
+            unsafe { _mm512_loadu_ps(p) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: __m512) {
+            // SAFETY: the caller's.
+            unsafe { _mm512_storeu_ps(p, v) }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(acc: __m512, c: f32, x: __m512) -> __m512 {
+            // SAFETY: the caller's (AVX-512F).
+            unsafe { _mm512_add_ps(acc, _mm512_mul_ps(_mm512_set1_ps(c), x)) }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> __m512 {
+            // SAFETY: the caller's (AVX-512F).
+            unsafe { _mm512_setzero_ps() }
+        }
+    }
+
+    /// Two AVX2 registers.
+    pub(super) struct Avx2;
+
+    impl super::Simd for Avx2 {
+        type V = (__m256, __m256);
+        #[inline(always)]
+        unsafe fn load(p: *const f32) -> (__m256, __m256) {
+            // SAFETY: the caller's.
+            unsafe { (_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8))) }
+        }
+        #[inline(always)]
+        unsafe fn store(p: *mut f32, v: (__m256, __m256)) {
+            // SAFETY: the caller's.
+            unsafe {
+                _mm256_storeu_ps(p, v.0);
+                _mm256_storeu_ps(p.add(8), v.1);
+            }
+        }
+        #[inline(always)]
+        unsafe fn mul_add(acc: (__m256, __m256), c: f32, x: (__m256, __m256)) -> (__m256, __m256) {
+            // SAFETY: the caller's (AVX2).
+            unsafe {
+                let c = _mm256_set1_ps(c);
+                (
+                    _mm256_add_ps(acc.0, _mm256_mul_ps(c, x.0)),
+                    _mm256_add_ps(acc.1, _mm256_mul_ps(c, x.1)),
+                )
+            }
+        }
+        #[inline(always)]
+        unsafe fn zero() -> (__m256, __m256) {
+            // SAFETY: the caller's (AVX2).
+            unsafe { (_mm256_setzero_ps(), _mm256_setzero_ps()) }
+        }
     }
 
     /// The transpose of an 8×8 block of floats held as 8 rows: interleaving 32-bit, then 64-bit elements within
@@ -869,21 +996,21 @@ macro_rules! simd_dispatch {
                 return unsafe { $avx2::<Y, X>($($arg),*) };
             }
             #[allow(unused_unsafe)]
-            unsafe { $body::<Y, X>($($arg),*) }
+            unsafe { $body::<Y, X, Portable>($($arg),*) }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx512f")]
         unsafe fn $avx512<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[allow(unused_unsafe)]
-            unsafe { $body::<Y, X>($($arg),*) }
+            unsafe { $body::<Y, X, x86::Avx512>($($arg),*) }
         }
 
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = "avx2")]
         unsafe fn $avx2<Y: Algorithm, X: Algorithm>($($arg: $ty),*) {
             #[allow(unused_unsafe)]
-            unsafe { $body::<Y, X>($($arg),*) }
+            unsafe { $body::<Y, X, x86::Avx2>($($arg),*) }
         }
     };
 }
@@ -939,7 +1066,7 @@ simd_dispatch!(input_tiles, input_tiles_avx512, input_tiles_avx2, input_tiles_bo
 /// # Safety
 /// `v` must cover the band's rows of V, for every ξ.
 #[inline(always)]
-unsafe fn input_tiles_body<Y: Algorithm, X: Algorithm>(
+unsafe fn input_tiles_body<Y: Algorithm, X: Algorithm, S: Simd>(
     sub: &PaddedSubImages,
     band: &[Tile],
     (buf, per_group, first_row): (&[Lanes], usize, usize),
@@ -953,17 +1080,21 @@ unsafe fn input_tiles_body<Y: Algorithm, X: Algorithm>(
             for (a, row) in patch.iter_mut().enumerate().take(Y::A) {
                 row[..X::A].copy_from_slice(&gbuf[start + a * sub.bw..start + a * sub.bw + X::A]);
             }
-            left(&Y::BT, &patch, (Y::R, Y::A, X::A), &mut rows_done);
-            right(&rows_done, &X::BT, (Y::R, X::A, X::R), &mut transformed);
+            // SAFETY: the dispatch checked `S`'s features.
+            unsafe {
+                left::<S>(&Y::BT, &patch, (Y::R, Y::A, X::A), &mut rows_done);
+                right::<S>(&rows_done, &X::BT, (Y::R, X::A, X::R), &mut transformed);
+            }
             let lanes = (cc - group * LANES).min(LANES);
             for (r, row) in transformed.iter().enumerate().take(Y::R) {
                 for (s, lanes_v) in row.iter().enumerate().take(X::R) {
                     let xi = r * X::R + s;
                     // SAFETY (the caller's): V[ξ][tile i][group's lanes] is inside the band's rows.
-                    let dst = unsafe {
-                        std::slice::from_raw_parts_mut(v.add(xi * v_stride(t, cc) + i * cc + group * LANES), lanes)
-                    };
-                    copy_lanes(dst, lanes_v, lanes);
+                    unsafe {
+                        let dst =
+                            std::slice::from_raw_parts_mut(v.add(xi * v_stride(t, cc) + i * cc + group * LANES), lanes);
+                        copy_lanes_with::<S>(dst, lanes_v, lanes);
+                    }
                 }
             }
         }
@@ -994,9 +1125,9 @@ simd_dispatch!(weight_row, weight_row_avx512, weight_row_avx2, weight_row_body, 
 /// layer4's F(4×4, 3×3) (512 → 512 at dilation 4) in 41 ms against 44 by rows, and ASPP's dilation 24 with its
 /// smaller tiles in 88 against 101.
 #[inline(always)]
-fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
+fn weight_row_body<Y: Algorithm, X: Algorithm, S: Simd>(w: &[f32], uc: &mut [f32]) {
     if Y::R * X::R > 36 {
-        return weight_row_by_rows::<Y, X>(w, uc);
+        return weight_row_by_rows::<Y, X, S>(w, uc);
     }
     let cc = w.len() / 9;
     // Lanes past the last channel hold stale values, never stored.
@@ -1011,12 +1142,15 @@ fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
                 }
             }
         }
-        left(&Y::G, &k, (Y::R, 3, 3), &mut rows_done);
-        right(&rows_done, &X::G, (Y::R, 3, X::R), &mut transformed);
-        for (r, row) in transformed.iter().enumerate().take(Y::R) {
-            for (s, lanes_v) in row.iter().enumerate().take(X::R) {
-                let at = (r * X::R + s) * cc + c0;
-                copy_lanes(&mut uc[at..], lanes_v, lanes);
+        // SAFETY: the dispatch checked `S`'s features.
+        unsafe {
+            left::<S>(&Y::G, &k, (Y::R, 3, 3), &mut rows_done);
+            right::<S>(&rows_done, &X::G, (Y::R, 3, X::R), &mut transformed);
+            for (r, row) in transformed.iter().enumerate().take(Y::R) {
+                for (s, lanes_v) in row.iter().enumerate().take(X::R) {
+                    let at = (r * X::R + s) * cc + c0;
+                    copy_lanes_with::<S>(&mut uc[at..], lanes_v, lanes);
+                }
             }
         }
     }
@@ -1026,7 +1160,7 @@ fn weight_row_body<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
 /// at once, so a group's work stays in registers. The block form kept F(6, 3)'s 8×8 blocks of vectors on the
 /// stack: 44% of ASPP's dilation-12 conv. Same sums in the same order, so the same bits.
 #[inline(always)]
-fn weight_row_by_rows<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
+fn weight_row_by_rows<Y: Algorithm, X: Algorithm, S: Simd>(w: &[f32], uc: &mut [f32]) {
     let cc = w.len() / 9;
     for c0 in (0..cc).step_by(LANES) {
         let lanes = (cc - c0).min(LANES);
@@ -1037,29 +1171,30 @@ fn weight_row_by_rows<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
                 k[tap][l] = v;
             }
         }
-        for r in 0..Y::R {
-            let mut t = [[0f32; LANES]; 3];
-            for (b, tb) in t.iter_mut().enumerate() {
-                for a in 0..3 {
-                    let c = Y::G[r][a];
-                    if c != 0.0 {
-                        for l in 0..LANES {
-                            tb[l] += c * k[a * 3 + b][l];
+        // SAFETY: the dispatch checked `S`'s features; every pointer is to a whole `Lanes`.
+        unsafe {
+            for r in 0..Y::R {
+                let mut t = [S::zero(); 3];
+                for (b, tb) in t.iter_mut().enumerate() {
+                    for a in 0..3 {
+                        let c = Y::G[r][a];
+                        if c != 0.0 {
+                            *tb = S::mul_add(*tb, c, S::load(k[a * 3 + b].as_ptr()));
                         }
                     }
                 }
-            }
-            for s in 0..X::R {
-                let mut acc = [0f32; LANES];
-                for (b, tb) in t.iter().enumerate() {
-                    let c = X::G[s][b];
-                    if c != 0.0 {
-                        for l in 0..LANES {
-                            acc[l] += c * tb[l];
+                for s in 0..X::R {
+                    let mut acc = S::zero();
+                    for (b, tb) in t.iter().enumerate() {
+                        let c = X::G[s][b];
+                        if c != 0.0 {
+                            acc = S::mul_add(acc, c, *tb);
                         }
                     }
+                    let mut stored = [0f32; LANES];
+                    S::store(stored.as_mut_ptr(), acc);
+                    copy_lanes_with::<S>(&mut uc[(r * X::R + s) * cc + c0..], &stored, lanes);
                 }
-                copy_lanes(&mut uc[(r * X::R + s) * cc + c0..], &acc, lanes);
             }
         }
     }
@@ -1068,19 +1203,53 @@ fn weight_row_by_rows<Y: Algorithm, X: Algorithm>(w: &[f32], uc: &mut [f32]) {
 /// `out[co] += Aᵀ·M·A` of every tile, cropped to the output, `LANES` tiles at a time.
 fn transform_outputs<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile], m: &[f32], out: &mut [f32]) {
     let (t, r2) = (tiles.len(), Y::R * X::R);
+    let places = Places::new::<Y, X>(g, tiles);
     out.par_chunks_mut(g.oh * g.ow).enumerate().for_each(|(co, o)| {
         let row = co * padded_row(r2 * t);
-        output_channel::<Y, X>(g, tiles, &m[row..row + r2 * t], o);
+        output_channel::<Y, X>(g, &places, &m[row..row + r2 * t], o);
     });
 }
 
-simd_dispatch!(output_channel, output_channel_avx512, output_channel_avx2, output_channel_body, (g: &ConvGeometry, tiles: &[Tile], mc: &[f32], o: &mut [f32]));
+/// Where each tile's outputs go in an output plane: the offset of its first output, and how many of its rows and
+/// columns fall inside the plane (the last tiles of a sub-image are cropped), worked out once per class rather than
+/// checked per output and channel. Padded with empty tiles to a whole number of lane groups.
+struct Places {
+    offset: Vec<usize>,
+    rows: Vec<usize>,
+    cols: Vec<usize>,
+}
+
+impl Places {
+    fn new<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile]) -> Self {
+        let n = tiles.len().div_ceil(LANES) * LANES;
+        let (mut offset, mut rows, mut cols) = (vec![0; n], vec![0; n], vec![0; n]);
+        let d = g.dilation;
+        // Outputs i of a tile starting at `first`, `i < m`, at first + d·i < size.
+        let inside = |first: usize, m: usize, size: usize| size.saturating_sub(first).div_ceil(d).min(m);
+        for (i, tile) in tiles.iter().enumerate() {
+            let (oy, ox) = (tile.ry + d * tile.ty * Y::M, tile.rx + d * tile.tx * X::M);
+            offset[i] = oy * g.ow + ox;
+            rows[i] = inside(oy, Y::M, g.oh);
+            cols[i] = inside(ox, X::M, g.ow);
+        }
+        Self { offset, rows, cols }
+    }
+}
+
+simd_dispatch!(output_channel, output_channel_avx512, output_channel_avx2, output_channel_body, (g: &ConvGeometry, places: &Places, mc: &[f32], o: &mut [f32]));
 
 /// One output channel: `o` `[oh, ow]` += its tiles' `Aᵀ·M·A` from `mc` `[ξ][tile]`.
 #[inline(always)]
-fn output_channel_body<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Tile], mc: &[f32], o: &mut [f32]) {
-    let t = tiles.len();
+fn output_channel_body<Y: Algorithm, X: Algorithm, S: Simd>(
+    g: &ConvGeometry,
+    places: &Places,
+    mc: &[f32],
+    o: &mut [f32],
+) {
+    let t = mc.len() / (Y::R * X::R);
     let d = g.dilation;
+    assert_eq!(o.len(), g.oh * g.ow);
+    assert!(places.offset.len() >= t.div_ceil(LANES) * LANES);
     // Lanes past the last tile hold stale values, never stored.
     let (mut mt, mut rows_done, mut y) = (ZERO_BLOCK, ZERO_BLOCK, ZERO_BLOCK);
     for t0 in (0..t).step_by(LANES) {
@@ -1088,23 +1257,26 @@ fn output_channel_body<Y: Algorithm, X: Algorithm>(g: &ConvGeometry, tiles: &[Ti
         for (r, row) in mt.iter_mut().enumerate().take(Y::R) {
             for (s, v) in row.iter_mut().enumerate().take(X::R) {
                 let at = (r * X::R + s) * t + t0;
-                copy_lanes(v, &mc[at..], lanes);
+                // SAFETY: the dispatch checked `S`'s features.
+                unsafe { copy_lanes_with::<S>(v, &mc[at..], lanes) };
             }
         }
-        left(&Y::AT, &mt, (Y::M, Y::R, X::R), &mut rows_done);
-        right(&rows_done, &X::AT, (Y::M, X::R, X::M), &mut y);
-        for (l, tile) in tiles[t0..t0 + lanes].iter().enumerate() {
-            for (i, row) in y.iter().enumerate().take(Y::M) {
-                let oy = tile.ry + d * (tile.ty * Y::M + i);
-                if oy >= g.oh {
-                    break;
-                }
-                for (j, v) in row.iter().enumerate().take(X::M) {
-                    let ox = tile.rx + d * (tile.tx * X::M + j);
-                    if ox >= g.ow {
-                        break;
-                    }
-                    o[oy * g.ow + ox] += v[l];
+        // SAFETY: as above.
+        unsafe {
+            left::<S>(&Y::AT, &mt, (Y::M, Y::R, X::R), &mut rows_done);
+            right::<S>(&rows_done, &X::AT, (Y::M, X::R, X::M), &mut y);
+        }
+        let group = t0..t0 + LANES;
+        let (offset, rows, cols) = (
+            &places.offset[group.clone()],
+            &places.rows[group.clone()],
+            &places.cols[group],
+        );
+        // One scalar update per output: AVX-512's gather and scatter ran no faster on Zen 4.
+        for l in 0..lanes {
+            for (i, row) in y.iter().enumerate().take(rows[l]) {
+                for (j, v) in row.iter().enumerate().take(cols[l]) {
+                    o[offset[l] + i * d * g.ow + j * d] += v[l];
                 }
             }
         }
@@ -1126,6 +1298,37 @@ mod tests {
         (0..K::M)
             .map(|i| (0..K::R).map(|r| K::AT[i][r] as f64 * u[r] * v[r]).sum())
             .collect()
+    }
+
+    /// `left` and `right` give the same bits on every vector width this CPU has: the same products and sums in
+    /// the same order.
+    #[test]
+    fn block_products_agree_across_vector_widths() {
+        let values = crate::model::ops::conv_cpu::tests::seeded(CAP * CAP * LANES, 9);
+        let mut x = ZERO_BLOCK;
+        for (v, chunk) in x.iter_mut().flatten().zip(values.chunks_exact(LANES)) {
+            v.copy_from_slice(chunk);
+        }
+        fn both<S: Simd>(x: &Block) -> (Block, Block) {
+            let (mut l, mut r) = (ZERO_BLOCK, ZERO_BLOCK);
+            // SAFETY: the caller checked `S`'s features.
+            unsafe {
+                left::<S>(&F6::BT, x, (F6::R, F6::A, F6::A), &mut l);
+                right::<S>(x, &F6::AT, (F6::R, F6::R, F6::M), &mut r);
+            }
+            (l, r)
+        }
+        let portable = both::<Portable>(&x);
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2() {
+                assert!(both::<x86::Avx2>(&x) == portable, "AVX2");
+            }
+            if avx512() {
+                assert!(both::<x86::Avx512>(&x) == portable, "AVX-512");
+            }
+        }
+        assert_ne!(portable.0, ZERO_BLOCK);
     }
 
     /// Each algorithm's matrices compute the 3-tap correlation `y[i] = Σ_k w[k]·x[i + k]` of its tile: on any input
