@@ -17,8 +17,8 @@
 //! direct ones skipped padded taps already).
 //!
 //! Per chunk of input channels (interleaved once into vectors of 16 channels), per class: the input tiles are
-//! transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`, recomputed on each call rather than kept, so the
-//! model's memory does not grow), then one product `M[ξ] += U[ξ] · V[ξ]` (`[Cout, Cin] · [Cin, tiles]`) per pair
+//! transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`, recomputed on each call, except for an inference
+//! model's classes with few tiles, which keep theirs: [`KeptWeights`]), then one product `M[ξ] += U[ξ] · V[ξ]` (`[Cout, Cin] · [Cin, tiles]`) per pair
 //! of the algorithms' multiplications runs on the gemm crate; at the end each tile's `Aᵀ·M·A` is added onto the
 //! output, which already holds the bias and residual. The transforms run compiled for AVX-512 where the CPU has
 //! it (checked at run time), on whole vectors of channels or tiles.
