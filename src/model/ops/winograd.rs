@@ -654,6 +654,27 @@ impl PaddedSubImages {
         }
     }
 
+    /// Asks the cache for the pixels [`Self::fill`] will read with the same arguments. Their lines are scattered
+    /// (`d` pixels apart along a row, a whole plane apart between lane groups), so the hardware prefetchers miss
+    /// them and the copy waited on each load: 12% of ASPP's dilation-36 conv, whose sub-images are 2×2.
+    fn prefetch(&self, g: &ConvGeometry, image: &[Lanes], (ry, rx): (usize, usize), rows: std::ops::Range<usize>) {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let d = self.d;
+            let (sh, sw) = ((g.h - ry).div_ceil(d), (g.w - rx).div_ceil(d));
+            for py in rows.filter_map(|padded| padded.checked_sub(1)).filter(|&py| py < sh) {
+                let line = &image[(ry + d * py) * g.w..(ry + d * py + 1) * g.w];
+                for px in 0..sw {
+                    let at = &line[rx + d * px] as *const Lanes as *const i8;
+                    // SAFETY: a prefetch only hints the cache; `at` is inside `image` anyway.
+                    unsafe { std::arch::x86_64::_mm_prefetch::<{ std::arch::x86_64::_MM_HINT_T0 }>(at) };
+                }
+            }
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        let _ = (g, image, (ry, rx), rows);
+    }
+
     /// Writes padded rows `rows` of residue (`ry`, `rx`) of `image` (one lane group of the chunk, channel-
     /// interleaved: `[H, W]` vectors, H = oh and W = ow as the padding is "same") into `buf` (`rows.len()` rows of
     /// `bw`), zeros around.
@@ -929,6 +950,9 @@ fn aligned(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[skip..skip + n]
 }
 
+/// Lane groups whose sub-image pixels are asked for ahead of the one being copied ([`PaddedSubImages::prefetch`]).
+const PREFETCH_GROUPS: usize = 4;
+
 /// Most tiles in one input-transform task: a band of whole tile rows of one residue pair, so that its padded
 /// sub-image rows (all channels of the chunk) and its slice of V stay in the core's cache.
 const BAND_TILES: usize = 32;
@@ -1041,8 +1065,16 @@ fn transform_inputs<Y: Algorithm, X: Algorithm>(
             let rows = first.ty * Y::M..(last.ty + 1) * Y::M + 2;
             let per_group = rows.len() * sub.bw;
             buf.resize(groups * per_group, [0.0; LANES]);
-            for (gbuf, image) in buf.chunks_mut(per_group).zip(interleaved.chunks(hw)) {
-                sub.fill(g, image, (first.ry, first.rx), rows.clone(), gbuf);
+            let images: Vec<&[Lanes]> = interleaved.chunks(hw).collect();
+            let residue = (first.ry, first.rx);
+            for image in images.iter().take(PREFETCH_GROUPS) {
+                sub.prefetch(g, image, residue, rows.clone());
+            }
+            for (i, gbuf) in buf.chunks_mut(per_group).enumerate() {
+                if let Some(ahead) = images.get(i + PREFETCH_GROUPS) {
+                    sub.prefetch(g, ahead, residue, rows.clone());
+                }
+                sub.fill(g, images[i], residue, rows.clone(), gbuf);
             }
             // SAFETY: V holds R²·t·cc floats; this task writes rows V[ξ][range][·], which no other task does.
             unsafe {
