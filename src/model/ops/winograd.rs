@@ -1065,16 +1065,17 @@ fn transform_inputs<Y: Algorithm, X: Algorithm>(
             let rows = first.ty * Y::M..(last.ty + 1) * Y::M + 2;
             let per_group = rows.len() * sub.bw;
             buf.resize(groups * per_group, [0.0; LANES]);
-            let images: Vec<&[Lanes]> = interleaved.chunks(hw).collect();
+            // Lane group i's channel-interleaved image.
+            let image = |i: usize| &interleaved[i * hw..(i + 1) * hw];
             let residue = (first.ry, first.rx);
-            for image in images.iter().take(PREFETCH_GROUPS) {
-                sub.prefetch(g, image, residue, rows.clone());
+            for i in 0..PREFETCH_GROUPS.min(groups) {
+                sub.prefetch(g, image(i), residue, rows.clone());
             }
             for (i, gbuf) in buf.chunks_mut(per_group).enumerate() {
-                if let Some(ahead) = images.get(i + PREFETCH_GROUPS) {
-                    sub.prefetch(g, ahead, residue, rows.clone());
+                if i + PREFETCH_GROUPS < groups {
+                    sub.prefetch(g, image(i + PREFETCH_GROUPS), residue, rows.clone());
                 }
-                sub.fill(g, images[i], residue, rows.clone(), gbuf);
+                sub.fill(g, image(i), residue, rows.clone(), gbuf);
             }
             // SAFETY: V holds R²·t·cc floats; this task writes rows V[ξ][range][·], which no other task does.
             unsafe {
