@@ -213,7 +213,7 @@ fn conv2d_cpu_inference(
     let bs = bg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
     let rs = rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
     let (n_in, n_out) = (g.input_len(), g.output_len());
-    let mut out = vec![0f32; b * n_out];
+    let mut out = conv_cpu::output_buffer(b * n_out);
     SCRATCH.with_borrow_mut(|scratch| {
         for (i, o) in out.chunks_mut(n_out).enumerate() {
             let epilogue = Epilogue {
@@ -273,7 +273,7 @@ impl candle_core::CustomOp2 for CpuConv2d {
         };
         let (x, w) = (contiguous_slice(x, l1, "conv2d")?, contiguous_slice(w, l2, "conv2d")?);
         let (n_in, n_out) = (g.input_len(), g.output_len());
-        let mut out = vec![0f32; b * n_out];
+        let mut out = conv_cpu::output_buffer(b * n_out);
         SCRATCH.with_borrow_mut(|scratch| {
             for (i, o) in out.chunks_mut(n_out).enumerate() {
                 conv_cpu::conv2d_image(
