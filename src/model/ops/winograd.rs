@@ -18,10 +18,10 @@
 //!
 //! Per chunk of input channels (interleaved once into vectors of 16 channels), per class: the input tiles are
 //! transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`, recomputed on each call, except for an inference
-//! model's classes with few tiles, which keep theirs: [`KeptWeights`]), then one product `M[ξ] += U[ξ] · V[ξ]` (`[Cout, Cin] · [Cin, tiles]`) per pair
-//! of the algorithms' multiplications runs on the gemm crate; at the end each tile's `Aᵀ·M·A` is added onto the
-//! output, which already holds the bias and residual. The transforms run compiled for AVX-512 where the CPU has
-//! it (checked at run time), on whole vectors of channels or tiles.
+//! model's folded convolutions, which keep theirs: [`KeptWeights`]), then one product `M[ξ] += U[ξ] · V[ξ]`
+//! (`[Cout, Cin] · [Cin, tiles]`) per pair of the algorithms' multiplications runs on the gemm crate; at the end
+//! each tile's `Aᵀ·M·A` is added onto the output, which already holds the bias and residual. The transforms run
+//! compiled for AVX-512 where the CPU has it (checked at run time), on whole vectors of channels or tiles.
 
 use rayon::prelude::*;
 
@@ -325,15 +325,10 @@ impl Class {
     }
 
     /// Per channel pair and product of the algorithms: the tiles' products and input transforms, plus the weight
-    /// transform where it runs on this call.
-    fn cost_per_product(&self, cout: usize, weights_transformed: bool) -> f64 {
+    /// transform.
+    fn cost_per_product(&self, cout: usize) -> f64 {
         let per_tile = 1.0 + INPUT_TRANSFORM_COST / cout as f64;
-        let weights = if weights_transformed {
-            WEIGHT_TRANSFORM_COST
-        } else {
-            0.0
-        };
-        self.tiles.len() as f64 * per_tile + weights
+        self.tiles.len() as f64 * per_tile + WEIGHT_TRANSFORM_COST
     }
 }
 
@@ -377,7 +372,7 @@ pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
     }
     let cost: f64 = classes
         .iter()
-        .map(|c| (c.rows.products() * c.cols.products()) as f64 * c.cost_per_product(g.cout, true))
+        .map(|c| (c.rows.products() * c.cols.products()) as f64 * c.cost_per_product(g.cout))
         .sum();
     (cost < direct_macs as f64 * 0.9).then_some(Plan { classes })
 }

@@ -3,29 +3,27 @@
 //!
 //! Transformed on each call, a class's `U` is R²·Cout·Cin floats written out and read back by the products: 134 MB
 //! for ASPP's dilation 12 at 512². Where a class has few tiles, that pass is a large share of the convolution
-//! (about a fifth of ASPP's dilation 12, a quarter of FCN's head). So such classes keep their `U` from the first
-//! call on, within a process-wide budget (`SEMSEG_KEPT_WEIGHTS_MB`, default 512 MiB; 0 keeps none), so memory
-//! stays bounded whatever the image sizes served. The products read the kept `U` exactly as the per-call one: the
-//! same floats, so the same results.
+//! (about a fifth of ASPP's dilation 12, a quarter of FCN's head, more at dilation 36). So a folded convolution's
+//! classes keep their `U` from the first call on, within a process-wide budget (`SEMSEG_KEPT_WEIGHTS_MB`, default
+//! 512 MiB; 0 keeps none), so memory stays bounded whatever the image sizes served. The products read the kept `U`
+//! exactly as the per-call one: the same floats, so the same results.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
-use super::{
-    aligned, padded_row, transform_weights, Class, ConvGeometry, Kind, F3, F4, F6, T1, T2, WEIGHT_TRANSFORM_COST,
-};
+use super::{aligned, padded_row, transform_weights, Class, ConvGeometry, Kind, F3, F4, F6, T1, T2};
 
-/// Keep a class's `U` when transforming it would be at least this share of the class's cost ([`super::plan`]'s
-/// model): ASPP's dilation 12 at 512² (144 tiles, about a fifth), FCN's and PSPNet's heads (121), not layer3's or
-/// layer4's (256 tiles: there the kept `U` saved 2–5% for 38 MB a layer).
-const MIN_SHARE: f64 = 0.15;
-
-/// ... and when the class has at least this many tiles. On small maps (the server's 128² warm-up, thumbnails)
-/// the transform is most of every class, but the whole convolution costs little: keeping their `U` would spend
-/// the budget on sizes that do not need it (the warm-up alone would have kept 250 MB of DeepLabV3's).
+/// Keep a class's `U` only when the class has at least this many tiles. On small maps (the server's 128²
+/// warm-up, thumbnails) the whole convolution costs little: keeping their `U` would spend the budget on sizes that
+/// do not need it (the warm-up alone would have kept 250 MB of DeepLabV3's). Above it, every class measured paid
+/// for its memory, about 0.1 ms a MB per call or more on 2 Zen 4 threads at 512² (`bench_conv --keep`): ASPP's
+/// dilation 12 12 ms for 134 MB, layer4's F(4×4) 4 ms for 38 MB, layer3's 1.5 ms for 9 MB, and most where the
+/// algorithms multiply least (dilation 36's 2- and 1-pixel classes: 11 ms for 31 MB), where a per-pair cost
+/// dominates the transform.
 const MIN_TILES: usize = 64;
 
-/// The budget when `SEMSEG_KEPT_WEIGHTS_MB` is not set: DeepLabV3-ResNet-50 keeps about 250 MB at 512², FCN 280.
+/// The budget when `SEMSEG_KEPT_WEIGHTS_MB` is not set: DeepLabV3-ResNet-50 keeps about 410 MiB at 512², FCN 390,
+/// PSPNet 200; PSPNet's head would take 537 MB more (4096 input channels), so it stays transformed on each call.
 const DEFAULT_BUDGET_MB: usize = 512;
 
 /// Bytes kept by every [`KeptWeights`] of the process.
@@ -96,8 +94,7 @@ impl KeptWeights {
     /// The kept `U` of `class` for `weight` (`[Cout, Cin, 3, 3]`), transformed now if this is its first use;
     /// `None` where keeping does not pay, the budget is spent, or `weight` is not the one this belongs to.
     pub(crate) fn get(&self, g: &ConvGeometry, class: &Class, weight: &[f32]) -> Option<Arc<Transformed>> {
-        if !worth_keeping(class, g.cout)
-            || *self.weight_at.get_or_init(|| weight.as_ptr() as usize) != weight.as_ptr() as usize
+        if !worth_keeping(class) || *self.weight_at.get_or_init(|| weight.as_ptr() as usize) != weight.as_ptr() as usize
         {
             return None;
         }
@@ -118,10 +115,9 @@ impl KeptWeights {
     }
 }
 
-/// Whether the class is large enough ([`MIN_TILES`]) and transforming its weights on each call would be at least
-/// [`MIN_SHARE`] of its cost.
-fn worth_keeping(class: &Class, cout: usize) -> bool {
-    class.tiles.len() >= MIN_TILES && WEIGHT_TRANSFORM_COST / class.cost_per_product(cout, true) >= MIN_SHARE
+/// Whether the class is large enough to keep its `U` ([`MIN_TILES`]).
+fn worth_keeping(class: &Class) -> bool {
+    class.tiles.len() >= MIN_TILES
 }
 
 /// Counts `bytes` into `kept` if that stays within `limit`.
@@ -185,7 +181,7 @@ mod tests {
         let (x, w) = (seeded(g.input_len(), 1), seeded(g.weight_len(), 2));
         let plan = plan(&g, usize::MAX).expect("Winograd applies");
         assert!(
-            plan.classes.iter().any(|c| worth_keeping(c, g.cout)),
+            plan.classes.iter().any(|c| worth_keeping(c)),
             "the test's class must be kept"
         );
         let fresh = convolve(&g, &x, &w, None);
@@ -209,20 +205,20 @@ mod tests {
     /// Floats of `U` that a convolution of this geometry would keep.
     fn kept_floats(g: &ConvGeometry) -> usize {
         let plan = plan(g, usize::MAX).expect("Winograd applies");
-        let kept = plan.classes.iter().filter(|c| worth_keeping(c, g.cout));
+        let kept = plan.classes.iter().filter(|c| worth_keeping(c));
         kept.map(|c| c.rows.products() * c.cols.products() * g.cout * g.cin)
             .sum()
     }
 
     #[test]
-    fn small_maps_and_cheap_transforms_keep_little() {
+    fn small_maps_keep_little() {
         // The server's 128² warm-up: ASPP's map is 16², its sub-images 1–2 pixels; only the 1-pixel ones (the
         // centre tap, 64 tiles) are kept, no more floats than the weight itself.
         let warm_up = ConvGeometry::new((24, 16, 16), (256, 3), 1, 12, 12).unwrap();
         assert!(kept_floats(&warm_up) <= warm_up.weight_len());
-        // Layer4 at 512²: 256 tiles of F(4×4), where keeping saved little.
-        let layer4 = ConvGeometry::new((512, 64, 64), (512, 3), 1, 4, 4).unwrap();
-        assert_eq!(kept_floats(&layer4), 0);
+        // Layer4 at 512²: 256 tiles of F(4×4), kept whole (36 products per channel pair).
+        let layer4 = ConvGeometry::new((64, 64, 64), (512, 3), 1, 4, 4).unwrap();
+        assert_eq!(kept_floats(&layer4), 36 * 512 * 64);
         assert!(kept_floats(&aspp_like()) > 0);
     }
 
