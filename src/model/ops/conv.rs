@@ -304,7 +304,8 @@ impl candle_core::CustomOp2 for CpuConv2d {
         let (xs, ws, gs) = (cpu_f32(&xg.0, xg.1)?, cpu_f32(&wg.0, wg.1)?, cpu_f32(&gg.0, gg.1)?);
         let (n_in, n_out) = (g.input_len(), g.output_len());
         let mut grad_w = vec![0f32; g.weight_len()];
-        let mut grad_x = x.track_op().then(|| vec![0f32; b * n_in]);
+        // `input_grad` writes every element of its image's gradient, as the forward kernel does its output.
+        let mut grad_x = x.track_op().then(|| conv_cpu::output_buffer(b * n_in));
         let (in_dims, w_dims) = ([b, g.cin, g.h, g.w], [g.cout, g.cin, g.k, g.k]);
         let out_dims = |_: &()| [b, g.cout, g.oh, g.ow];
         let sd = (self.stride, self.dilation);

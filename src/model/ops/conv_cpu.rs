@@ -183,15 +183,15 @@ pub(crate) fn at_least(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// A buffer for [`conv2d_image`]'s `out`, left as the allocator gives it: the kernel writes every element
-/// before it reads any (tested with NaN-filled outputs), so zeroing it first would be one more pass over the whole
+/// A buffer for [`conv2d_image`]'s `out` (or `conv_cpu_backward::input_grad`'s `grad_x`), left as the allocator
+/// gives it: the kernel writes every element before it reads any (tested with NaN-filled outputs), so zeroing it first would be one more pass over the whole
 /// output, from memory for the large ones (`vec![0.0; n]` reuses freed memory with a `memset`: 1.5% of
 /// DeepLabV3-ResNet-50 at 512² on Zen 4).
 #[allow(clippy::uninit_vec)] // as Candle's own `CpuDevice::alloc_uninit`, for kernels that write every element
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`; the buffer goes only to `conv2d_image`, which writes each element before it
-    // reads it, so no uninitialised float is ever read.
+    // SAFETY: the capacity is `len`; the buffer goes only to kernels that write each element before they read
+    // it, so no uninitialised float is ever read.
     unsafe { out.set_len(len) };
     out
 }
@@ -768,6 +768,11 @@ pub(crate) mod tests {
                 let want = reference(&g, &x, &wt, &e);
                 let mut got = vec![f32::NAN; g.output_len()];
                 conv2d_image(&g, &x, (&wt, None), e, &mut got, &mut scratch);
+                // (f32::max below would skip a NaN left unwritten.)
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "case {i} {g:?}: an element was not written"
+                );
                 let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
                 assert!(err < 1e-4, "case {i} {g:?}: max error {err}");
             }

@@ -151,6 +151,7 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f3
 }
 
 /// This image's input gradient `[Cin, H, W]` from `weight` `[Cout, Cin, k, k]` and `grad_y` `[Cout, oh·ow]`.
+/// Every element of `grad_x` is written before it is read, so what it held before does not matter.
 pub fn input_grad(
     g: &ConvGeometry,
     weight: &[f32],
@@ -255,6 +256,71 @@ fn add_tap(g: &ConvGeometry, ky: usize, kx: usize, row: &[f32], plane: &mut [f32
             for ox in first..end {
                 line[(ox as isize * g.stride as isize + offset) as usize] += src[ox];
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::ops::conv_cpu::tests::seeded;
+
+    /// `dX[c, iy, ix] = Σ W[co, c, ky, kx] · dY[co, oy, ox]` over the outputs whose tap (ky, kx) reads (iy, ix).
+    fn reference(g: &ConvGeometry, w: &[f32], dy: &[f32]) -> Vec<f32> {
+        let mut dx = vec![0f64; g.input_len()];
+        for co in 0..g.cout {
+            for c in 0..g.cin {
+                for (ky, kx) in (0..g.k).flat_map(|ky| (0..g.k).map(move |kx| (ky, kx))) {
+                    let wv = w[((co * g.cin + c) * g.k + ky) * g.k + kx] as f64;
+                    for oy in 0..g.oh {
+                        for ox in 0..g.ow {
+                            let iy = (oy * g.stride + ky * g.dilation) as isize - g.padding as isize;
+                            let ix = (ox * g.stride + kx * g.dilation) as isize - g.padding as isize;
+                            if (0..g.h as isize).contains(&iy) && (0..g.w as isize).contains(&ix) {
+                                dx[(c * g.h + iy as usize) * g.w + ix as usize] +=
+                                    wv * dy[(co * g.oh + oy) * g.ow + ox] as f64;
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        dx.into_iter().map(|v| v as f32).collect()
+    }
+
+    /// Every path of the input gradient (1×1, stride-1 "same" through the forward kernel, strided and dilated
+    /// through col2im) gives the definition and writes every element: the output starts as NaN, as an unzeroed
+    /// buffer may hold anything.
+    #[test]
+    fn input_gradient_matches_the_definition_from_any_starting_buffer() {
+        // (cin, h, w, cout, k, stride, padding, dilation)
+        for (i, &(cin, h, w, cout, k, s, p, d)) in [
+            (6, 9, 7, 5, 1, 1, 0, 1),
+            (5, 7, 6, 4, 1, 2, 0, 1),
+            (24, 12, 11, 20, 3, 1, 1, 1),
+            (4, 12, 11, 5, 3, 1, 4, 4),
+            (4, 9, 8, 6, 3, 2, 1, 1),
+            (3, 16, 15, 4, 7, 2, 3, 1),
+        ]
+        .iter()
+        .enumerate()
+        {
+            let g = ConvGeometry::new((cin, h, w), (cout, k), s, p, d).unwrap();
+            let weight = seeded(g.weight_len(), i as u64);
+            let grad_y = seeded(g.output_len(), 50 + i as u64);
+            let want = reference(&g, &weight, &grad_y);
+            let mut got = vec![f32::NAN; g.input_len()];
+            input_grad(
+                &g,
+                &weight,
+                &grad_y,
+                &mut got,
+                &mut Buffers::default(),
+                &mut Scratch::default(),
+            );
+            assert!(got.iter().all(|v| v.is_finite()), "{g:?}: an element was not written");
+            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-4, "{g:?}: max error {err}");
         }
     }
 }
