@@ -47,7 +47,7 @@ fn peer_name(a: Algorithm, b: Backbone) -> String {
 }
 
 fn main() -> Result<()> {
-    semseg::allocator::keep_freed_memory_for_reuse(); // as the semseg binary does
+    semseg::process::tune(); // as the semseg binary does
     let mut args = std::env::args().skip(1);
     let (mut h, mut w, mut batch, mut warmup, mut runs) = (512usize, 512usize, 1usize, 2usize, 5usize);
     let mut models = vec![Algorithm::Fcn, Algorithm::Deeplab, Algorithm::Psp];

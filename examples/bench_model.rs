@@ -9,7 +9,7 @@ use anyhow::{bail, Context, Result};
 use semseg::infer::{Inference, InferenceLimits};
 
 fn main() -> Result<()> {
-    semseg::allocator::keep_freed_memory_for_reuse(); // as the semseg binary does
+    semseg::process::tune(); // as the semseg binary does
     let mut args = std::env::args().skip(1);
     let model = args
         .next()

@@ -20,7 +20,7 @@ use semseg::train::loss::{cross_entropy, Targets};
 use semseg::train::optim::{Optimizer, OptimizerConfig};
 
 fn main() -> Result<()> {
-    semseg::allocator::keep_freed_memory_for_reuse(); // as the semseg binary does
+    semseg::process::tune(); // as the semseg binary does
     let mut args = std::env::args().skip(1);
     let (mut h, mut w, mut batch, mut steps, mut aux) = (256usize, 256usize, 2usize, 3usize, false);
     let mut print_profile = false;

@@ -20,6 +20,7 @@ pub mod model;
 pub mod normalize;
 pub mod panics;
 pub mod predict;
+pub mod process;
 pub mod sagemaker;
 pub mod serve;
 pub mod storage;

@@ -212,7 +212,7 @@ fn import(args: &ImportArgs) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    semseg::allocator::keep_freed_memory_for_reuse();
+    semseg::process::tune();
     let matches = Cli::command().get_matches();
     let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
     // The demo deletes its directory: only an --ml-root typed on the command line may point it elsewhere.
