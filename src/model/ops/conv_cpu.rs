@@ -184,9 +184,9 @@ pub(crate) fn at_least(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
 }
 
 /// A buffer for [`conv2d_image`]'s `out` (or `conv_cpu_backward::input_grad`'s `grad_x`), left as the allocator
-/// gives it: the kernel writes every element before it reads any (tested with NaN-filled outputs), so zeroing it first would be one more pass over the whole
-/// output, from memory for the large ones (`vec![0.0; n]` reuses freed memory with a `memset`: 1.5% of
-/// DeepLabV3-ResNet-50 at 512² on Zen 4).
+/// gives it: the kernel writes every element before it reads any (tested with NaN-filled outputs), so zeroing it
+/// first would be one more pass over the whole output, from memory for the large ones (`vec![0.0; n]` reuses freed
+/// memory with a `memset`: 1.5% of DeepLabV3-ResNet-50 at 512² on Zen 4).
 #[allow(clippy::uninit_vec)] // as Candle's own `CpuDevice::alloc_uninit`, for kernels that write every element
 pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
     let mut out = Vec::with_capacity(len);
