@@ -34,7 +34,9 @@ struct AddRelu;
 const STRIPE: usize = 1 << 14;
 
 fn add_relu_slices<T: WithDType>(a: &[T], b: &[T]) -> Vec<T> {
-    let mut out = vec![T::zero(); a.len()];
+    // Every output element is written from one pair: the caller applies the op only to tensors of one shape.
+    assert_eq!(a.len(), b.len(), "add-relu: operand lengths");
+    let mut out = super::output_buffer(a.len());
     out.par_chunks_mut(STRIPE)
         .zip(a.par_chunks(STRIPE).zip(b.par_chunks(STRIPE)))
         .for_each(|(o, (a, b))| {

@@ -174,7 +174,7 @@ fn forward<T: WithDType>(
             (T::from_f64(stats.mean[ch]), T::from_f64(scale), bias[ch])
         })
         .collect();
-    let mut y = vec![T::zero(); x.len()];
+    let mut y = super::output_buffer(x.len());
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
@@ -301,6 +301,14 @@ fn run_grad_kernel(
     xl: &Layout,
 ) -> Result<CpuStorage> {
     let shape = dims(xl)?;
+    // The kernels zip the gradient with the input and write one output element per pair.
+    if gl.shape() != xl.shape() {
+        candle_core::bail!(
+            "batch norm backward: gradient {:?} and input {:?} differ in shape",
+            gl.shape(),
+            xl.shape()
+        )
+    }
     Ok(match (gs, xs) {
         (CpuStorage::F32(g), CpuStorage::F32(x)) => CpuStorage::F32(k.run(
             contiguous_slice(g, gl, "batch norm backward")?,
@@ -366,7 +374,7 @@ struct InputGrad {
 
 impl GradKernel for InputGrad {
     fn run<T: WithDType>(&self, dy: &[T], x: &[T], (_, c, hw): (usize, usize, usize)) -> Vec<T> {
-        let mut dx = vec![T::zero(); x.len()];
+        let mut dx = super::output_buffer(x.len());
         dx.par_chunks_mut(hw)
             .zip(dy.par_chunks(hw).zip(x.par_chunks(hw)))
             .enumerate()
@@ -396,7 +404,7 @@ pub(crate) struct ReluMask;
 
 impl GradKernel for ReluMask {
     fn run<T: WithDType>(&self, dy: &[T], y: &[T], _shape: (usize, usize, usize)) -> Vec<T> {
-        let mut out = vec![T::zero(); dy.len()];
+        let mut out = super::output_buffer(dy.len());
         const STRIPE: usize = 1 << 14;
         out.par_chunks_mut(STRIPE)
             .zip(dy.par_chunks(STRIPE).zip(y.par_chunks(STRIPE)))
@@ -425,6 +433,17 @@ impl CustomOp2 for ReluMask {
 mod tests {
     use super::*;
     use crate::model::ops::gradcheck::{check_gradients, seeded};
+
+    /// The backward kernels write one output element per (gradient, input) pair into a buffer that is not zeroed
+    /// first: a gradient of another shape is refused, not zipped short.
+    #[test]
+    fn backward_kernels_refuse_a_gradient_of_another_shape() -> Result<()> {
+        let x = seeded(&[2, 3, 4, 1], 1)?;
+        let dy = seeded(&[2, 3, 2, 1], 2)?;
+        let err = dy.apply_op2_no_bwd(&x, &ReluMask).unwrap_err().to_string();
+        assert!(err.contains("differ in shape"), "{err}");
+        Ok(())
+    }
 
     /// The composed reference: what `BatchNorm2d` computed before this op.
     fn composed(x: &Tensor, w: &Tensor, b: &Tensor, eps: f64) -> Result<Tensor> {

@@ -213,7 +213,7 @@ fn conv2d_cpu_inference(
     let bs = bg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
     let rs = rg.as_ref().map(|(s, l)| cpu_f32(s, l)).transpose()?;
     let (n_in, n_out) = (g.input_len(), g.output_len());
-    let mut out = conv_cpu::output_buffer(b * n_out);
+    let mut out = super::output_buffer(b * n_out);
     SCRATCH.with_borrow_mut(|scratch| {
         for (i, o) in out.chunks_mut(n_out).enumerate() {
             let epilogue = Epilogue {
@@ -273,7 +273,7 @@ impl candle_core::CustomOp2 for CpuConv2d {
         };
         let (x, w) = (contiguous_slice(x, l1, "conv2d")?, contiguous_slice(w, l2, "conv2d")?);
         let (n_in, n_out) = (g.input_len(), g.output_len());
-        let mut out = conv_cpu::output_buffer(b * n_out);
+        let mut out = super::output_buffer(b * n_out);
         SCRATCH.with_borrow_mut(|scratch| {
             for (i, o) in out.chunks_mut(n_out).enumerate() {
                 conv_cpu::conv2d_image(
@@ -305,7 +305,7 @@ impl candle_core::CustomOp2 for CpuConv2d {
         let (n_in, n_out) = (g.input_len(), g.output_len());
         let mut grad_w = vec![0f32; g.weight_len()];
         // `input_grad` writes every element of its image's gradient, as the forward kernel does its output.
-        let mut grad_x = x.track_op().then(|| conv_cpu::output_buffer(b * n_in));
+        let mut grad_x = x.track_op().then(|| super::output_buffer(b * n_in));
         let (in_dims, w_dims) = ([b, g.cin, g.h, g.w], [g.cout, g.cin, g.k, g.k]);
         let out_dims = |_: &()| [b, g.cout, g.oh, g.ow];
         let sd = (self.stride, self.dilation);

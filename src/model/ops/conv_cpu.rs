@@ -183,19 +183,6 @@ pub(crate) fn at_least(buf: &mut Vec<f32>, n: usize) -> &mut [f32] {
     &mut buf[..n]
 }
 
-/// A buffer for [`conv2d_image`]'s `out` (or `conv_cpu_backward::input_grad`'s `grad_x`), left as the allocator
-/// gives it: the kernel writes every element before it reads any (tested with NaN-filled outputs), so zeroing it
-/// first would be one more pass over the whole output, from memory for the large ones (`vec![0.0; n]` reuses freed
-/// memory with a `memset`: 1.5% of DeepLabV3-ResNet-50 at 512² on Zen 4).
-#[allow(clippy::uninit_vec)] // as Candle's own `CpuDevice::alloc_uninit`, for kernels that write every element
-pub(crate) fn output_buffer(len: usize) -> Vec<f32> {
-    let mut out = Vec::with_capacity(len);
-    // SAFETY: the capacity is `len`; the buffer goes only to kernels that write each element before they read
-    // it, so no uninitialised float is ever read.
-    unsafe { out.set_len(len) };
-    out
-}
-
 fn parallelism() -> Parallelism {
     match rayon::current_num_threads() {
         0 | 1 => Parallelism::None,
@@ -214,7 +201,7 @@ pub struct Scratch {
 
 /// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`. `kept`: what may be kept
 /// across calls for this weight, if it never changes (Winograd's transformed weights). Every element of `out` is
-/// written before it is read, so what it held before does not matter ([`output_buffer`]).
+/// written before it is read, so what it held before does not matter ([`super::output_buffer`]).
 pub fn conv2d_image(
     g: &ConvGeometry,
     x: &[f32],

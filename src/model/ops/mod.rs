@@ -61,6 +61,20 @@ pub(crate) mod gradcheck;
 
 use candle_core::{DType, Device, Layout, Result, Tensor};
 
+/// A buffer for a kernel's output, left as the allocator gives it: for kernels that write every element before
+/// they read any (the convolutions' outputs and input gradients, tested with NaN-filled outputs; BatchNorm's and
+/// the fused add + ReLU's element maps, which zip the output with inputs of its length). Zeroing it first would be
+/// one more pass over the whole output, from memory for the large ones (`vec![0.0; n]` reuses freed memory with a
+/// `memset`: 1.5% of DeepLabV3-ResNet-50's inference at 512² on Zen 4, 3% of its training step on an Intel Xeon).
+#[allow(clippy::uninit_vec)] // as Candle's own `CpuDevice::alloc_uninit`, for kernels that write every element
+pub(crate) fn output_buffer<T: candle_core::WithDType>(len: usize) -> Vec<T> {
+    let mut out = Vec::with_capacity(len);
+    // SAFETY: the capacity is `len`; the buffer goes only to kernels that write each element before they read
+    // it, so no uninitialised value is ever read (the element types are plain numbers, valid for any bits).
+    unsafe { out.set_len(len) };
+    out
+}
+
 /// The part of a custom op's input storage that `l` covers, which must be contiguous.
 pub(crate) fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Result<&'a [T]> {
     match l.contiguous_offsets() {
