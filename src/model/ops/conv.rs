@@ -274,12 +274,14 @@ impl candle_core::CustomOp2 for CpuConv2d {
         let (x, w) = (contiguous_slice(x, l1, "conv2d")?, contiguous_slice(w, l2, "conv2d")?);
         let (n_in, n_out) = (g.input_len(), g.output_len());
         let mut out = super::output_buffer(b * n_out);
+        // The images share the weight: Winograd's transform of it is made once for the batch.
+        let kept = (b > 1).then(KeptWeights::for_one_batch);
         SCRATCH.with_borrow_mut(|scratch| {
             for (i, o) in out.chunks_mut(n_out).enumerate() {
                 conv_cpu::conv2d_image(
                     &g,
                     &x[i * n_in..(i + 1) * n_in],
-                    (w, None),
+                    (w, kept.as_ref()),
                     Epilogue::default(),
                     o,
                     scratch,
@@ -302,9 +304,9 @@ impl candle_core::CustomOp2 for CpuConv2d {
             grad.storage_and_layout(),
         );
         let (xs, ws, gs) = (cpu_f32(&xg.0, xg.1)?, cpu_f32(&wg.0, wg.1)?, cpu_f32(&gg.0, gg.1)?);
-        let (n_in, n_out) = (g.input_len(), g.output_len());
+        let n_in = g.input_len();
         let mut grad_w = vec![0f32; g.weight_len()];
-        // `input_grad` writes every element of its image's gradient, as the forward kernel does its output.
+        // `input_grad` writes every element of the batch's gradient, as the forward kernel does its output.
         let mut grad_x = x.track_op().then(|| super::output_buffer(b * n_in));
         let (in_dims, w_dims) = ([b, g.cin, g.h, g.w], [g.cout, g.cin, g.k, g.k]);
         let out_dims = |_: &()| [b, g.cout, g.oh, g.ow];
@@ -330,11 +332,7 @@ impl candle_core::CustomOp2 for CpuConv2d {
                     || {
                         // The forward kernel's buffers serve the stride-1 input gradient: one set per thread.
                         SCRATCH.with_borrow_mut(|forward| {
-                            for i in 0..b {
-                                let gi = &gs[i * n_out..(i + 1) * n_out];
-                                let gxi = &mut gx[i * n_in..(i + 1) * n_in];
-                                conv_cpu_backward::input_grad(&g, ws, gi, gxi, buffers, forward);
-                            }
+                            conv_cpu_backward::input_grad(&g, ws, gs, gx, buffers, forward);
                         });
                         Ok(())
                     },

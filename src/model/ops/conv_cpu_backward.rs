@@ -10,8 +10,8 @@
 use rayon::prelude::*;
 
 use super::conv_cpu::{
-    at_least, channels_per_chunk, conv2d_image, fill_columns, plan, product_strided, ConvGeometry, Epilogue, Scratch,
-    COLUMN_BUDGET,
+    at_least, channels_per_chunk, conv2d_image, fill_columns, plan, product_strided, ConvGeometry, Epilogue,
+    KeptWeights, Scratch, COLUMN_BUDGET,
 };
 
 /// Buffers reused across calls.
@@ -150,8 +150,8 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f3
     }
 }
 
-/// This image's input gradient `[Cin, H, W]` from `weight` `[Cout, Cin, k, k]` and `grad_y` `[Cout, oh·ow]`.
-/// Every element of `grad_x` is written before it is read, so what it held before does not matter.
+/// The batch's input gradient `[B, Cin, H, W]` from `weight` `[Cout, Cin, k, k]` and `grad_y` `[B, Cout, oh·ow]`,
+/// image by image. Every element of `grad_x` is written before it is read, so what it held before does not matter.
 pub fn input_grad(
     g: &ConvGeometry,
     weight: &[f32],
@@ -160,35 +160,62 @@ pub fn input_grad(
     buffers: &mut Buffers,
     forward: &mut Scratch,
 ) {
+    let (n_out, n_in) = (g.output_len(), g.input_len());
     assert_eq!(weight.len(), g.weight_len(), "input gradient: weight length");
-    assert_eq!(grad_y.len(), g.output_len(), "input gradient: output gradient length");
-    assert_eq!(grad_x.len(), g.input_len(), "input gradient: input length");
-    let l = g.oh * g.ow;
-    let kk = g.cin * g.k * g.k;
+    assert!(
+        n_out > 0 && grad_y.len().is_multiple_of(n_out),
+        "input gradient: output gradient length"
+    );
+    let images = grad_y.len() / n_out;
+    assert_eq!(grad_x.len(), images * n_in, "input gradient: input length");
+    let each = grad_y.chunks_exact(n_out).zip(grad_x.chunks_exact_mut(n_in));
     if is_pointwise(g) {
-        // SAFETY: Wᵀ is weight [cout, cin] read with strides (1, cin); dY is [cout, l]; dX is [cin, l].
-        unsafe {
-            product_strided(
-                g.cin,
-                l,
-                g.cout,
-                (grad_x.as_mut_ptr(), l, 1),
-                (weight.as_ptr(), 1, g.cin),
-                (grad_y.as_ptr(), l, 1),
-                false,
-            )
-        };
+        let l = g.oh * g.ow;
+        for (grad_y, grad_x) in each {
+            // SAFETY: Wᵀ is weight [cout, cin] read with strides (1, cin); dY is [cout, l]; dX is [cin, l].
+            unsafe {
+                product_strided(
+                    g.cin,
+                    l,
+                    g.cout,
+                    (grad_x.as_mut_ptr(), l, 1),
+                    (weight.as_ptr(), 1, g.cin),
+                    (grad_y.as_ptr(), l, 1),
+                    false,
+                )
+            };
+        }
         return;
     }
     if g.stride == 1 && 2 * g.padding == g.dilation * (g.k - 1) {
         // A stride-1 "same" convolution's input gradient is the same convolution of dY by the weight with input and
-        // output channels swapped and the taps flipped, so it gets the forward kernel's Winograd and tap skipping.
+        // output channels swapped and the taps flipped, so it gets the forward kernel's Winograd and tap skipping;
+        // the flipped weight (and its Winograd transform) is made once for the batch.
         let flipped = flipped_transpose(g, weight, &mut buffers.flipped);
         let back = ConvGeometry::new((g.cout, g.oh, g.ow), (g.cin, g.k), 1, g.padding, g.dilation)
             .expect("the transposed geometry of a valid same-size convolution is valid");
-        conv2d_image(&back, grad_y, (flipped, None), Epilogue::default(), grad_x, forward);
+        let kept = (images > 1).then(KeptWeights::for_one_batch);
+        for (grad_y, grad_x) in each {
+            conv2d_image(
+                &back,
+                grad_y,
+                (flipped, kept.as_ref()),
+                Epilogue::default(),
+                grad_x,
+                forward,
+            );
+        }
         return;
     }
+    for (grad_y, grad_x) in each {
+        input_grad_by_columns(g, weight, grad_y, grad_x, buffers);
+    }
+}
+
+/// One image's input gradient by products into columns and col2im, for the convolutions that are not "same".
+fn input_grad_by_columns(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_x: &mut [f32], buffers: &mut Buffers) {
+    let l = g.oh * g.ow;
+    let kk = g.cin * g.k * g.k;
     grad_x.fill(0.0);
     let chunk = channels_per_chunk(g, l);
     let k2 = g.k * g.k;
@@ -290,7 +317,8 @@ mod tests {
 
     /// Every path of the input gradient (1×1, stride-1 "same" through the forward kernel, strided and dilated
     /// through col2im) gives the definition and writes every element: the output starts as NaN, as an unzeroed
-    /// buffer may hold anything.
+    /// buffer may hold anything. One image, and a batch of three (whose "same" path keeps the flipped weight's
+    /// Winograd transform from the first image for the others).
     #[test]
     fn input_gradient_matches_the_definition_from_any_starting_buffer() {
         // (cin, h, w, cout, k, stride, padding, dilation)
@@ -307,20 +335,28 @@ mod tests {
         {
             let g = ConvGeometry::new((cin, h, w), (cout, k), s, p, d).unwrap();
             let weight = seeded(g.weight_len(), i as u64);
-            let grad_y = seeded(g.output_len(), 50 + i as u64);
-            let want = reference(&g, &weight, &grad_y);
-            let mut got = vec![f32::NAN; g.input_len()];
-            input_grad(
-                &g,
-                &weight,
-                &grad_y,
-                &mut got,
-                &mut Buffers::default(),
-                &mut Scratch::default(),
-            );
-            assert!(got.iter().all(|v| v.is_finite()), "{g:?}: an element was not written");
-            let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(err < 1e-4, "{g:?}: max error {err}");
+            for images in [1, 3] {
+                let grad_y = seeded(images * g.output_len(), 50 + i as u64);
+                let want: Vec<f32> = grad_y
+                    .chunks(g.output_len())
+                    .flat_map(|gy| reference(&g, &weight, gy))
+                    .collect();
+                let mut got = vec![f32::NAN; images * g.input_len()];
+                input_grad(
+                    &g,
+                    &weight,
+                    &grad_y,
+                    &mut got,
+                    &mut Buffers::default(),
+                    &mut Scratch::default(),
+                );
+                assert!(
+                    got.iter().all(|v| v.is_finite()),
+                    "{g:?} × {images}: an element was not written"
+                );
+                let err = want.iter().zip(&got).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+                assert!(err < 1e-4, "{g:?} × {images}: max error {err}");
+            }
         }
     }
 }
