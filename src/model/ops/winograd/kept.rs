@@ -57,7 +57,14 @@ pub struct KeptWeights {
     classes: Mutex<Vec<(Pair, Arc<Slot>)>>,
     /// Kept for one batch ([`KeptWeights::for_one_batch`]), not for the process.
     batch: bool,
+    /// Bytes kept by this batch's transforms ([`BATCH_BUDGET`]).
+    batch_bytes: AtomicUsize,
 }
+
+/// The most one batch's transforms keep: 256 MiB, ASPP's three dilated convs and layer4's at any crop (134 MB at
+/// most). FCN's head (268 MB) and PSPNet's (537 MB) stay transformed per image and chunk, so that training's peak
+/// memory does not grow by their `U`.
+const BATCH_BUDGET: usize = 256 << 20;
 
 impl std::fmt::Debug for KeptWeights {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -95,7 +102,8 @@ impl Drop for Transformed {
 
 impl KeptWeights {
     /// Transforms kept while one batch's images are convolved with one weight, then dropped with it: every class
-    /// is kept (each image after the first reuses it), outside the process's budget (the memory lasts one call).
+    /// is kept (each image after the first reuses it), outside the process's budget (the memory lasts one call)
+    /// but within [`BATCH_BUDGET`].
     /// Transformed per image, a training step's weight transforms took 4.6% of DeepLabV3-ResNet-50's step at batch
     /// 2 on an Intel Xeon (ASPP's dilation 12 alone writes 134 MB of `U` per transform).
     pub(crate) fn for_one_batch() -> Self {
@@ -126,8 +134,13 @@ impl KeptWeights {
             }
         };
         // Concurrent first calls wait for one transform rather than each making its own.
-        cell.get_or_init(|| transform_all(g, class, weight, !self.batch))
-            .clone()
+        cell.get_or_init(|| {
+            if self.batch && !reserve(&self.batch_bytes, transformed_bytes(g, class), BATCH_BUDGET) {
+                return None;
+            }
+            transform_all(g, class, weight, !self.batch)
+        })
+        .clone()
     }
 }
 
@@ -144,12 +157,20 @@ fn reserve(kept: &AtomicUsize, bytes: usize, limit: usize) -> bool {
     .is_ok()
 }
 
+/// Floats of the class's `U` for all input channels.
+fn transformed_len(g: &ConvGeometry, class: &Class) -> usize {
+    g.cout * padded_row(class.rows.products() * class.cols.products() * g.cin)
+}
+
+/// Bytes a kept `U` takes (`aligned` may skip up to one cache line).
+fn transformed_bytes(g: &ConvGeometry, class: &Class) -> usize {
+    (transformed_len(g, class) + super::LANES) * std::mem::size_of::<f32>()
+}
+
 /// The class's `U` for all input channels, if the budget allows it (with `budgeted`; otherwise uncounted).
 fn transform_all(g: &ConvGeometry, class: &Class, weight: &[f32], budgeted: bool) -> Option<Arc<Transformed>> {
-    let r2 = class.rows.products() * class.cols.products();
-    let len = g.cout * padded_row(r2 * g.cin);
-    // `aligned` may skip up to one cache line.
-    let mut bytes = (len + super::LANES) * std::mem::size_of::<f32>();
+    let len = transformed_len(g, class);
+    let mut bytes = transformed_bytes(g, class);
     if !budgeted {
         bytes = 0;
     } else if !reserve(&KEPT_BYTES, bytes, budget()) {
@@ -237,6 +258,20 @@ mod tests {
         );
         let second = convolve(&g, &x, &w, Some(&batch));
         assert!(fresh == first && first == second, "kept weights changed the result");
+    }
+
+    /// FCN's head (2048 → 512 channels at 64², one F(6×6) class of 268 MB) is over a batch's budget: not kept,
+    /// nothing reserved.
+    #[test]
+    fn a_batch_keeps_nothing_over_its_budget() {
+        let g = ConvGeometry::new((2048, 64, 64), (512, 3), 1, 1, 1).unwrap();
+        let plan = plan(&g, usize::MAX).expect("Winograd applies");
+        let class = &plan.classes[0];
+        assert!(transformed_bytes(&g, class) > BATCH_BUDGET);
+        let w = vec![0f32; g.weight_len()];
+        let batch = KeptWeights::for_one_batch();
+        assert!(batch.get(&g, class, &w).is_none());
+        assert_eq!(batch.batch_bytes.load(Ordering::Relaxed), 0);
     }
 
     #[test]
