@@ -895,6 +895,27 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn heads_whose_transformed_weights_outgrow_the_cache_take_4x4_tiles() {
+        use super::super::winograd::{plan, Kind};
+        use Kind::*;
+        let direct = |g: &ConvGeometry| super::plan(g).iter().map(Block::macs).sum::<usize>();
+        // On a 64×64 map F(6×6, 3×3) multiplies least, but FCN's head (2048 → 512: 268 MB of U) and PSPNet's (4096
+        // → 512: 537 MB) would stream their U from memory on every call; F(4×4, 3×3)'s is 36/64 of it. A 1024 →
+        // 256 conv (67 MB) and ASPP's dilation 12 (134 MB, where 4×4 tiles would multiply 2.25 times as much) keep
+        // 6×6 tiles.
+        for (cin, cout, d, classes) in [
+            (2048, 512, 1, vec![(F4, F4)]),
+            (4096, 512, 1, vec![(F4, F4)]),
+            (1024, 256, 1, vec![(F6, F6)]),
+            (2048, 256, 12, vec![(F6, F6)]),
+        ] {
+            let g = ConvGeometry::new((cin, 64, 64), (cout, 3), 1, d, d).unwrap();
+            let taken = plan(&g, direct(&g)).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect::<Vec<_>>());
+            assert_eq!(taken, Some(classes), "{cin} → {cout} at dilation {d}");
+        }
+    }
+
+    #[test]
     fn aspp_plans_skip_the_padding() {
         // DeepLabV3's ASPP at 512² (a 64×64 map): the share of multiplications the plan keeps.
         for (d, keep_at_most) in [(12, 0.77), (24, 0.57), (36, 0.40)] {

@@ -284,11 +284,12 @@ impl Kind {
         }
     }
 
-    /// The cheapest algorithm for a sub-image of `len` pixels. Ties go to F(4, 3), whose transforms cost less
-    /// per output than F(6, 3)'s, then to the larger tile.
-    fn best(len: usize) -> Kind {
+    /// The cheapest algorithm for a sub-image of `len` pixels, F(6, 3) only `with_f6`. Ties go to F(4, 3), whose
+    /// transforms cost less per output than F(6, 3)'s, then to the larger tile.
+    fn best(len: usize, with_f6: bool) -> Kind {
         [Kind::F4, Kind::F6, Kind::F3, Kind::T2, Kind::T1]
             .into_iter()
+            .filter(|&k| with_f6 || k != Kind::F6)
             .filter_map(|k| Some((k, k.cost(len)?)))
             .min_by_key(|&(_, cost)| cost)
             .map_or(Kind::F4, |(k, _)| k)
@@ -337,21 +338,50 @@ pub(crate) struct Plan {
     pub(crate) classes: Vec<Class>,
 }
 
-/// The plan for this convolution, if Winograd pays: 3×3, stride 1, "same" padding (the polyphase split needs
-/// padding = dilation), and its estimated cost well under the direct convolution's `direct_macs` (per channel
-/// pair, padded taps skipped). Each sub-image length takes its cheapest algorithm along each dimension.
-pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
-    if !(g.k == 3 && g.stride == 1 && g.padding == g.dilation && g.cin >= 16) {
-        return None;
+/// Bytes of transformed weights that stay in the last-level cache between calls; beyond this, each call streams
+/// them from memory.
+const CACHED_WEIGHT_BYTES: f64 = (64 << 20) as f64;
+
+/// What streaming one byte of transformed weights from memory costs, in multiply-accumulates of the products:
+/// fitted on 2 threads of an Intel Xeon (AVX-512, AMX) to FCN's and PSPNet's heads (2048 and 4096 → 512
+/// channels at 64×64, 268 and 537 MB of `U` with F(6×6, 3×3)), where the products ran at 229 GFLOP/s and `U`
+/// arrived at 5.7 GB/s.
+const STREAMED_BYTE_COST: f64 = 20.0;
+
+impl Plan {
+    /// Bytes of the transformed weights, `U`, over all classes.
+    fn weight_bytes(&self, g: &ConvGeometry) -> f64 {
+        let products: usize = self.classes.iter().map(|c| c.rows.products() * c.cols.products()).sum();
+        (products * g.cout * g.cin * 4) as f64
     }
+
+    /// The products' and transforms' estimated cost per channel pair, in multiply-accumulates.
+    fn products_cost(&self, g: &ConvGeometry) -> f64 {
+        self.classes
+            .iter()
+            .map(|c| (c.rows.products() * c.cols.products()) as f64 * c.cost_per_product(g.cout))
+            .sum()
+    }
+
+    /// The whole estimated cost in multiply-accumulates: the products and transforms of every channel pair, and the
+    /// transformed weights that do not stay in cache, streamed from memory on each call.
+    fn cost(&self, g: &ConvGeometry) -> f64 {
+        let streamed = (self.weight_bytes(g) - CACHED_WEIGHT_BYTES).max(0.0);
+        self.products_cost(g) * (g.cin * g.cout) as f64 + streamed * STREAMED_BYTE_COST
+    }
+}
+
+/// The tiles of a 3×3 stride-1 "same" convolution at its dilation, each sub-image length taking its cheapest
+/// algorithm along each dimension (F(6, 3) only `with_f6`).
+fn classes(g: &ConvGeometry, with_f6: bool) -> Vec<Class> {
     let d = g.dilation;
     let mut classes: Vec<Class> = Vec::new();
     for ry in 0..d.min(g.oh) {
         let rows = (g.oh - ry).div_ceil(d);
-        let ky = Kind::best(rows);
+        let ky = Kind::best(rows, with_f6);
         for rx in 0..d.min(g.ow) {
             let cols = (g.ow - rx).div_ceil(d);
-            let kx = Kind::best(cols);
+            let kx = Kind::best(cols, with_f6);
             let at = match classes.iter().position(|c| (c.rows, c.cols) == (ky, kx)) {
                 Some(at) => at,
                 None => {
@@ -370,11 +400,32 @@ pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
             }
         }
     }
-    let cost: f64 = classes
-        .iter()
-        .map(|c| (c.rows.products() * c.cols.products()) as f64 * c.cost_per_product(g.cout))
-        .sum();
-    (cost < direct_macs as f64 * 0.9).then_some(Plan { classes })
+    classes
+}
+
+/// The plan for this convolution, if Winograd pays: 3×3, stride 1, "same" padding (the polyphase split needs
+/// padding = dilation), and its estimated cost well under the direct convolution's `direct_macs` (per channel
+/// pair, padded taps skipped). Each sub-image length takes its cheapest algorithm along each dimension; where that
+/// plan's transformed weights outgrow the cache, a plan without F(6, 3) (whose `U` is 36/64 of it) is taken if it
+/// costs less with the weights' memory traffic counted: FCN's head (2048 → 512 at 64×64) on 2 Intel Xeon threads
+/// (`bench_conv --keep`) ran 118 ms with F(6, 3), 111 with F(4, 3); PSPNet's (4096 → 512), 277 (its 537 MB over
+/// the kept budget, transformed on each call) and 215 ms.
+pub(crate) fn plan(g: &ConvGeometry, direct_macs: usize) -> Option<Plan> {
+    if !(g.k == 3 && g.stride == 1 && g.padding == g.dilation && g.cin >= 16) {
+        return None;
+    }
+    let mut plan = Plan {
+        classes: classes(g, true),
+    };
+    if plan.weight_bytes(g) > CACHED_WEIGHT_BYTES {
+        let without_f6 = Plan {
+            classes: classes(g, false),
+        };
+        if without_f6.cost(g) < plan.cost(g) {
+            plan = without_f6;
+        }
+    }
+    (plan.products_cost(g) < direct_macs as f64 * 0.9).then_some(plan)
 }
 
 /// Buffers reused across calls.
