@@ -866,11 +866,15 @@ pub(crate) mod tests {
         }
     }
 
+    /// The tile classes (rows, cols) of `g`'s Winograd plan; `None` where the conv stays direct.
+    fn winograd_classes(g: &ConvGeometry) -> Option<Vec<(super::super::winograd::Kind, super::super::winograd::Kind)>> {
+        let direct = super::plan(g).iter().map(Block::macs).sum::<usize>();
+        super::super::winograd::plan(g, direct).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect())
+    }
+
     #[test]
     fn winograd_takes_the_3x3_convolutions_of_deeplabv3() {
-        use super::super::winograd::{plan, Kind};
-        use Kind::*;
-        let direct = |g: &ConvGeometry| super::plan(g).iter().map(Block::macs).sum::<usize>();
+        use super::super::winograd::Kind::*;
         // DeepLabV3-ResNet-50 at 512²: the 3×3 convs on whole 64×64 maps take 6×6 tiles; at dilation 2 and 4
         // (sub-images of 32 and 16 pixels, where 6×6 tiles multiply as much) 4×4 tiles; ASPP's dilation 12
         // (sub-images of 5–6 pixels) one 6×6 tile, its 24 (2–3 pixels) 3×3 tiles and the 2-pixel algorithm, its 36
@@ -884,21 +888,18 @@ pub(crate) mod tests {
             (2048, 256, 36, vec![(T2, T2), (T2, T1), (T1, T2), (T1, T1)]),
         ] {
             let g = ConvGeometry::new((cin, 64, 64), (cout, 3), 1, d, d).unwrap();
-            let taken = plan(&g, direct(&g)).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect::<Vec<_>>());
-            assert_eq!(taken, Some(classes), "dilation {d}");
+            assert_eq!(winograd_classes(&g), Some(classes), "dilation {d}");
         }
         // Strided and non-3×3 convolutions stay direct.
         let g = ConvGeometry::new((128, 64, 64), (128, 3), 2, 1, 1).unwrap();
-        assert!(plan(&g, direct(&g)).is_none());
+        assert!(winograd_classes(&g).is_none());
         let g = ConvGeometry::new((128, 64, 64), (128, 5), 1, 2, 1).unwrap();
-        assert!(plan(&g, direct(&g)).is_none());
+        assert!(winograd_classes(&g).is_none());
     }
 
     #[test]
     fn heads_whose_transformed_weights_outgrow_the_cache_take_4x4_tiles() {
-        use super::super::winograd::{plan, Kind};
-        use Kind::*;
-        let direct = |g: &ConvGeometry| super::plan(g).iter().map(Block::macs).sum::<usize>();
+        use super::super::winograd::Kind::*;
         // On a 64×64 map F(6×6, 3×3) multiplies least, but FCN's head (2048 → 512: 268 MB of U) and PSPNet's (4096
         // → 512: 537 MB) would stream their U from memory on every call; F(4×4, 3×3)'s is 36/64 of it. A 1024 →
         // 256 conv (67 MB) and ASPP's dilation 12 (134 MB, where 4×4 tiles would multiply 2.25 times as much) keep
@@ -910,8 +911,7 @@ pub(crate) mod tests {
             (2048, 256, 12, vec![(F6, F6)]),
         ] {
             let g = ConvGeometry::new((cin, 64, 64), (cout, 3), 1, d, d).unwrap();
-            let taken = plan(&g, direct(&g)).map(|p| p.classes.iter().map(|c| (c.rows, c.cols)).collect::<Vec<_>>());
-            assert_eq!(taken, Some(classes), "{cin} → {cout} at dilation {d}");
+            assert_eq!(winograd_classes(&g), Some(classes), "{cin} → {cout} at dilation {d}");
         }
     }
 
