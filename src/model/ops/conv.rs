@@ -16,6 +16,7 @@ pub use super::conv_cpu::KeptWeights;
 use super::conv_cpu::{self, ConvGeometry, Epilogue, Scratch};
 use super::conv_cpu_backward;
 use super::profile;
+use super::small_maps;
 
 /// Remainder of the last window's reach along one axis: rows past the last window that the output never uses.
 fn slack(size: usize, k: usize, padding: usize, stride: usize, dilation: usize) -> Option<usize> {
@@ -215,6 +216,14 @@ fn conv2d_cpu_inference(
     let (n_in, n_out) = (g.input_len(), g.output_len());
     let mut out = super::output_buffer(b * n_out);
     SCRATCH.with_borrow_mut(|scratch| {
+        if small_maps::applies(&g) {
+            let epilogue = Epilogue {
+                bias: bs,
+                residual: rs,
+                relu,
+            };
+            return small_maps::forward(&g, xs, ws, epilogue, &mut out, &mut scratch.small_maps);
+        }
         for (i, o) in out.chunks_mut(n_out).enumerate() {
             let epilogue = Epilogue {
                 bias: bs,
@@ -277,6 +286,9 @@ impl candle_core::CustomOp2 for CpuConv2d {
         // The images share the weight: Winograd's transform of it is made once for the batch.
         let kept = (b > 1).then(KeptWeights::for_one_batch);
         SCRATCH.with_borrow_mut(|scratch| {
+            if small_maps::applies(&g) {
+                return small_maps::forward(&g, x, w, Epilogue::default(), &mut out, &mut scratch.small_maps);
+            }
             for (i, o) in out.chunks_mut(n_out).enumerate() {
                 conv_cpu::conv2d_image(
                     &g,

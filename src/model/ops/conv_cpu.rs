@@ -87,7 +87,7 @@ impl ConvGeometry {
     }
 
     /// Input index along an axis of `size` that output index `o` reads through tap `t`, if inside.
-    fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
+    pub(crate) fn source(&self, o: usize, t: usize, size: usize) -> Option<usize> {
         let i = (o * self.stride + t * self.dilation) as isize - self.padding as isize;
         (i >= 0 && (i as usize) < size).then_some(i as usize)
     }
@@ -197,6 +197,8 @@ pub struct Scratch {
     product: Vec<f32>,
     winograd: super::winograd::Buffers,
     tapwise: super::tapwise::Buffers,
+    /// For [`super::small_maps`], which runs a whole batch.
+    pub(crate) small_maps: super::small_maps::Buffers,
 }
 
 /// One image: `x` `[Cin, H, W]`, `weight` `[Cout, Cin, k, k]` → `out` `[Cout, oh, ow]`. `kept`: what may be kept

@@ -6,6 +6,8 @@
 //! - weight: `dW[Cout, Cin·k²] += dY[Cout, L] · colsᵀ` (1×1 stride-1: `dY · Xᵀ`, no columns);
 //! - input: `dX = col2im(Wᵀ · dY)` (1×1 stride-1: `Wᵀ · dY`, no columns; 3×3 stride-1 "same": the forward kernel on
 //!   dY with the flipped, transposed weight).
+//!
+//! Small feature maps go to [`super::small_maps`], which runs the whole batch as one product.
 
 use rayon::prelude::*;
 
@@ -21,6 +23,7 @@ pub struct Buffers {
     gathered: Vec<f32>,
     flipped: Vec<f32>,
     tapwise: super::tapwise::Buffers,
+    small_maps: super::small_maps::Buffers,
 }
 
 /// `W'[ci][co][ky][kx] = W[co][ci][k−1−ky][k−1−kx]`: the weight of the convolution that maps dY to dX.
@@ -54,6 +57,9 @@ pub fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &mut [f3
         "weight gradient: output gradient length"
     );
     assert_eq!(grad_w.len(), g.weight_len(), "weight gradient: weight length");
+    if super::small_maps::applies(g) {
+        return super::small_maps::weight_grad(g, x, grad_y, grad_w, &mut buffers.small_maps);
+    }
     grad_w.fill(0.0);
     let plane = g.oh * g.ow;
     let kk = g.cin * g.k * g.k;
@@ -168,6 +174,9 @@ pub fn input_grad(
     );
     let images = grad_y.len() / n_out;
     assert_eq!(grad_x.len(), images * n_in, "input gradient: input length");
+    if super::small_maps::applies(g) {
+        return super::small_maps::input_grad(g, weight, grad_y, grad_x, &mut buffers.small_maps);
+    }
     let each = grad_y.chunks_exact(n_out).zip(grad_x.chunks_exact_mut(n_in));
     if is_pointwise(g) {
         let l = g.oh * g.ow;
@@ -253,7 +262,7 @@ fn input_grad_by_columns(g: &ConvGeometry, weight: &[f32], grad_y: &[f32], grad_
 }
 
 /// `plane[iy, ix] += row[oy, ox]` for every output pixel whose tap (ky, kx) reads input pixel (iy, ix).
-fn add_tap(g: &ConvGeometry, ky: usize, kx: usize, row: &[f32], plane: &mut [f32]) {
+pub(crate) fn add_tap(g: &ConvGeometry, ky: usize, kx: usize, row: &[f32], plane: &mut [f32]) {
     // Output columns whose source column is inside: ox·s + kx·d − p in [0, w).
     let offset = (kx * g.dilation) as isize - g.padding as isize;
     let first = if offset >= 0 {

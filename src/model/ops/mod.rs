@@ -26,7 +26,8 @@
 //!   when [`crate::model::precision::tf32_allowed`]); elsewhere it is Candle's own `conv2d`. CPU inference goes
 //!   through [`conv::conv2d_fused`] to [`conv_cpu`]'s kernels (1×1 products on `gemm_f32` where the CPU has AVX2
 //!   and no AVX-512, Winograd, tap-wise products for dilated convolutions, im2col otherwise), the bias, residual
-//!   and ReLU fused in.
+//!   and ReLU fused in. On small feature maps (up to 16×16, strided ones up to 32×32) the forward pass and both
+//!   gradients run for the whole batch at once ([`small_maps`]), in training and inference.
 //!
 //! Every gradient is checked against central finite differences in f64 ([`gradcheck`]); [`device_check`] compares
 //! a device's ops with the f64 CPU reference in each precision mode (`semseg device-check` on a GPU), and
@@ -53,6 +54,7 @@ pub mod polyphase;
 pub mod pool;
 pub mod profile;
 pub mod resize;
+mod small_maps;
 mod tapwise;
 mod winograd;
 
