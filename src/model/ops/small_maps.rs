@@ -13,6 +13,8 @@
 //! alone); within the live taps the reads that land in padding are zeros in the columns. Multiplying those zeros
 //! costs less than narrow products.
 
+use std::ops::Range;
+
 use rayon::prelude::*;
 
 use super::conv_cpu::{at_least, fill_columns, product_strided, Block, ConvGeometry, Epilogue, COLUMN_BUDGET};
@@ -133,6 +135,32 @@ fn grouping(g: &ConvGeometry, taps: usize, images: usize, budget: Option<usize>)
     (group, chunk)
 }
 
+/// Runs `f(images, channels, columns)` for each group of images and, within it, each chunk of input channels
+/// (in order, so `channels.start == 0` opens a group and `channels.end == Cin` closes it), `columns` being that
+/// chunk's `[(c1−c0)·T, B·P]` columns of the group's images.
+fn for_each_chunk(
+    g: &ConvGeometry,
+    (block, taps): (&Block, &[(usize, usize)]),
+    x: &[f32],
+    budget: Option<usize>,
+    columns: &mut Vec<f32>,
+    mut f: impl FnMut(Range<usize>, Range<usize>, &[f32]),
+) {
+    let n_in = g.input_len();
+    let images = x.len() / n_in;
+    let (group, chunk) = grouping(g, taps.len(), images, budget);
+    for i0 in (0..images).step_by(group) {
+        let i1 = (i0 + group).min(images);
+        let group_images: Vec<&[f32]> = (i0..i1).map(|i| &x[i * n_in..(i + 1) * n_in]).collect();
+        let len = taps.len() * group_images.len() * g.oh * g.ow;
+        for c0 in (0..g.cin).step_by(chunk) {
+            let c1 = (c0 + chunk).min(g.cin);
+            fill_columns(g, block, taps, c0..c1, 0..g.oh, &group_images, columns);
+            f(i0..i1, c0..c1, &columns[..(c1 - c0) * len]);
+        }
+    }
+}
+
 /// The batch's output `out` `[B, Cout, oh, ow]` from `x` `[B, Cin, H, W]`, with `epilogue` (its residual, if any,
 /// the whole batch's `[B, Cout, oh, ow]`). Every element of `out` is written.
 pub(crate) fn forward(
@@ -163,49 +191,48 @@ pub(crate) fn forward(
         return;
     }
     let lhs = LiveWeight::new(g, &taps, weight, &mut buffers.weight);
-    let (group, chunk) = grouping(g, taps.len(), images, buffers.budget);
-    for i0 in (0..images).step_by(group) {
-        let i1 = (i0 + group).min(images);
-        let group_images: Vec<&[f32]> = (i0..i1).map(|i| &x[i * n_in..(i + 1) * n_in]).collect();
-        let n = group_images.len() * p;
-        let sum = at_least(&mut buffers.product, g.cout * n).as_mut_ptr();
-        for c0 in (0..g.cin).step_by(chunk) {
-            let c1 = (c0 + chunk).min(g.cin);
-            fill_columns(g, &block, &taps, c0..c1, 0..g.oh, &group_images, &mut buffers.columns);
-            // SAFETY: `sum` is [cout, n]; the live weight's columns of channels c0..c1 are [cout, (c1−c0)·T] with
-            // its strides; the columns are [(c1−c0)·T, n].
+    let product = &mut buffers.product;
+    for_each_chunk(
+        g,
+        (&block, &taps),
+        x,
+        buffers.budget,
+        &mut buffers.columns,
+        |images, channels, cols| {
+            let n = images.len() * p;
+            let sum = at_least(product, g.cout * n);
+            // SAFETY: `sum` is [cout, n]; the live weight's columns of these channels are [cout, channels·T] with its
+            // strides; the columns are [channels·T, n].
             unsafe {
                 product_strided(
                     g.cout,
                     n,
-                    (c1 - c0) * taps.len(),
-                    (sum, n, 1),
-                    (lhs.channel(c0), lhs.row_stride, lhs.col_stride),
-                    (buffers.columns.as_ptr(), n, 1),
-                    c0 > 0,
+                    channels.len() * taps.len(),
+                    (sum.as_mut_ptr(), n, 1),
+                    (lhs.channel(channels.start), lhs.row_stride, lhs.col_stride),
+                    (cols.as_ptr(), n, 1),
+                    channels.start > 0,
                 )
             };
-        }
-        // [Cout, B·P] → [B, Cout, P], with the bias, residual and ReLU.
-        let sum = &buffers.product[..g.cout * n];
-        out[i0 * n_out..i1 * n_out]
-            .par_chunks_mut(p)
-            .enumerate()
-            .for_each(|(j, o)| {
-                let (i, co) = (j / g.cout, j % g.cout);
-                o.copy_from_slice(&sum[co * n + i * p..][..p]);
-                image_epilogue(i0 + i).finish(co, p, 0, o);
-            });
-    }
+            if channels.end < g.cin {
+                return;
+            }
+            // [Cout, B·P] → [B, Cout, P], with the bias, residual and ReLU.
+            let sum = &*sum;
+            out[images.start * n_out..images.end * n_out]
+                .par_chunks_mut(p)
+                .enumerate()
+                .for_each(|(j, o)| {
+                    let (i, co) = (j / g.cout, j % g.cout);
+                    o.copy_from_slice(&sum[co * n + i * p..][..p]);
+                    image_epilogue(images.start + i).finish(co, p, 0, o);
+                });
+        },
+    );
 }
 
 /// `dY` of images `images` as one `[Cout, B·P]` matrix, images side by side, in `buf`.
-fn gather_grad_y<'a>(
-    g: &ConvGeometry,
-    grad_y: &[f32],
-    images: std::ops::Range<usize>,
-    buf: &'a mut Vec<f32>,
-) -> &'a [f32] {
+fn gather_grad_y<'a>(g: &ConvGeometry, grad_y: &[f32], images: Range<usize>, buf: &'a mut Vec<f32>) -> &'a [f32] {
     let (p, n_out) = (g.oh * g.ow, g.output_len());
     let n = images.len() * p;
     let dy = at_least(buf, g.cout * n);
@@ -253,30 +280,33 @@ pub(crate) fn weight_grad(g: &ConvGeometry, x: &[f32], grad_y: &[f32], grad_w: &
             k2,
         )
     };
-    let (group, chunk) = grouping(g, t, images, buffers.budget);
-    for i0 in (0..images).step_by(group) {
-        let i1 = (i0 + group).min(images);
-        let group_images: Vec<&[f32]> = (i0..i1).map(|i| &x[i * n_in..(i + 1) * n_in]).collect();
-        let n = group_images.len() * p;
-        let dy = gather_grad_y(g, grad_y, i0..i1, &mut buffers.product);
-        for c0 in (0..g.cin).step_by(chunk) {
-            let c1 = (c0 + chunk).min(g.cin);
-            fill_columns(g, &block, &taps, c0..c1, 0..g.oh, &group_images, &mut buffers.columns);
-            // SAFETY: dW's live columns of channels c0..c1 are [cout, (c1−c0)·T] with the strides above; dY is
-            // [cout, n]; colsᵀ is the columns [(c1−c0)·T, n] read with strides (1, n).
+    let product = &mut buffers.product;
+    for_each_chunk(
+        g,
+        (&block, &taps),
+        x,
+        buffers.budget,
+        &mut buffers.columns,
+        |images, channels, cols| {
+            let n = images.len() * p;
+            if channels.start == 0 {
+                gather_grad_y(g, grad_y, images, product);
+            }
+            // SAFETY: dW's live columns of these channels are [cout, channels·T] with the strides above; dY is
+            // [cout, n]; colsᵀ is the columns [channels·T, n] read with strides (1, n).
             unsafe {
                 product_strided(
                     g.cout,
-                    (c1 - c0) * t,
+                    channels.len() * t,
                     n,
-                    (dw.add(c0 * dw_channel), dw_rs, dw_cs),
-                    (dy.as_ptr(), n, 1),
-                    (buffers.columns.as_ptr(), 1, n),
+                    (dw.add(channels.start * dw_channel), dw_rs, dw_cs),
+                    (product.as_ptr(), n, 1),
+                    (cols.as_ptr(), 1, n),
                     true,
                 )
             };
-        }
-    }
+        },
+    );
     if compact {
         let sum = &buffers.weight[..g.cout * g.cin * t];
         grad_w.par_chunks_mut(g.cin * k2).enumerate().for_each(|(co, row)| {
