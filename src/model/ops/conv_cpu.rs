@@ -227,6 +227,16 @@ pub fn conv2d_image(
         return pointwise(g, x, weight, epilogue, out);
     }
 
+    let blocks = plan(g);
+    let direct_macs: usize = blocks.iter().map(Block::macs).sum();
+    let winograd = super::winograd::plan(g, direct_macs);
+    // (1×1 stride-1 products, in bf16, read the input as their columns in place.)
+    if winograd.is_none() && !(g.k == 1 && g.stride == 1) {
+        if let Some(rows) = super::row_tiles::rows_per_task(g, &blocks) {
+            return super::row_tiles::conv2d(g, &blocks[0], rows, (x, weight), epilogue, out);
+        }
+    }
+
     // out = bias + residual: the products below add onto it.
     out.par_chunks_mut(plane)
         .enumerate()
@@ -251,9 +261,7 @@ pub fn conv2d_image(
             )
         };
     } else {
-        let blocks = plan(g);
-        let direct_macs: usize = blocks.iter().map(Block::macs).sum();
-        if let Some(plan) = super::winograd::plan(g, direct_macs) {
+        if let Some(plan) = winograd {
             super::winograd::conv2d_add(g, &plan, (x, weight, kept), out, &mut scratch.winograd);
         } else if g.stride == 1 && blocks.len() > 1 {
             // Skipping the padded taps pays: one large product per tap rather than many small ones per block.
@@ -595,46 +603,71 @@ pub(crate) fn fill_columns(
     images: &[&[f32]],
     columns: &mut Vec<f32>,
 ) {
-    let width = block.out_cols.len();
-    let npix = rows.len() * width;
+    let npix = rows.len() * block.out_cols.len();
     let rows_k = channels.len() * taps.len();
     // Every element is written below (zeros included), so the buffer is not cleared first.
     at_least(columns, rows_k * npix * images.len())
         .par_chunks_mut(npix * images.len())
         .enumerate()
         .for_each(|(row, col)| {
-            let c = channels.start + row / taps.len();
-            let (ky, kx) = taps[row % taps.len()];
-            for (x, col) in images.iter().zip(col.chunks_mut(npix)) {
-                let channel = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
-                for (r, oy) in rows.clone().enumerate() {
-                    let seg = &mut col[r * width..(r + 1) * width];
-                    let Some(iy) = g.source(oy, ky, g.h) else {
-                        seg.fill(0.0); // a padding row (checked blocks only)
-                        continue;
-                    };
-                    let line = &channel[iy * g.w..(iy + 1) * g.w];
-                    let first = block.out_cols.start * g.stride + kx * g.dilation;
-                    if !block.checked && g.stride == 1 {
-                        let start = first - g.padding;
-                        seg.copy_from_slice(&line[start..start + width]);
-                    } else if !block.checked {
-                        copy_strided(seg, &line[first - g.padding..], g.stride);
-                    } else {
-                        // Zeros where the tap reads padding, at either end; the strided copy between.
-                        let valid = |i: &usize| g.source(block.out_cols.start + i, kx, g.w).is_some();
-                        let lo = (0..width).find(valid).unwrap_or(width);
-                        let hi = (lo..width).rfind(valid).map_or(lo, |i| i + 1);
-                        seg[..lo].fill(0.0);
-                        seg[hi..].fill(0.0);
-                        if lo < hi {
-                            let ix = g.source(block.out_cols.start + lo, kx, g.w).expect("a valid column");
-                            copy_strided(&mut seg[lo..hi], &line[ix..], g.stride);
-                        }
-                    }
+            fill_column_row(
+                g,
+                block,
+                taps,
+                channels.start + row / taps.len(),
+                row % taps.len(),
+                rows.clone(),
+                images,
+                col,
+            )
+        });
+}
+
+/// One row of [`fill_columns`]' matrix: input channel `c`, tap `taps[tap]`, over output rows `rows` of `block`,
+/// for each of `images` (`col` holds `images.len()` runs of `rows.len() × block.out_cols.len()` pixels).
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn fill_column_row(
+    g: &ConvGeometry,
+    block: &Block,
+    taps: &[(usize, usize)],
+    c: usize,
+    tap: usize,
+    rows: Range<usize>,
+    images: &[&[f32]],
+    col: &mut [f32],
+) {
+    let width = block.out_cols.len();
+    let npix = rows.len() * width;
+    let (ky, kx) = taps[tap];
+    for (x, col) in images.iter().zip(col.chunks_mut(npix)) {
+        let channel = &x[c * g.h * g.w..(c + 1) * g.h * g.w];
+        for (r, oy) in rows.clone().enumerate() {
+            let seg = &mut col[r * width..(r + 1) * width];
+            let Some(iy) = g.source(oy, ky, g.h) else {
+                seg.fill(0.0); // a padding row (checked blocks only)
+                continue;
+            };
+            let line = &channel[iy * g.w..(iy + 1) * g.w];
+            let first = block.out_cols.start * g.stride + kx * g.dilation;
+            if !block.checked && g.stride == 1 {
+                let start = first - g.padding;
+                seg.copy_from_slice(&line[start..start + width]);
+            } else if !block.checked {
+                copy_strided(seg, &line[first - g.padding..], g.stride);
+            } else {
+                // Zeros where the tap reads padding, at either end; the strided copy between.
+                let valid = |i: &usize| g.source(block.out_cols.start + i, kx, g.w).is_some();
+                let lo = (0..width).find(valid).unwrap_or(width);
+                let hi = (lo..width).rfind(valid).map_or(lo, |i| i + 1);
+                seg[..lo].fill(0.0);
+                seg[hi..].fill(0.0);
+                if lo < hi {
+                    let ix = g.source(block.out_cols.start + lo, kx, g.w).expect("a valid column");
+                    copy_strided(&mut seg[lo..hi], &line[ix..], g.stride);
                 }
             }
-        });
+        }
+    }
 }
 
 /// `seg[i] = line[i·stride]`. Stride 1 is a copy. Stride 2 (ResNet's stem and downsampling convolutions) is compiled
@@ -644,9 +677,17 @@ pub(crate) fn fill_columns(
 fn copy_strided(seg: &mut [f32], line: &[f32], stride: usize) {
     #[inline(always)]
     fn by_two(seg: &mut [f32], line: &[f32]) {
-        let line = &line[..2 * seg.len() - 1];
-        for (i, v) in seg.iter_mut().enumerate() {
-            *v = line[2 * i];
+        // Whole pairs wherever the line has them, so the vector loop covers the row: bounded by the last value
+        // read (`2n − 1` values), its last vector was out of reach and rows up to 64 outputs wide ran scalar.
+        let n = seg.len();
+        let pairs = n.min(line.len() / 2);
+        for (v, pair) in seg[..pairs].iter_mut().zip(line[..2 * pairs].chunks_exact(2)) {
+            *v = pair[0];
+        }
+        if pairs < n {
+            // The line ends at the last value read.
+            assert_eq!(pairs, n - 1, "copy_strided: the line is too short");
+            seg[n - 1] = line[2 * (n - 1)];
         }
     }
     #[cfg(target_arch = "x86_64")]
@@ -732,6 +773,9 @@ pub(crate) mod tests {
             (3, 16, 13, 4, 3, 1, 6, 6),   // ASPP-like: one product per tap over its valid pixels
             (3, 11, 9, 4, 5, 1, 5, 3),    // 5×5 dilated, no centre tap whose rows are whole
             (2, 180, 100, 3, 3, 1, 1, 1), // more pixels than one tile: split into tiles of rows
+            (3, 100, 96, 8, 7, 2, 3, 1),  // a stem on row tiles, three tasks
+            (40, 50, 46, 6, 3, 2, 1, 1),  // 3×3/2 on row tiles, two tasks, the last one shorter
+            (300, 9, 80, 4, 3, 2, 1, 1),  // too many columns a pixel for a row tile: the im2col block
         ];
         // One scratch for all: buffers left over from a larger convolution must not leak into a smaller one.
         let mut scratch = Scratch::default();

@@ -54,6 +54,7 @@ pub mod polyphase;
 pub mod pool;
 pub mod profile;
 pub mod resize;
+mod row_tiles;
 mod small_maps;
 mod tapwise;
 mod winograd;
