@@ -15,6 +15,9 @@
 //!   taps are all valid run as one product with the weight as stored (`[Cout, Cin·k²]`), the others one product
 //!   per valid tap, reading that tap's `[Cout, Cin]` slice of the weight in place (column stride k²).
 //!
+//! Convolutions with few columns a pixel (the stem, the strided ones) run one tile of output rows per task instead
+//! ([`super::row_tiles`]): columns, product and epilogue while the tile is in cache.
+//!
 //! The kernel of [`super::conv::conv2d_fused`] (inference) and, image by image, of the forward pass (and the
 //! "same" convolutions' input gradient) of [`super::conv::conv2d`]'s training op.
 
