@@ -4,6 +4,7 @@
 #
 #   scripts/build-cuda.sh                 # toolchain in /tmp/cuda13 (installed on first use), binary in .gpucarry/
 #   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # A100; default 90 (H100/H200)
+#   CUDA_SASS_ARCHS="80 90" scripts/build-cuda.sh   # machine code for these GPUs (default: CUDA_COMPUTE_CAP alone)
 #
 # The toolchain is CUDA 13.0 from NVIDIA's PyPI wheels (nvcc 13.0.88: PTX from a newer nvcc does not load on driver
 # 580), cuDNN 9 headers and library, and a link-time stub for libcuda.so.1 (the driver's library, absent here).
@@ -56,7 +57,7 @@ source "$toolchain/env.sh"
 # cuDNN's library must be on the link path too (the setup script of ../shared/gpu leaves it out).
 export LIBRARY_PATH=$toolchain/nvidia/cudnn/lib:${LIBRARY_PATH:-}
 nvcc --version | tail -n 2
-echo "building for compute capability $CUDA_COMPUTE_CAP into $CARGO_TARGET_DIR"
+echo "building for compute capability $CUDA_COMPUTE_CAP (machine code for ${CUDA_SASS_ARCHS:-$CUDA_COMPUTE_CAP}) into $CARGO_TARGET_DIR"
 cargo build --release --locked --features cuda --bin semseg
 
 mkdir -p "$carry"

@@ -347,7 +347,21 @@ impl CudaDevice {
         }
         drop(ms);
         let mut ms = self.modules.write().unwrap();
-        let cuda_module = self.context.load_module(mdl.ptx().into()).w()?;
+        // semseg patch (PATCHED.md): the fat binary first, whose machine code for this GPU needs no JIT; the PTX
+        // where there is none or the driver refuses it.
+        let from_fatbin = mdl.fatbin().and_then(|image| {
+            let loaded = self
+                .context
+                .load_module(cudarc::nvrtc::Ptx::from_binary(image.to_vec()));
+            if let Err(e) = &loaded {
+                eprintln!("candle: a kernel module's fat binary did not load ({e:?}); JIT-compiling its PTX");
+            }
+            loaded.ok()
+        });
+        let cuda_module = match from_fatbin {
+            Some(module) => module,
+            None => self.context.load_module(mdl.ptx().into()).w()?,
+        };
         ms.mdls[mdl.index()] = Some(cuda_module.clone());
         let func = cuda_module.load_function(fn_name).w()?;
         Ok(CudaFunc {
