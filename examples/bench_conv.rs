@@ -47,7 +47,13 @@ fn main() -> Result<()> {
         residual: None,
         relu: true,
     };
-    conv2d_image(&g, &x, (&weight, kept.as_ref()), epilogue, &mut out, &mut scratch);
+    // Warm up for half a second: on the 2-core VMs the first ~150 ms of work after idling ran erratically at up to
+    // twice the steady time (2026-12-06, Zen 4: a 3 ms 1×1 conv took 5–8 ms for its first 30 calls), which a
+    // median of a few dozen calls took for the layer's cost.
+    let warm_up = Instant::now();
+    while warm_up.elapsed().as_secs_f64() < 0.5 {
+        conv2d_image(&g, &x, (&weight, kept.as_ref()), epilogue, &mut out, &mut scratch);
+    }
     let mut ms: Vec<f64> = (0..runs.max(1))
         .map(|_| {
             let t = Instant::now();
