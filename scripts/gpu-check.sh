@@ -346,6 +346,10 @@ try:
 except Exception as e:
     s["device_check"] = f"unreadable: {e}"
 s["steps"] = (read("steps.log", "") or "").splitlines()
+# Candle's modules load from fat binaries with machine code for the build's CUDA_SASS_ARCHS; a module whose fat
+# binary the driver refused says so on stderr and JIT-compiles its PTX instead.
+s["fatbin_fallbacks"] = sum((open(f).read().count("fat binary did not load"))
+                            for f in glob.glob(os.path.join(out, "*.log")))
 s["kernel_load_s"] = {os.path.basename(f): re.findall(r"GPU kernels loaded.*?seconds=([0-9.]+)", open(f).read())
                       for f in sorted(glob.glob(os.path.join(out, "*.log")))
                       if "GPU kernels loaded" in open(f).read()}

@@ -202,8 +202,11 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
 
 /// Candle ships its kernels as PTX, which the driver compiles for the GPU when a module is first loaded (then
 /// caches on disk, under ~/.nv or CUDA_CACHE_PATH). Candle loads its modules one at a time, under a lock, on first
-/// use: about 20 s of one core on a fresh machine before the first image. Loading every module once here, one
-/// thread each, does the same compilation in parallel and fills the cache, so Candle's own loads then hit it.
+/// use: about 20 s of one core on a fresh machine before the first image. The patched candle-kernels
+/// (vendor/candle-kernels) also embeds each module as a fat binary with machine code for the GPUs of the build's
+/// `CUDA_SASS_ARCHS`, which loads without compiling; on any other GPU the driver still JIT-compiles the PTX inside
+/// it. Loading every module once here, one thread each, as Candle will (the fat binary where there is one), does
+/// any such compilation in parallel and fills the cache, so Candle's own loads then hit it.
 #[cfg(feature = "cuda")]
 fn load_kernels_in_parallel(device: &Device) {
     use candle_core::cuda_backend::kernels;
@@ -229,9 +232,11 @@ fn load_kernels_in_parallel(device: &Device) {
             .map(|&(name, module)| {
                 let context = context.clone();
                 scope.spawn(move || {
-                    context
-                        .load_module(cudarc::nvrtc::Ptx::from_src(module.ptx()))
-                        .map(drop)
+                    let image = match module.fatbin() {
+                        Some(fatbin) => cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()),
+                        None => cudarc::nvrtc::Ptx::from_src(module.ptx()),
+                    };
+                    context.load_module(image).map(drop)
                         .map_err(|e| format!("{name}: {e:?}"))
                 })
             })
