@@ -235,6 +235,7 @@ macro_rules! dispatch {
     };
 }
 
+mod by_channel;
 mod kept;
 
 pub use kept::KeptWeights;
@@ -530,21 +531,32 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     // rather than each product split across the threads with a wait after each.
     assert_eq!(m.len(), g.cout * padded_row(r2 * t));
     let m = m.as_mut_ptr() as usize;
+    let by_channel = by_channel::pays();
     (0..r2).into_par_iter().for_each(|xi| {
-        // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows
-        // padded_row(R²·u_channels) apart, of which this chunk reads cc from u_first (asserted length above);
-        // V[ξ] is [t, cc] (the product's rhs column-major); all offsets by ξ stay inside their buffers, and tasks
-        // write disjoint elements of M (their own ξ).
-        unsafe {
-            gemm_strided(
-                (g.cout, t, cc),
-                ((m as *mut f32).add(xi * t), padded_row(r2 * t), 1),
-                (u[xi * u_channels + u_first..].as_ptr(), padded_row(r2 * u_channels), 1),
-                (v[xi * v_stride(t, cc)..].as_ptr(), 1, cc),
-                channels.start > 0,
-                Parallelism::None,
-            )
+        // `rhs`: V[ξ] as the product's [cc, t] operand, (row, column) strides.
+        let product = |rhs: (*const f32, usize, usize)| {
+            // SAFETY: M[co][ξ][·] rows are padded_row(R²·t) apart (length t); U[co][ξ][·] rows
+            // padded_row(R²·u_channels) apart, of which this chunk reads cc from u_first (asserted length above);
+            // `rhs` covers [cc, t] with its strides (below); all offsets by ξ stay inside their buffers, and tasks
+            // write disjoint elements of M (their own ξ).
+            unsafe {
+                gemm_strided(
+                    (g.cout, t, cc),
+                    ((m as *mut f32).add(xi * t), padded_row(r2 * t), 1),
+                    (u[xi * u_channels + u_first..].as_ptr(), padded_row(r2 * u_channels), 1),
+                    rhs,
+                    channels.start > 0,
+                    Parallelism::None,
+                )
+            }
         };
+        // V[ξ] is [t, cc] (tile-major): the product's rhs column-major, or copied channel-major first.
+        let v_xi = &v[xi * v_stride(t, cc)..][..t * cc];
+        if by_channel {
+            by_channel::with_channel_major(v_xi, t, cc, |copy, row_stride| product((copy.as_ptr(), row_stride, 1)));
+        } else {
+            product((v_xi.as_ptr(), 1, cc));
+        }
     });
 }
 
