@@ -236,7 +236,9 @@ fn load_kernels_in_parallel(device: &Device) {
                         Some(fatbin) => cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()),
                         None => cudarc::nvrtc::Ptx::from_src(module.ptx()),
                     };
-                    context.load_module(image).map(drop)
+                    context
+                        .load_module(image)
+                        .map(drop)
                         .map_err(|e| format!("{name}: {e:?}"))
                 })
             })
