@@ -31,13 +31,18 @@ pub(super) fn pays() -> bool {
 /// Runs `product` on `v` (`[t, cc]`, tile-major) copied channel-major into this thread's buffer: `product` gets the
 /// copy and its row stride (`[cc, t]`, rows `row_stride` apart).
 pub(super) fn with_channel_major<R>(v: &[f32], t: usize, cc: usize, product: impl FnOnce(&[f32], usize) -> R) -> R {
-    BY_CHANNEL.with(|buffer| {
-        let mut buffer = buffer.borrow_mut();
-        // Rows a whole number of vectors plus one cache line, so they are not a multiple of 4 KiB apart.
-        let row_stride = padded_row(t.next_multiple_of(LANES));
-        let by_channel = aligned(&mut buffer, cc * row_stride);
+    // Rows a whole number of vectors plus one cache line, so they are not a multiple of 4 KiB apart.
+    let row_stride = padded_row(t.next_multiple_of(LANES));
+    let run = |buffer: &mut Vec<f32>| {
+        let by_channel = aligned(buffer, cc * row_stride);
         transpose(v, t, cc, by_channel, row_stride);
         product(by_channel, row_stride)
+    };
+    BY_CHANNEL.with(|buffer| match buffer.try_borrow_mut() {
+        Ok(mut buffer) => run(&mut buffer),
+        // Only if a product ever ran another on the same thread (the gemm crate's single-threaded products do
+        // not): a buffer of its own.
+        Err(_) => run(&mut Vec::new()),
     })
 }
 
