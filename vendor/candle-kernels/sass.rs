@@ -23,6 +23,10 @@ const PTX_ONLY: &[&str] = &["quantized"];
 pub fn write_fatbins(out_dir: &Path) -> Result<()> {
     println!("cargo::rerun-if-env-changed=CUDA_SASS_ARCHS");
     let wanted = wanted_archs()?;
+    let tools = Tools {
+        ptxas: tool("ptxas"),
+        fatbinary: tool("fatbinary"),
+    };
     let mut rust = String::new();
     for ptx in ptx_files(out_dir)? {
         let name = ptx.file_stem().and_then(|s| s.to_str()).unwrap_or_default().to_string();
@@ -30,7 +34,7 @@ pub fn write_fatbins(out_dir: &Path) -> Result<()> {
         let fatbin = if PTX_ONLY.contains(&name.as_str()) || wanted.is_empty() {
             None
         } else {
-            fatbin(&ptx, &wanted)?
+            fatbin(&ptx, &wanted, &tools)?
         };
         match fatbin {
             Some(path) => writeln!(
@@ -99,7 +103,7 @@ fn ptx_target(ptx: &Path) -> Result<String> {
 
 /// Assembles `ptx` for each wanted architecture it can run on and packs the results and the PTX into
 /// `<name>.fatbin`; `None` if none of them can take it.
-fn fatbin(ptx: &Path, wanted: &[String]) -> Result<Option<PathBuf>> {
+fn fatbin(ptx: &Path, wanted: &[String], tools: &Tools) -> Result<Option<PathBuf>> {
     let target = ptx_target(ptx)?;
     let target_number = arch_number(&target).unwrap_or(u32::MAX);
     let specific = target.ends_with(|c: char| c.is_ascii_alphabetic());
@@ -125,7 +129,7 @@ fn fatbin(ptx: &Path, wanted: &[String]) -> Result<Option<PathBuf>> {
         }
         let cubin = ptx.with_extension(format!("sm_{arch}.cubin"));
         run(
-            Command::new(tool("ptxas"))
+            Command::new(&tools.ptxas)
                 .arg(format!("-arch=sm_{arch}"))
                 .arg("-O3")
                 .arg(ptx)
@@ -140,7 +144,7 @@ fn fatbin(ptx: &Path, wanted: &[String]) -> Result<Option<PathBuf>> {
     }
     let fatbin = ptx.with_extension("fatbin");
     run(
-        Command::new(tool("fatbinary"))
+        Command::new(&tools.fatbinary)
             .arg(format!("--create={}", fatbin.display()))
             .arg("-64")
             .args(&images)
@@ -148,6 +152,12 @@ fn fatbin(ptx: &Path, wanted: &[String]) -> Result<Option<PathBuf>> {
         ptx,
     )?;
     Ok(Some(fatbin))
+}
+
+/// The CUDA tools this needs, found once.
+struct Tools {
+    ptxas: PathBuf,
+    fatbinary: PathBuf,
 }
 
 /// A CUDA tool beside the `nvcc` that cudaforge found (it sits in the toolkit's `bin`).
