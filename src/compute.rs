@@ -201,18 +201,17 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
 }
 
 /// Candle ships its kernels as PTX, which the driver compiles for the GPU when a module is first loaded (then
-/// caches on disk, under ~/.nv or CUDA_CACHE_PATH). Candle loads its modules one at a time, under a lock, on first
-/// use: about 20 s of one core on a fresh machine before the first image. The patched candle-kernels
-/// (vendor/candle-kernels) also embeds each module as a fat binary with machine code for the GPUs of the build's
-/// `CUDA_SASS_ARCHS`, which loads without compiling; on any other GPU the driver still JIT-compiles the PTX inside
-/// it. Loading every module once here, one thread each, as Candle will (the fat binary where there is one), does
-/// any such compilation in parallel and fills the cache, so Candle's own loads then hit it.
+/// caches on disk, under ~/.nv or CUDA_CACHE_PATH). Candle loads its modules one at a time, on first use: about 20 s
+/// of one core on a fresh machine before the first image. The patched candle-kernels (vendor/candle-kernels) also
+/// embeds each module as a fat binary with machine code for the GPUs of the build's `CUDA_SASS_ARCHS`, which loads
+/// without compiling; on any other GPU the driver still JIT-compiles the PTX inside it. Loading every module here,
+/// one thread each, through the patched candle-core's `load_kernel_module` (which keeps each module for the kernels'
+/// first calls) does any such compilation in parallel, semseg's own NVRTC kernels included.
 #[cfg(feature = "cuda")]
 fn load_kernels_in_parallel(device: &Device) {
     use candle_core::cuda_backend::kernels;
     let Device::Cuda(cuda) = device else { return };
     let started = std::time::Instant::now();
-    let context = cuda.cuda_stream().context().clone();
     // Every module the networks, the loss and the optimiser use (QUANTIZED, the largest, is for GGUF models only).
     let modules = [
         ("affine", &kernels::AFFINE),
@@ -230,16 +229,10 @@ fn load_kernels_in_parallel(device: &Device) {
         let mut jobs: Vec<_> = modules
             .iter()
             .map(|&(name, module)| {
-                let context = context.clone();
                 scope.spawn(move || {
-                    let image = match module.fatbin() {
-                        Some(fatbin) => cudarc::nvrtc::Ptx::from_binary(fatbin.to_vec()),
-                        None => cudarc::nvrtc::Ptx::from_src(module.ptx()),
-                    };
-                    context
-                        .load_module(image)
+                    cuda.load_kernel_module(module)
                         .map(drop)
-                        .map_err(|e| format!("{name}: {e:?}"))
+                        .map_err(|e| format!("{name}: {e}"))
                 })
             })
             .collect();

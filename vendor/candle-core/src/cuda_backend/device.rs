@@ -337,18 +337,21 @@ impl CudaDevice {
     }
 
     pub fn get_or_load_func(&self, fn_name: &str, mdl: &kernels::Module) -> Result<CudaFunc> {
-        let ms = self.modules.read().unwrap();
-        if let Some(mdl) = ms.mdls[mdl.index()].as_ref() {
-            let func = mdl.load_function(fn_name).w()?;
-            return Ok(CudaFunc {
-                func,
-                stream: self.stream.clone(),
-            });
+        let func = self.load_kernel_module(mdl)?.load_function(fn_name).w()?;
+        Ok(CudaFunc {
+            func,
+            stream: self.stream.clone(),
+        })
+    }
+
+    /// semseg patch (PATCHED.md): `mdl`, loaded on first use and kept for every later call. Its fat binary is
+    /// loaded first, whose machine code for this GPU needs no JIT; the PTX where there is none or the driver refuses
+    /// it. The driver's load (a JIT compilation for PTX) runs outside the store's lock, so threads loading different
+    /// modules at once compile in parallel; two loading the same one keep the first to finish.
+    pub fn load_kernel_module(&self, mdl: &kernels::Module) -> Result<Arc<cudarc::driver::CudaModule>> {
+        if let Some(loaded) = self.modules.read().unwrap().mdls[mdl.index()].as_ref() {
+            return Ok(loaded.clone());
         }
-        drop(ms);
-        let mut ms = self.modules.write().unwrap();
-        // semseg patch (PATCHED.md): the fat binary first, whose machine code for this GPU needs no JIT; the PTX
-        // where there is none or the driver refuses it.
         let from_fatbin = mdl.fatbin().and_then(|image| {
             let loaded = self
                 .context
@@ -362,12 +365,8 @@ impl CudaDevice {
             Some(module) => module,
             None => self.context.load_module(mdl.ptx().into()).w()?,
         };
-        ms.mdls[mdl.index()] = Some(cuda_module.clone());
-        let func = cuda_module.load_function(fn_name).w()?;
-        Ok(CudaFunc {
-            func,
-            stream: self.stream.clone(),
-        })
+        let mut ms = self.modules.write().unwrap();
+        Ok(ms.mdls[mdl.index()].get_or_insert(cuda_module).clone())
     }
 
     pub fn cublas_handle(&self) -> Arc<cudarc::cublas::CudaBlas> {
