@@ -42,9 +42,13 @@ pub fn conv2d(x: &Tensor, weight: &Tensor, padding: usize, stride: usize, dilati
         {
             // ASPP's large dilations: cuDNN runs them in f32 far off the tensor cores; undilated over the
             // polyphase sub-images they run at the speed of any 3×3 (see `polyphase`).
-            return super::polyphase::conv2d_polyphase(x, weight, dilation, |x, w, p| {
-                super::conv_cuda::conv2d(x, w, p, 1, 1)
-            });
+            return super::polyphase::conv2d_polyphase(
+                x,
+                weight,
+                dilation,
+                |x, w, p| super::conv_cuda::conv2d(x, w, p, 1, 1),
+                super::conv_cuda::conv2d_grads,
+            );
         }
         // cuDNN forward and backward (any size, no parity fix); a weight of another dtype is cast to x's.
         return super::conv_cuda::conv2d(x, weight, padding, stride, dilation);

@@ -172,34 +172,47 @@ impl CustomOp2 for CudnnConv2d {
     }
 
     fn bwd(&self, x: &Tensor, w: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
-        let (x, w) = (x.contiguous()?, w.contiguous()?);
-        let dx = if self.input_grad {
-            let pass = Pass::BackwardData;
-            Some(grad.apply_op2_no_bwd(
-                &w,
-                &Backward {
-                    pass,
-                    geometry: self.geometry,
-                },
-            )?)
-        } else {
-            None
-        };
-        let dw = if w.track_op() {
-            let pass = Pass::BackwardFilter;
-            Some(x.apply_op2_no_bwd(
-                &grad,
-                &Backward {
-                    pass,
-                    geometry: self.geometry,
-                },
-            )?)
-        } else {
-            None
-        };
-        Ok((dx, dw))
+        gradients(&self.geometry, x, w, grad, (self.input_grad, w.track_op()))
     }
+}
+
+/// The gradients of `x ⊛ w` (undilated, stride 1, `padding`) for the output gradient `dy`, outside the graph: (∂x
+/// when `input_grad`, ∂w), in x's dtype. For convolutions whose forward ran elsewhere (`polyphase`).
+pub fn conv2d_grads(
+    x: &Tensor,
+    w: &Tensor,
+    dy: &Tensor,
+    padding: usize,
+    input_grad: bool,
+) -> Result<(Option<Tensor>, Tensor)> {
+    let w = w.to_dtype(x.dtype())?;
+    let geometry = Geometry::new(x.dims(), w.dims(), padding, 1, 1)?;
+    let (dx, dw) = gradients(&geometry, x, &w, dy, (input_grad, true))?;
+    Ok((dx, dw.expect("the weight gradient was asked for")))
+}
+
+/// Backward-data (when `wanted.0`) and backward-filter (when `wanted.1`) for `geometry`.
+fn gradients(
+    geometry: &Geometry,
+    x: &Tensor,
+    w: &Tensor,
+    grad: &Tensor,
+    wanted: (bool, bool),
+) -> Result<(Option<Tensor>, Option<Tensor>)> {
+    let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+    let (x, w) = (x.contiguous()?, w.contiguous()?);
+    let pass = |pass, (a, b): (&Tensor, &Tensor)| {
+        a.apply_op2_no_bwd(
+            b,
+            &Backward {
+                pass,
+                geometry: *geometry,
+            },
+        )
+    };
+    let dx = wanted.0.then(|| pass(Pass::BackwardData, (&grad, &w))).transpose()?;
+    let dw = wanted.1.then(|| pass(Pass::BackwardFilter, (&x, &grad))).transpose()?;
+    Ok((dx, dw))
 }
 
 /// One gradient pass as a no-backward op: backward-data `(dy, weight) → dx`, backward-filter `(x, dy) → dweight`.
