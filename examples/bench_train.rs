@@ -90,6 +90,7 @@ fn main() -> Result<()> {
         };
         let mut optimizer = Optimizer::new(sgd, weights::trainable_vars(&vm));
         let mut ts = Vec::new();
+        let mut graph_mib = 0.0;
         for step in 0..=steps + usize::from(print_profile) {
             let profiling = print_profile && step == steps + 1;
             semseg::model::ops::profile::enable(profiling);
@@ -98,6 +99,9 @@ fn main() -> Result<()> {
             let mut loss = cross_entropy(&y.out, &targets)?;
             if let Some(a) = &y.aux {
                 loss = (loss + (cross_entropy(a, &targets)? * 0.4)?)?;
+            }
+            if step == 0 {
+                graph_mib = graph_bytes(&loss) as f64 / (1 << 20) as f64;
             }
             optimizer.step(&loss.backward()?, 0.01)?;
             if profiling {
@@ -112,13 +116,37 @@ fn main() -> Result<()> {
         println!(
             "{{\"model\": \"{cfg}\", \"engine\": \"{engine}\", \"batch\": {batch}, \"size\": [{h}, {w}], \
              \"steps\": {steps}, \"images_per_s\": {:.3}, \"step_ms_median\": {median:.1}, \"step_ms_min\": {:.1}, \
-             \"step_ms_max\": {:.1}}}",
+             \"step_ms_max\": {:.1}, \"graph_mib\": {graph_mib:.0}}}",
             batch as f64 / (median / 1e3),
             ts[0],
             ts[ts.len() - 1]
         );
     }
     Ok(())
+}
+
+/// Bytes of the distinct CPU storages the loss's graph holds until backward ends (Candle keeps every op's inputs):
+/// the activations a step keeps, weights excluded.
+fn graph_bytes(loss: &candle_core::Tensor) -> usize {
+    use candle_core::{CpuStorage, Storage};
+    let mut seen = std::collections::HashSet::new();
+    let mut bytes = 0;
+    for node in loss.sorted_nodes() {
+        if node.is_variable() {
+            continue;
+        }
+        let (storage, _) = node.storage_and_layout();
+        if !seen.insert(&*storage as *const Storage as usize) {
+            continue;
+        }
+        bytes += match &*storage {
+            Storage::Cpu(CpuStorage::F32(v)) => v.len() * 4,
+            Storage::Cpu(CpuStorage::F64(v)) => v.len() * 8,
+            Storage::Cpu(CpuStorage::BF16(v)) => v.len() * 2,
+            _ => 0,
+        };
+    }
+    bytes
 }
 
 /// Time and dense GFLOP/s per phase (forward, weight gradient, input gradient) over a step, then the slowest calls.

@@ -204,12 +204,8 @@ impl BatchNorm2d {
         }
         if ops::batch_norm::supports(x, &self.weight) {
             // The fused op (CPU, or CUDA with the `cuda` feature); its statistics stay on x's device.
-            let (y, batch_mean, batch_var) =
-                ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
-            let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
-            let batch_var = (batch_var * unbiased)?;
-            self.update_running(&batch_mean, &batch_var)?;
-            return Ok(y);
+            let fused = ops::batch_norm::batch_norm_train(x, &self.weight, &self.bias, self.eps, relu)?;
+            return self.fused_result(fused, n);
         }
         let dtype = x.dtype();
         // Statistics in f32 at least, so half-precision activations do not lose the mean.
@@ -249,6 +245,32 @@ impl BatchNorm2d {
         } else {
             Ok(y)
         }
+    }
+
+    /// Training mode, `relu(bn(x) + residual)`: one fused op where it runs, so the BatchNorm's own output is not
+    /// kept until backward (a full-size tensor per residual block).
+    pub fn forward_train_add_relu(&self, x: &Tensor, residual: &Tensor) -> Result<Tensor> {
+        let (b, c, h, w) = x.dims4()?;
+        if c != self.weight.dim(0)? {
+            candle_core::bail!(
+                "BatchNorm over {} channels got input {:?}",
+                self.weight.dim(0)?,
+                x.dims()
+            )
+        }
+        if ops::batch_norm::supports(x, &self.weight) && b * h * w >= 2 {
+            let fused = ops::batch_norm::batch_norm_add_relu_train(x, &self.weight, &self.bias, self.eps, residual)?;
+            return self.fused_result(fused, b * h * w);
+        }
+        ops::add_relu::add_relu(&self.forward_train(x, false)?, residual)
+    }
+
+    /// A fused op's output, after its batch statistics (over `n` values a channel) update the running ones.
+    fn fused_result(&self, (y, batch_mean, batch_var): (Tensor, Tensor, Tensor), n: usize) -> Result<Tensor> {
+        let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
+        let batch_var = (batch_var * unbiased)?;
+        self.update_running(&batch_mean, &batch_var)?;
+        Ok(y)
     }
 
     /// `running = (1 − m)·running + m·batch`, outside the graph; the batch statistics are `[C]`.
@@ -359,7 +381,7 @@ impl ConvBn {
         if train {
             return match residual {
                 None => bn.forward_train(&z, relu), // the ReLU rides on the BatchNorm op
-                Some(r) if relu => ops::add_relu::add_relu(&bn.forward_t(&z, true)?, r),
+                Some(r) if relu => bn.forward_train_add_relu(&z, r),
                 Some(r) => bn.forward_t(&z, true)? + r,
             };
         }

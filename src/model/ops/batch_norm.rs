@@ -62,6 +62,43 @@ pub fn batch_norm_train(
     Ok((y, mean, var))
 }
 
+/// `relu(bn(x) + residual)` in training, as one op: a bottleneck's last BatchNorm, shortcut add and ReLU. `x` and
+/// `residual` `[B, C, H, W]` of one dtype, `weight`/`bias` `[C]` → (y, batch mean, biased batch variance) as
+/// [`batch_norm_train`]. Composed, the BatchNorm's own output was one more full-size tensor that the add's node
+/// kept until backward ended; backward needs only `x` and `y`. Falls back to the composed ops where the fused ones
+/// do not run ([`supports`], shapes that differ).
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    weight: &Tensor,
+    bias: &Tensor,
+    eps: f64,
+    residual: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if residual.shape() != x.shape() || residual.dtype() != x.dtype() || !supports(x, weight) {
+        let (y, mean, var) = batch_norm_train(x, weight, bias, eps, false)?;
+        return Ok((super::add_relu::add_relu(&y, residual)?, mean, var));
+    }
+    // One [2C] parameter operand (the op takes three): its gradient splits back into γ's and β's.
+    let params = Tensor::cat(&[weight.contiguous()?, bias.contiguous()?], 0)?;
+    #[cfg(feature = "cuda")]
+    if x.device().is_cuda() {
+        return super::batch_norm_cuda::batch_norm_add_relu_train(x, residual, &params, eps);
+    }
+    let stats = Arc::new(Mutex::new(None));
+    let op = BatchNormAddRelu {
+        eps,
+        stats: Arc::clone(&stats),
+    };
+    let y = x.contiguous()?.apply_op3(&residual.contiguous()?, &params, op)?;
+    let stats = lock(&stats)
+        .clone()
+        .ok_or_else(|| candle_core::Error::Msg("batch norm: the forward pass left no statistics".into()))?;
+    let channels = stats.mean.len();
+    let mean = Tensor::from_slice(&stats.mean, channels, x.device())?;
+    let var = Tensor::from_slice(&stats.var, channels, x.device())?;
+    Ok((y, mean, var))
+}
+
 /// The CPU op, with its statistics as computed.
 fn batch_norm_train_cpu(
     x: &Tensor,
@@ -156,10 +193,11 @@ fn dims(l: &Layout) -> Result<(usize, usize, usize)> {
     Ok((b, c, h * w))
 }
 
+/// `y = relu?((x − μ)·s·γ + β + residual)` with the batch's statistics.
 fn forward<T: WithDType>(
     x: &[T],
-    weight: &[T],
-    bias: &[T],
+    (weight, bias): (&[T], &[T]),
+    residual: Option<&[T]>,
     shape: (usize, usize, usize),
     eps: f64,
     relu: bool,
@@ -175,16 +213,32 @@ fn forward<T: WithDType>(
         })
         .collect();
     let mut y = super::output_buffer(x.len());
+    let finish = move |y: T| {
+        // Also maps NaN to 0, as `max(0)` did.
+        let clamp = relu && y.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater);
+        if clamp {
+            T::zero()
+        } else {
+            y
+        }
+    };
     y.par_chunks_mut(hw)
         .zip(x.par_chunks(hw))
         .enumerate()
         .for_each(|(plane, (out, input))| {
             let (mean, scale, shift) = affine[plane % c];
-            for (o, &v) in out.iter_mut().zip(input) {
-                let y = (v - mean) * scale + shift;
-                // Also maps NaN to 0, as `max(0)` did.
-                let clamp = relu && y.partial_cmp(&T::zero()) != Some(std::cmp::Ordering::Greater);
-                *o = if clamp { T::zero() } else { y };
+            match residual {
+                Some(r) => {
+                    let r = &r[plane * hw..][..hw];
+                    for ((o, &v), &r) in out.iter_mut().zip(input).zip(r) {
+                        *o = finish((v - mean) * scale + shift + r);
+                    }
+                }
+                None => {
+                    for (o, &v) in out.iter_mut().zip(input) {
+                        *o = finish((v - mean) * scale + shift);
+                    }
+                }
             }
         });
     (y, stats)
@@ -217,8 +271,11 @@ impl CustomOp3 for BatchNormTrain {
             (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
                 let (y, stats) = forward(
                     contiguous_slice(x, xl, "batch norm")?,
-                    contiguous_slice(w, wl, "batch norm")?,
-                    contiguous_slice(b, bl, "batch norm")?,
+                    (
+                        contiguous_slice(w, wl, "batch norm")?,
+                        contiguous_slice(b, bl, "batch norm")?,
+                    ),
+                    None,
                     shape,
                     self.eps,
                     self.relu,
@@ -228,8 +285,11 @@ impl CustomOp3 for BatchNormTrain {
             (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
                 let (y, stats) = forward(
                     contiguous_slice(x, xl, "batch norm")?,
-                    contiguous_slice(w, wl, "batch norm")?,
-                    contiguous_slice(b, bl, "batch norm")?,
+                    (
+                        contiguous_slice(w, wl, "batch norm")?,
+                        contiguous_slice(b, bl, "batch norm")?,
+                    ),
+                    None,
                     shape,
                     self.eps,
                     self.relu,
@@ -258,33 +318,128 @@ impl CustomOp3 for BatchNormTrain {
             // Through the ReLU first: no gradient where the output was clamped to zero.
             grad = grad.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
         }
-        let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + self.eps).sqrt()).collect();
-        // [2, C]: Σ dy and Σ dy·x̂ per channel.
-        let sums = grad
-            .apply_op2_no_bwd(
-                x,
-                &GradSums {
-                    mean: stats.mean.clone(),
-                    inv_std: inv_std.clone(),
-                },
-            )?
-            .to_dtype(DType::F64)?
-            .to_vec2::<f64>()?;
-        let (sum_dy, sum_dy_xhat) = (&sums[0], &sums[1]);
-        let gamma = weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
-        let n = stats.count as f64;
-        // ∂x = α·dy + β·(x − μ) + γ₀ per channel (the formula above, expanded).
-        let coefficients: Vec<[f64; 4]> = (0..gamma.len())
-            .map(|ch| {
-                let k = gamma[ch] * inv_std[ch];
-                let beta = -k * sum_dy_xhat[ch] * inv_std[ch] / n;
-                [k, beta, -k * sum_dy[ch] / n, stats.mean[ch]]
-            })
-            .collect();
-        let dx = grad.apply_op2_no_bwd(x, &InputGrad { coefficients })?;
-        let channels = gamma.len();
-        let to_param = |v: &[f64]| Tensor::from_slice(v, channels, weight.device())?.to_dtype(weight.dtype());
-        Ok((Some(dx), Some(to_param(sum_dy_xhat)?), Some(to_param(sum_dy)?)))
+        let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, weight, &grad)?;
+        Ok((Some(dx), Some(dgamma), Some(dbeta)))
+    }
+}
+
+/// Backward of the normalisation `(x − μ)·s·γ + β` alone, for `grad` its output's gradient: (∂x, ∂γ, ∂β).
+fn normalisation_grads(
+    stats: &BatchStats,
+    eps: f64,
+    x: &Tensor,
+    weight: &Tensor,
+    grad: &Tensor,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let inv_std: Vec<f64> = stats.var.iter().map(|v| 1.0 / (v + eps).sqrt()).collect();
+    // [2, C]: Σ dy and Σ dy·x̂ per channel.
+    let sums = grad
+        .apply_op2_no_bwd(
+            x,
+            &GradSums {
+                mean: stats.mean.clone(),
+                inv_std: inv_std.clone(),
+            },
+        )?
+        .to_dtype(DType::F64)?
+        .to_vec2::<f64>()?;
+    let (sum_dy, sum_dy_xhat) = (&sums[0], &sums[1]);
+    let gamma = weight.to_dtype(DType::F64)?.to_vec1::<f64>()?;
+    let n = stats.count as f64;
+    // ∂x = α·dy + β·(x − μ) + γ₀ per channel (the formula above, expanded).
+    let coefficients: Vec<[f64; 4]> = (0..gamma.len())
+        .map(|ch| {
+            let k = gamma[ch] * inv_std[ch];
+            let beta = -k * sum_dy_xhat[ch] * inv_std[ch] / n;
+            [k, beta, -k * sum_dy[ch] / n, stats.mean[ch]]
+        })
+        .collect();
+    let dx = grad.apply_op2_no_bwd(x, &InputGrad { coefficients })?;
+    let channels = gamma.len();
+    let to_param = |v: &[f64]| Tensor::from_slice(v, channels, weight.device())?.to_dtype(weight.dtype());
+    Ok((dx, to_param(sum_dy_xhat)?, to_param(sum_dy)?))
+}
+
+/// `(x, residual, [γ; β]) → relu((x − μ)·s·γ + β + residual)`: [`batch_norm_add_relu_train`]'s CPU op.
+struct BatchNormAddRelu {
+    eps: f64,
+    stats: Arc<Mutex<Option<BatchStats>>>,
+}
+
+impl CustomOp3 for BatchNormAddRelu {
+    fn name(&self) -> &'static str {
+        "semseg-batch-norm-add-relu-train"
+    }
+
+    fn cpu_fwd(
+        &self,
+        xs: &CpuStorage,
+        xl: &Layout,
+        rs: &CpuStorage,
+        rl: &Layout,
+        ps: &CpuStorage,
+        pl: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        let shape = dims(xl)?;
+        let c = shape.1;
+        if rl.shape() != xl.shape() || pl.shape().elem_count() != 2 * c {
+            candle_core::bail!(
+                "batch norm + add + relu: input {:?}, residual {:?} and parameters {:?} (expected [2·{c}])",
+                xl.shape(),
+                rl.shape(),
+                pl.shape()
+            )
+        }
+        fn run<T: WithDType>(
+            (x, r, p): (&[T], &[T], &[T]),
+            shape: (usize, usize, usize),
+            eps: f64,
+        ) -> (Vec<T>, BatchStats) {
+            let (weight, bias) = p.split_at(shape.1);
+            forward(x, (weight, bias), Some(r), shape, eps, true)
+        }
+        const WHAT: &str = "batch norm + add + relu";
+        let (y, stats) = match (xs, rs, ps) {
+            (CpuStorage::F32(x), CpuStorage::F32(r), CpuStorage::F32(p)) => {
+                let operands = (
+                    contiguous_slice(x, xl, WHAT)?,
+                    contiguous_slice(r, rl, WHAT)?,
+                    contiguous_slice(p, pl, WHAT)?,
+                );
+                let (y, stats) = run(operands, shape, self.eps);
+                (CpuStorage::F32(y), stats)
+            }
+            (CpuStorage::F64(x), CpuStorage::F64(r), CpuStorage::F64(p)) => {
+                let operands = (
+                    contiguous_slice(x, xl, WHAT)?,
+                    contiguous_slice(r, rl, WHAT)?,
+                    contiguous_slice(p, pl, WHAT)?,
+                );
+                let (y, stats) = run(operands, shape, self.eps);
+                (CpuStorage::F64(y), stats)
+            }
+            _ => candle_core::bail!("{WHAT}: input, residual and parameters must all be f32 or all f64"),
+        };
+        *lock(&self.stats) = Some(stats);
+        Ok((y, xl.shape().clone()))
+    }
+
+    fn bwd(
+        &self,
+        x: &Tensor,
+        _residual: &Tensor,
+        params: &Tensor,
+        res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
+        let stats = lock(&self.stats)
+            .clone()
+            .ok_or_else(|| candle_core::Error::Msg("batch norm + add + relu: backward before forward".into()))?;
+        // Through the ReLU: the residual's gradient, and the normalisation's output gradient.
+        let masked = grad.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
+        let weight = params.narrow(0, 0, stats.mean.len())?;
+        let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, &weight, &masked)?;
+        Ok((Some(dx), Some(masked), Some(Tensor::cat(&[dgamma, dbeta], 0)?)))
     }
 }
 
@@ -470,6 +625,57 @@ mod tests {
                 Ok(batch_norm_train(&t[0], &t[1], &t[2], 1e-5, relu)?.0)
             })?;
         }
+        Ok(())
+    }
+
+    #[test]
+    fn add_relu_variant_gradients_match_finite_differences() -> Result<()> {
+        check_gradients(&[&[2, 3, 4, 5], &[3], &[3], &[2, 3, 4, 5]], |t| {
+            Ok(batch_norm_add_relu_train(&t[0], &t[1], &t[2], 1e-5, &t[3])?.0)
+        })
+    }
+
+    /// `relu(bn(x) + r)` fused: the same output, statistics and four gradients as the BatchNorm op followed by the
+    /// add + ReLU op, and a graph that holds x and r but not the BatchNorm's own output.
+    #[test]
+    fn add_relu_variant_matches_the_two_ops_and_keeps_less() -> Result<()> {
+        let x = seeded(&[2, 4, 5, 6], 11)?.affine(2.0, 0.3)?.to_dtype(DType::F32)?;
+        let r = seeded(&[2, 4, 5, 6], 12)?.to_dtype(DType::F32)?;
+        let w = seeded(&[4], 13)?.to_dtype(DType::F32)?;
+        let b = seeded(&[4], 14)?.to_dtype(DType::F32)?;
+        let weighting = seeded(&[2, 4, 5, 6], 15)?.to_dtype(DType::F32)?;
+        let vars: Vec<candle_core::Var> = [&x, &r, &w, &b]
+            .iter()
+            .map(|t| candle_core::Var::from_tensor(t))
+            .collect::<Result<_>>()?;
+        let [xv, rv, wv, bv] = [0, 1, 2, 3].map(|i| vars[i].as_tensor());
+        // Downstream of other ops, as in a network.
+        let (xi, ri) = (xv.affine(1.0, 0.0)?, rv.affine(1.0, 0.0)?);
+        let (fused, mean, var) = batch_norm_add_relu_train(&xi, wv, bv, 1e-5, &ri)?;
+        let (bn, mean_ref, var_ref) = batch_norm_train(&xi, wv, bv, 1e-5, false)?;
+        let two_ops = super::super::add_relu::add_relu(&bn, &ri)?;
+        let max_diff = |a: &Tensor, b: &Tensor| -> Result<f32> { (a - b)?.abs()?.flatten_all()?.max(0)?.to_scalar() };
+        assert_eq!(max_diff(&fused, &two_ops)?, 0.0);
+        assert_eq!(mean.to_vec1::<f64>()?, mean_ref.to_vec1::<f64>()?);
+        assert_eq!(var.to_vec1::<f64>()?, var_ref.to_vec1::<f64>()?);
+        let g_fused = (&fused * &weighting)?.sum_all()?.backward()?;
+        let g_two = (&two_ops * &weighting)?.sum_all()?.backward()?;
+        for v in &vars {
+            let (a, b) = (
+                g_fused.get(v.as_tensor()).expect("fused grad"),
+                g_two.get(v.as_tensor()).expect("grad"),
+            );
+            assert!(max_diff(a, b)? < 1e-6, "{:?}: {}", v.dims(), max_diff(a, b)?);
+        }
+        let held = |t: &Tensor| -> usize {
+            t.sorted_nodes()
+                .iter()
+                .filter(|n| !n.is_variable() && n.elem_count() == x.elem_count())
+                .count()
+        };
+        // x's and r's copies, and the output; the two ops also keep the BatchNorm's output.
+        assert_eq!(held(&fused), 3);
+        assert_eq!(held(&two_ops), 4);
         Ok(())
     }
 

@@ -114,18 +114,20 @@ extern "C" __global__ void bn_stats_finalize(const double* __restrict__ part, un
     invstd[c] = (float)(1.0 / sqrt(v + eps));
 }
 
-// y = (x - mean)·(gamma·invstd) + beta, then max(y, 0) when relu. grid (X, min(planes, 65535)), planes = B·C.
+// y = (x - mean)·(gamma·invstd) + beta (+ r when has_r), then max(y, 0) when relu. grid (X, min(planes, 65535)),
+// planes = B·C.
 #define BN_NORMALIZE(NAME, T)                                                                                  \
 extern "C" __global__ void NAME(const T* __restrict__ x, T* __restrict__ y, const float* __restrict__ mean,     \
                                 const float* __restrict__ invstd, const float* __restrict__ gamma,             \
                                 const float* __restrict__ beta, unsigned int planes, unsigned int C,           \
-                                unsigned int HW, int relu) {                                                   \
+                                unsigned int HW, int relu, const T* __restrict__ r, int has_r) {               \
     for (unsigned int plane = blockIdx.y; plane < planes; plane += gridDim.y) {                               \
         const unsigned int c = plane % C;                                                                      \
         const float m = mean[c], k = gamma[c] * invstd[c], sh = beta[c];                                       \
         const u64 base = (u64)plane * HW;                                                                      \
         for (unsigned int p = blockIdx.x * THREADS + threadIdx.x; p < HW; p += gridDim.x * THREADS) {         \
             float v = (ld(x, base + p) - m) * k + sh;                                                          \
+            if (has_r) v += ld(r, base + p);                                                                   \
             if (relu) v = fmaxf(v, 0.0f);                                                                      \
             st(y, base + p, v);                                                                                \
         }                                                                                                      \
@@ -254,6 +256,7 @@ pub fn batch_norm_train(
     let op = BatchNormTrain {
         eps,
         relu,
+        residual: false,
         saved: Arc::clone(&saved),
     };
     let y = x
@@ -262,6 +265,40 @@ pub fn batch_norm_train(
     let stats = lock(&saved)
         .clone()
         .ok_or_else(|| candle_core::Error::Msg("batch norm (CUDA): the forward pass left no statistics".into()))?;
+    Ok((y, stats.mean, stats.var))
+}
+
+/// `relu(bn(x) + residual)` as one op: `x` and `residual` `[B, C, H, W]` (f32 or bf16, one dtype, CUDA), `params`
+/// `[2C]` f32 (γ then β) → (y, batch mean `[C]`, biased batch variance `[C]`), differentiable with respect to x, the
+/// residual and the parameters. Only x and y are needed for backward; the BatchNorm's own output never exists.
+pub fn batch_norm_add_relu_train(
+    x: &Tensor,
+    residual: &Tensor,
+    params: &Tensor,
+    eps: f64,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    if !matches!(x.dtype(), DType::F32 | DType::BF16) || residual.dtype() != x.dtype() || params.dtype() != DType::F32 {
+        candle_core::bail!(
+            "batch norm + add + relu (CUDA): input {:?} and residual {:?} must be one of f32 or bf16, parameters {:?} \
+             f32",
+            x.dtype(),
+            residual.dtype(),
+            params.dtype()
+        )
+    }
+    let saved = Arc::new(Mutex::new(None));
+    let op = BatchNormTrain {
+        eps,
+        relu: true,
+        residual: true,
+        saved: Arc::clone(&saved),
+    };
+    let y = x
+        .contiguous()?
+        .apply_op3(&residual.contiguous()?, &params.contiguous()?, op)?;
+    let stats = lock(&saved).clone().ok_or_else(|| {
+        candle_core::Error::Msg("batch norm + add + relu (CUDA): the forward pass left no statistics".into())
+    })?;
     Ok((y, stats.mean, stats.var))
 }
 
@@ -278,9 +315,11 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// `(x, weight, bias) → relu?(bn(x))`, or with `residual`, `(x, residual, [γ; β]) → relu(bn(x) + residual)`.
 struct BatchNormTrain {
     eps: f64,
     relu: bool,
+    residual: bool,
     saved: Arc<Mutex<Option<Saved>>>,
 }
 
@@ -349,13 +388,18 @@ impl BatchNormTrain {
         &self,
         dev: &CudaDevice,
         suffix: &str,
-        x: &CudaSlice<T>,
-        xl: &Layout,
+        (x, xl): (&CudaSlice<T>, &Layout),
+        residual: Option<(&CudaSlice<T>, &Layout)>,
         gamma: CudaView<'_, f32>,
         beta: CudaView<'_, f32>,
     ) -> Result<CudaSlice<T>> {
         let (b, c, hw) = dims(xl.shape())?;
         let n = xl.shape().elem_count();
+        // Without a residual the kernel reads none: x stands in for the pointer.
+        let (r, has_r) = match residual {
+            Some((r, rl)) => (contiguous_view(r, rl, n, "residual")?, 1i32),
+            None => (contiguous_view(x, xl, n, "input")?, 0i32),
+        };
         let x = contiguous_view(x, xl, n, "input")?;
         let s = splits(c, hw);
         let stream = dev.cuda_stream();
@@ -404,8 +448,10 @@ impl BatchNormTrain {
             .arg(&planes)
             .arg(&c)
             .arg(&hw)
-            .arg(&relu);
-        // SAFETY: matches `bn_normalize_*`'s signature; y has B·C·HW elements.
+            .arg(&relu)
+            .arg(&r)
+            .arg(&has_r);
+        // SAFETY: matches `bn_normalize_*`'s signature; y has B·C·HW elements, as has r when has_r.
         unsafe { args.launch(elementwise_grid(planes, hw)) }.map_err(|e| launch_err("bn_normalize", e))?;
         *lock(&self.saved) = Some(Saved {
             mean: vector(mean, dev),
@@ -437,23 +483,42 @@ impl CustomOp3 for BatchNormTrain {
         &self,
         xs: &CudaStorage,
         xl: &Layout,
-        ws: &CudaStorage,
-        wl: &Layout,
-        bs: &CudaStorage,
-        bl: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
     ) -> Result<(CudaStorage, Shape)> {
         let (_, c, _) = dims(xl.shape())?;
-        let gamma = f32_view(ws, wl, c, "weight")?;
-        let beta = f32_view(bs, bl, c, "bias")?;
+        // (weight, bias), or with a residual (residual, [γ; β]).
+        let (residual, gamma, beta) = if self.residual {
+            let (gamma, beta) = f32_view(s3, l3, 2 * c, "parameters")?.split_at(c as usize);
+            (Some((s2, l2)), gamma, beta)
+        } else {
+            (None, f32_view(s2, l2, c, "weight")?, f32_view(s3, l3, c, "bias")?)
+        };
         let dev = xs.device();
-        let y = match &xs.slice {
-            CudaStorageSlice::F32(x) => {
-                CudaStorage::wrap_cuda_slice(self.forward(dev, "f32", x, xl, gamma, beta)?, dev.clone())
+        let y = match (&xs.slice, residual.map(|(s, l)| (&s.slice, l))) {
+            (CudaStorageSlice::F32(x), None) => {
+                CudaStorage::wrap_cuda_slice(self.forward(dev, "f32", (x, xl), None, gamma, beta)?, dev.clone())
             }
-            CudaStorageSlice::BF16(x) => {
-                CudaStorage::wrap_cuda_slice(self.forward(dev, "bf16", x, xl, gamma, beta)?, dev.clone())
+            (CudaStorageSlice::F32(x), Some((CudaStorageSlice::F32(r), rl))) => CudaStorage::wrap_cuda_slice(
+                self.forward(dev, "f32", (x, xl), Some((r, rl)), gamma, beta)?,
+                dev.clone(),
+            ),
+            (CudaStorageSlice::BF16(x), None) => {
+                CudaStorage::wrap_cuda_slice(self.forward(dev, "bf16", (x, xl), None, gamma, beta)?, dev.clone())
             }
-            _ => candle_core::bail!("batch norm (CUDA): input dtype {:?}, expected f32 or bf16", xs.dtype()),
+            (CudaStorageSlice::BF16(x), Some((CudaStorageSlice::BF16(r), rl))) => CudaStorage::wrap_cuda_slice(
+                self.forward(dev, "bf16", (x, xl), Some((r, rl)), gamma, beta)?,
+                dev.clone(),
+            ),
+            _ => candle_core::bail!(
+                "batch norm (CUDA): input dtype {:?}{}, expected f32 or bf16",
+                xs.dtype(),
+                residual
+                    .map(|(r, _)| format!(" and residual {:?}", r.dtype()))
+                    .unwrap_or_default()
+            ),
         };
         Ok((y, xl.shape().clone()))
     }
@@ -461,32 +526,52 @@ impl CustomOp3 for BatchNormTrain {
     fn bwd(
         &self,
         x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let saved = lock(&self.saved)
             .clone()
             .ok_or_else(|| candle_core::Error::Msg("batch norm (CUDA): backward before forward".into()))?;
-        let grad = grad.to_dtype(x.dtype())?.contiguous()?;
+        let mut grad = grad.to_dtype(x.dtype())?.contiguous()?;
         let x = x.contiguous()?;
-        // Without ReLU the kernels never read y: pass x in its place rather than keep anything else alive.
-        let y = if self.relu { res.contiguous()? } else { x.clone() };
-        let out = Arc::new(Mutex::new(None));
-        let op = BatchNormBackward {
-            relu: self.relu,
-            gamma: weight.contiguous()?,
-            mean: saved.mean,
-            invstd: saved.invstd,
-            out: Arc::clone(&out),
-        };
-        let dx = grad.apply_op3_no_bwd(&x, &y, &op)?;
-        let (dgamma, dbeta) = lock(&out)
-            .take()
-            .ok_or_else(|| candle_core::Error::Msg("batch norm (CUDA): backward left no parameter gradients".into()))?;
+        if self.residual {
+            // Through the ReLU: the residual's gradient, and the normalisation's output gradient.
+            grad = super::elementwise_cuda::relu_mask(&grad, &res.contiguous()?)?;
+            let gamma = third.narrow(0, 0, saved.mean.dim(0)?)?.contiguous()?;
+            let (dx, dgamma, dbeta) = normalisation_grads(saved, gamma, &grad, &x, None)?;
+            return Ok((Some(dx), Some(grad), Some(Tensor::cat(&[dgamma, dbeta], 0)?)));
+        }
+        // Without ReLU the kernels never read y: x stands in for it rather than keep anything else alive.
+        let y = self.relu.then(|| res.contiguous()).transpose()?;
+        let (dx, dgamma, dbeta) = normalisation_grads(saved, second.contiguous()?, &grad, &x, y.as_ref())?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
+}
+
+/// Backward of `relu?((x − μ)·s·γ + β)` for its output gradient `grad` (the ReLU's mask read from `y` when given):
+/// (∂x, ∂γ, ∂β).
+fn normalisation_grads(
+    saved: Saved,
+    gamma: Tensor,
+    grad: &Tensor,
+    x: &Tensor,
+    y: Option<&Tensor>,
+) -> Result<(Tensor, Tensor, Tensor)> {
+    let out = Arc::new(Mutex::new(None));
+    let op = BatchNormBackward {
+        relu: y.is_some(),
+        gamma,
+        mean: saved.mean,
+        invstd: saved.invstd,
+        out: Arc::clone(&out),
+    };
+    let dx = grad.apply_op3_no_bwd(x, y.unwrap_or(x), &op)?;
+    let (dgamma, dbeta) = lock(&out)
+        .take()
+        .ok_or_else(|| candle_core::Error::Msg("batch norm (CUDA): backward left no parameter gradients".into()))?;
+    Ok((dx, dgamma, dbeta))
 }
 
 /// `(dy, x, y) → dx`; ∂γ and ∂β land in `out`. γ, μ and 1/σ are read from the tensors the op holds.

@@ -164,10 +164,24 @@ fn compare_modes(device: &Device, cpu_bf16: bool) -> anyhow::Result<Value> {
             continue; // only the convolutions' products change in this mode
         }
         for (i, &(shape, scale, offset)) in BN_CASES.iter().enumerate() {
-            for relu in [false, true] {
-                let name = format!("{shape:?} x*{scale}+{offset}{}", if relu { " relu" } else { "" });
-                let run = bn_case(device, mode, shape, (scale, offset), relu, 500 + 10 * i as u64)
-                    .with_context(|| format!("batch_norm {name}"));
+            for (relu, residual) in [(false, false), (true, false), (true, true)] {
+                let name = format!(
+                    "{shape:?} x*{scale}+{offset}{}",
+                    match (relu, residual) {
+                        (_, true) => " + residual, relu",
+                        (true, false) => " relu",
+                        _ => "",
+                    }
+                );
+                let run = bn_case(
+                    device,
+                    mode,
+                    shape,
+                    (scale, offset),
+                    (relu, residual),
+                    500 + 10 * i as u64,
+                )
+                .with_context(|| format!("batch_norm {name}"));
                 cases.push(report(mode, "batch_norm", &name, run));
             }
         }
@@ -326,10 +340,20 @@ fn bn_case(
     mode: Mode,
     shape: [usize; 4],
     (scale, offset): (f64, f64),
-    relu: bool,
+    (relu, residual): (bool, bool),
     seed: u64,
 ) -> anyhow::Result<Vec<(&'static str, f64)>> {
     let c = shape[1];
+    // With `residual`: relu(bn(x) + residual), the bottleneck's fused last op (relu is then implied).
+    let run = |x: &Tensor, g: &Tensor, b: &Tensor, r: &Tensor| {
+        if residual {
+            batch_norm::batch_norm_add_relu_train(x, g, b, EPS, r)
+        } else {
+            batch_norm::batch_norm_train(x, g, b, EPS, relu)
+        }
+    };
+    let res64 = seeded(&shape, seed + 4)?;
+    let resd = Var::from_tensor(&on_device(&res64, mode.dtype, device)?)?;
     let x64 = seeded(&shape, seed)?.affine(scale, offset)?;
     let g64 = (seeded(&[c], seed + 1)?.affine(0.5, 1.0))?;
     let b64 = (seeded(&[c], seed + 2)? * 0.3)?;
@@ -342,7 +366,7 @@ fn bn_case(
         mode.dtype,
         device
     );
-    let (y, mean, var) = batch_norm::batch_norm_train(xd.as_tensor(), gd.as_tensor(), bd.as_tensor(), EPS, relu)?;
+    let (y, mean, var) = run(xd.as_tensor(), gd.as_tensor(), bd.as_tensor(), resd.as_tensor())?;
     anyhow::ensure!(
         y.dtype() == mode.dtype,
         "output dtype {:?}, expected {:?}",
@@ -374,17 +398,26 @@ fn bn_case(
     let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
     let gr = Var::from_tensor(&as_reference(gd.as_tensor())?)?;
     let br = Var::from_tensor(&as_reference(bd.as_tensor())?)?;
-    let (yr, mean_r, var_r) = batch_norm::batch_norm_train(xr.as_tensor(), gr.as_tensor(), br.as_tensor(), EPS, relu)?;
+    let resr = Var::from_tensor(&as_reference(resd.as_tensor())?)?;
+    let (yr, mean_r, var_r) = run(xr.as_tensor(), gr.as_tensor(), br.as_tensor(), resr.as_tensor())?;
     let rr = as_reference(&r)?;
     let gref = (&yr * &rr)?.sum_all()?.backward()?;
-    Ok(vec![
+    let mut errors = vec![
         ("y", relative_l2(&y, &yr)?),
         ("mean", relative_l2(&mean, &mean_r)?),
         ("var", relative_l2(&var, &var_r)?),
         ("dx", relative_l2(&dx, &grad(&gref, &xr, "x (reference)")?)?),
         ("dgamma", relative_l2(&dg, &grad(&gref, &gr, "gamma (reference)")?)?),
         ("dbeta", relative_l2(&db, &grad(&gref, &br, "beta (reference)")?)?),
-    ])
+    ];
+    if residual {
+        let dres = grad(&grads, &resd, "residual")?;
+        errors.push((
+            "dresidual",
+            relative_l2(&dres, &grad(&gref, &resr, "residual (reference)")?)?,
+        ));
+    }
+    Ok(errors)
 }
 
 /// `relu(a + b)` and both gradients against the composed ops in f64.
@@ -490,10 +523,11 @@ mod tests {
         // device-check runs it; tests/predict_cli.rs).
         let report = compare_modes(&Device::Cpu, false)?;
         let cases = report["cases"].as_array().expect("cases");
-        // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 8 batch norm + 3 × 3 elementwise) each.
+        // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 12 batch norm (plain, relu, residual and
+        // relu) + 3 × 3 elementwise) each.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 2 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()),
+            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()),
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();

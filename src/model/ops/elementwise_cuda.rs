@@ -259,10 +259,14 @@ impl CustomOp2 for AddRelu {
     }
 
     fn bwd(&self, _a: &Tensor, _b: &Tensor, res: &Tensor, grad: &Tensor) -> Result<(Option<Tensor>, Option<Tensor>)> {
-        let grad = grad.to_dtype(res.dtype())?.contiguous()?;
-        let masked = grad.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
+        let masked = relu_mask(&grad.to_dtype(res.dtype())?, res)?;
         Ok((Some(masked.clone()), Some(masked)))
     }
+}
+
+/// `dy` where `y > 0`, else 0 (a ReLU's backward), outside the graph; both of one shape and dtype (f32 or bf16).
+pub fn relu_mask(dy: &Tensor, y: &Tensor) -> Result<Tensor> {
+    dy.contiguous()?.apply_op2_no_bwd(&y.contiguous()?, &ReluMask)
 }
 
 /// `(dy, y) → dy where y > 0, else 0`.
