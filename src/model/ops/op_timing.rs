@@ -74,6 +74,14 @@ fn cases(batch: usize) -> Vec<Case> {
             apply: |t| Ok(batch_norm::batch_norm_train(&t[0], &t[1], &t[2], 1e-5, true)?.0),
         },
         Case {
+            name: "batchnorm+add+relu 1024 @64 (block end)",
+            shapes: vec![vec![b, 1024, 64, 64], vec![1024], vec![1024], vec![b, 1024, 64, 64]],
+            apply: |t| {
+                let residual = t[3].to_dtype(t[0].dtype())?;
+                Ok(batch_norm::batch_norm_add_relu_train(&t[0], &t[1], &t[2], 1e-5, &residual)?.0)
+            },
+        },
+        Case {
             name: "add+relu 1024 @64",
             shapes: vec![vec![b, 1024, 64, 64], vec![b, 1024, 64, 64]],
             apply: |t| add_relu::add_relu(&t[0], &t[1].to_dtype(t[0].dtype())?),
