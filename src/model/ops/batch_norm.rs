@@ -85,8 +85,10 @@ pub fn batch_norm_add_relu_train(
         return super::batch_norm_cuda::batch_norm_add_relu_train(x, residual, &params, eps);
     }
     let stats = Arc::new(Mutex::new(None));
-    let op = BatchNormAddRelu {
+    let op = BatchNormTrain {
         eps,
+        relu: true,
+        residual: true,
         stats: Arc::clone(&stats),
     };
     let y = x.contiguous()?.apply_op3(&residual.contiguous()?, &params, op)?;
@@ -111,6 +113,7 @@ fn batch_norm_train_cpu(
     let op = BatchNormTrain {
         eps,
         relu,
+        residual: false,
         stats: Arc::clone(&stats),
     };
     let y = x
@@ -181,9 +184,11 @@ fn channel_stats<T: WithDType>(x: &[T], (b, c, hw): (usize, usize, usize)) -> Ba
     BatchStats { mean, var, count }
 }
 
+/// `(x, weight, bias) → relu?(bn(x))`, or with `residual`, `(x, residual, [γ; β]) → relu(bn(x) + residual)`.
 struct BatchNormTrain {
     eps: f64,
     relu: bool,
+    residual: bool,
     /// Written by the forward pass, read by the caller (running statistics) and by the backward pass.
     stats: Arc<Mutex<Option<BatchStats>>>,
 }
@@ -246,57 +251,73 @@ fn forward<T: WithDType>(
 
 impl CustomOp3 for BatchNormTrain {
     fn name(&self) -> &'static str {
-        "semseg-batch-norm-train"
+        if self.residual {
+            "semseg-batch-norm-add-relu-train"
+        } else {
+            "semseg-batch-norm-train"
+        }
     }
 
     fn cpu_fwd(
         &self,
         xs: &CpuStorage,
         xl: &Layout,
-        ws: &CpuStorage,
-        wl: &Layout,
-        bs: &CpuStorage,
-        bl: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+        s3: &CpuStorage,
+        l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let shape = dims(xl)?;
-        if wl.shape().elem_count() != shape.1 || bl.shape().elem_count() != shape.1 {
+        let c = shape.1;
+        // (weight, bias), or with a residual (residual, [γ; β]).
+        let fits = match self.residual {
+            true => l2.shape() == xl.shape() && l3.shape().elem_count() == 2 * c,
+            false => l2.shape().elem_count() == c && l3.shape().elem_count() == c,
+        };
+        if !fits {
             candle_core::bail!(
-                "batch norm: {} channels but parameters {:?}, {:?}",
-                shape.1,
-                wl.shape(),
-                bl.shape()
+                "batch norm: input {:?} (C = {c}) with {} {:?} and {:?}",
+                xl.shape(),
+                if self.residual {
+                    "residual and [2C] parameters"
+                } else {
+                    "[C] weight and bias"
+                },
+                l2.shape(),
+                l3.shape()
             )
         }
-        let (y, stats) = match (xs, ws, bs) {
-            (CpuStorage::F32(x), CpuStorage::F32(w), CpuStorage::F32(b)) => {
-                let (y, stats) = forward(
-                    contiguous_slice(x, xl, "batch norm")?,
-                    (
-                        contiguous_slice(w, wl, "batch norm")?,
-                        contiguous_slice(b, bl, "batch norm")?,
-                    ),
-                    None,
-                    shape,
-                    self.eps,
-                    self.relu,
+        fn run<T: WithDType>(
+            op: &BatchNormTrain,
+            (x, second, third): (&[T], &[T], &[T]),
+            shape: (usize, usize, usize),
+        ) -> (Vec<T>, BatchStats) {
+            match op.residual {
+                true => forward(x, third.split_at(shape.1), Some(second), shape, op.eps, op.relu),
+                false => forward(x, (second, third), None, shape, op.eps, op.relu),
+            }
+        }
+        const WHAT: &str = "batch norm";
+        let (y, stats) = match (xs, s2, s3) {
+            (CpuStorage::F32(x), CpuStorage::F32(a), CpuStorage::F32(b)) => {
+                let operands = (
+                    contiguous_slice(x, xl, WHAT)?,
+                    contiguous_slice(a, l2, WHAT)?,
+                    contiguous_slice(b, l3, WHAT)?,
                 );
+                let (y, stats) = run(self, operands, shape);
                 (CpuStorage::F32(y), stats)
             }
-            (CpuStorage::F64(x), CpuStorage::F64(w), CpuStorage::F64(b)) => {
-                let (y, stats) = forward(
-                    contiguous_slice(x, xl, "batch norm")?,
-                    (
-                        contiguous_slice(w, wl, "batch norm")?,
-                        contiguous_slice(b, bl, "batch norm")?,
-                    ),
-                    None,
-                    shape,
-                    self.eps,
-                    self.relu,
+            (CpuStorage::F64(x), CpuStorage::F64(a), CpuStorage::F64(b)) => {
+                let operands = (
+                    contiguous_slice(x, xl, WHAT)?,
+                    contiguous_slice(a, l2, WHAT)?,
+                    contiguous_slice(b, l3, WHAT)?,
                 );
+                let (y, stats) = run(self, operands, shape);
                 (CpuStorage::F64(y), stats)
             }
-            _ => candle_core::bail!("batch norm: input and parameters must all be f32 or all f64"),
+            _ => candle_core::bail!("batch norm: input and parameters (and residual) must all be f32 or all f64"),
         };
         *lock(&self.stats) = Some(stats);
         Ok((y, xl.shape().clone()))
@@ -305,8 +326,8 @@ impl CustomOp3 for BatchNormTrain {
     fn bwd(
         &self,
         x: &Tensor,
-        weight: &Tensor,
-        _bias: &Tensor,
+        second: &Tensor,
+        third: &Tensor,
         res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
@@ -318,7 +339,13 @@ impl CustomOp3 for BatchNormTrain {
             // Through the ReLU first: no gradient where the output was clamped to zero.
             grad = grad.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
         }
-        let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, weight, &grad)?;
+        if self.residual {
+            // The residual's gradient is the masked one; γ and β share the third operand.
+            let weight = third.narrow(0, 0, stats.mean.len())?;
+            let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, &weight, &grad)?;
+            return Ok((Some(dx), Some(grad), Some(Tensor::cat(&[dgamma, dbeta], 0)?)));
+        }
+        let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, second, &grad)?;
         Ok((Some(dx), Some(dgamma), Some(dbeta)))
     }
 }
@@ -358,89 +385,6 @@ fn normalisation_grads(
     let channels = gamma.len();
     let to_param = |v: &[f64]| Tensor::from_slice(v, channels, weight.device())?.to_dtype(weight.dtype());
     Ok((dx, to_param(sum_dy_xhat)?, to_param(sum_dy)?))
-}
-
-/// `(x, residual, [γ; β]) → relu((x − μ)·s·γ + β + residual)`: [`batch_norm_add_relu_train`]'s CPU op.
-struct BatchNormAddRelu {
-    eps: f64,
-    stats: Arc<Mutex<Option<BatchStats>>>,
-}
-
-impl CustomOp3 for BatchNormAddRelu {
-    fn name(&self) -> &'static str {
-        "semseg-batch-norm-add-relu-train"
-    }
-
-    fn cpu_fwd(
-        &self,
-        xs: &CpuStorage,
-        xl: &Layout,
-        rs: &CpuStorage,
-        rl: &Layout,
-        ps: &CpuStorage,
-        pl: &Layout,
-    ) -> Result<(CpuStorage, Shape)> {
-        let shape = dims(xl)?;
-        let c = shape.1;
-        if rl.shape() != xl.shape() || pl.shape().elem_count() != 2 * c {
-            candle_core::bail!(
-                "batch norm + add + relu: input {:?}, residual {:?} and parameters {:?} (expected [2·{c}])",
-                xl.shape(),
-                rl.shape(),
-                pl.shape()
-            )
-        }
-        fn run<T: WithDType>(
-            (x, r, p): (&[T], &[T], &[T]),
-            shape: (usize, usize, usize),
-            eps: f64,
-        ) -> (Vec<T>, BatchStats) {
-            let (weight, bias) = p.split_at(shape.1);
-            forward(x, (weight, bias), Some(r), shape, eps, true)
-        }
-        const WHAT: &str = "batch norm + add + relu";
-        let (y, stats) = match (xs, rs, ps) {
-            (CpuStorage::F32(x), CpuStorage::F32(r), CpuStorage::F32(p)) => {
-                let operands = (
-                    contiguous_slice(x, xl, WHAT)?,
-                    contiguous_slice(r, rl, WHAT)?,
-                    contiguous_slice(p, pl, WHAT)?,
-                );
-                let (y, stats) = run(operands, shape, self.eps);
-                (CpuStorage::F32(y), stats)
-            }
-            (CpuStorage::F64(x), CpuStorage::F64(r), CpuStorage::F64(p)) => {
-                let operands = (
-                    contiguous_slice(x, xl, WHAT)?,
-                    contiguous_slice(r, rl, WHAT)?,
-                    contiguous_slice(p, pl, WHAT)?,
-                );
-                let (y, stats) = run(operands, shape, self.eps);
-                (CpuStorage::F64(y), stats)
-            }
-            _ => candle_core::bail!("{WHAT}: input, residual and parameters must all be f32 or all f64"),
-        };
-        *lock(&self.stats) = Some(stats);
-        Ok((y, xl.shape().clone()))
-    }
-
-    fn bwd(
-        &self,
-        x: &Tensor,
-        _residual: &Tensor,
-        params: &Tensor,
-        res: &Tensor,
-        grad: &Tensor,
-    ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let stats = lock(&self.stats)
-            .clone()
-            .ok_or_else(|| candle_core::Error::Msg("batch norm + add + relu: backward before forward".into()))?;
-        // Through the ReLU: the residual's gradient, and the normalisation's output gradient.
-        let masked = grad.contiguous()?.apply_op2_no_bwd(&res.contiguous()?, &ReluMask)?;
-        let weight = params.narrow(0, 0, stats.mean.len())?;
-        let (dx, dgamma, dbeta) = normalisation_grads(&stats, self.eps, x, &weight, &masked)?;
-        Ok((Some(dx), Some(masked), Some(Tensor::cat(&[dgamma, dbeta], 0)?)))
-    }
 }
 
 /// A backward kernel over (dy, x), both `[B, C, H, W]` contiguous; the two ops below share the dtype dispatch.
