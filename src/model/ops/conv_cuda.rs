@@ -187,8 +187,10 @@ pub fn conv2d_grads(
 ) -> Result<(Option<Tensor>, Tensor)> {
     let w = w.to_dtype(x.dtype())?;
     let geometry = Geometry::new(x.dims(), w.dims(), padding, 1, 1)?;
-    let (dx, dw) = gradients(&geometry, x, &w, dy, (input_grad, true))?;
-    Ok((dx, dw.expect("the weight gradient was asked for")))
+    match gradients(&geometry, x, &w, dy, (input_grad, true))? {
+        (dx, Some(dw)) => Ok((dx, dw)),
+        (_, None) => candle_core::bail!("conv2d (cuDNN): the weight gradient was asked for but not computed"),
+    }
 }
 
 /// Backward-data (when `wanted.0`) and backward-filter (when `wanted.1`) for `geometry`.
