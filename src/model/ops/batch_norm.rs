@@ -55,11 +55,8 @@ pub fn batch_norm_train(
     if x.device().is_cuda() {
         return super::batch_norm_cuda::batch_norm_train(x, weight, bias, eps, relu);
     }
-    let (y, stats) = batch_norm_train_cpu(x, weight, bias, eps, relu)?;
-    let channels = stats.mean.len();
-    let mean = Tensor::from_slice(&stats.mean, channels, x.device())?;
-    let var = Tensor::from_slice(&stats.var, channels, x.device())?;
-    Ok((y, mean, var))
+    let (y, stats) = batch_norm_train_cpu(x, (weight, bias), eps, (relu, false))?;
+    Ok((y, stats_tensor(&stats.mean, x)?, stats_tensor(&stats.var, x)?))
 }
 
 /// `relu(bn(x) + residual)` in training, as one op: a bottleneck's last BatchNorm, shortcut add and ReLU. `x` and
@@ -84,41 +81,32 @@ pub fn batch_norm_add_relu_train(
     if x.device().is_cuda() {
         return super::batch_norm_cuda::batch_norm_add_relu_train(x, residual, &params, eps);
     }
-    let stats = Arc::new(Mutex::new(None));
-    let op = BatchNormTrain {
-        eps,
-        relu: true,
-        residual: true,
-        stats: Arc::clone(&stats),
-    };
-    let y = x.contiguous()?.apply_op3(&residual.contiguous()?, &params, op)?;
-    let stats = lock(&stats)
-        .clone()
-        .ok_or_else(|| candle_core::Error::Msg("batch norm: the forward pass left no statistics".into()))?;
-    let channels = stats.mean.len();
-    let mean = Tensor::from_slice(&stats.mean, channels, x.device())?;
-    let var = Tensor::from_slice(&stats.var, channels, x.device())?;
-    Ok((y, mean, var))
+    let (y, stats) = batch_norm_train_cpu(x, (residual, &params), eps, (true, true))?;
+    Ok((y, stats_tensor(&stats.mean, x)?, stats_tensor(&stats.var, x)?))
 }
 
-/// The CPU op, with its statistics as computed.
+/// A `[C]` statistic on x's device.
+fn stats_tensor(values: &[f64], x: &Tensor) -> Result<Tensor> {
+    Tensor::from_slice(values, values.len(), x.device())
+}
+
+/// The CPU op on (x, weight, bias), or with `residual` on (x, residual, [γ; β]), with its statistics as computed.
 fn batch_norm_train_cpu(
     x: &Tensor,
-    weight: &Tensor,
-    bias: &Tensor,
+    (second, third): (&Tensor, &Tensor),
     eps: f64,
-    relu: bool,
+    (relu, residual): (bool, bool),
 ) -> Result<(Tensor, BatchStats)> {
     let stats = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
         eps,
         relu,
-        residual: false,
+        residual,
         stats: Arc::clone(&stats),
     };
     let y = x
         .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        .apply_op3(&second.contiguous()?, &third.contiguous()?, op)?;
     let stats = lock(&stats)
         .clone()
         .ok_or_else(|| candle_core::Error::Msg("batch norm: the forward pass left no statistics".into()))?;
@@ -715,7 +703,7 @@ mod tests {
         for (got, want) in batch_var.to_vec1::<f64>()?.iter().zip(var.to_vec1::<f64>()?) {
             assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
         }
-        let (_, stats) = batch_norm_train_cpu(&x, &w, &b, 1e-5, false)?;
+        let (_, stats) = batch_norm_train_cpu(&x, (&w, &b), 1e-5, (false, false))?;
         assert_eq!(stats.count, 3 * 5 * 6);
         Ok(())
     }

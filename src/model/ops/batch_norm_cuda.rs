@@ -252,16 +252,26 @@ pub fn batch_norm_train(
             bias.dtype()
         )
     }
+    apply(x, (weight, bias), eps, (relu, false))
+}
+
+/// The op on (x, weight, bias), or with `residual` on (x, residual, [γ; β]) → (y, mean, biased variance).
+fn apply(
+    x: &Tensor,
+    (second, third): (&Tensor, &Tensor),
+    eps: f64,
+    (relu, residual): (bool, bool),
+) -> Result<(Tensor, Tensor, Tensor)> {
     let saved = Arc::new(Mutex::new(None));
     let op = BatchNormTrain {
         eps,
         relu,
-        residual: false,
+        residual,
         saved: Arc::clone(&saved),
     };
     let y = x
         .contiguous()?
-        .apply_op3(&weight.contiguous()?, &bias.contiguous()?, op)?;
+        .apply_op3(&second.contiguous()?, &third.contiguous()?, op)?;
     let stats = lock(&saved)
         .clone()
         .ok_or_else(|| candle_core::Error::Msg("batch norm (CUDA): the forward pass left no statistics".into()))?;
@@ -286,20 +296,7 @@ pub fn batch_norm_add_relu_train(
             params.dtype()
         )
     }
-    let saved = Arc::new(Mutex::new(None));
-    let op = BatchNormTrain {
-        eps,
-        relu: true,
-        residual: true,
-        saved: Arc::clone(&saved),
-    };
-    let y = x
-        .contiguous()?
-        .apply_op3(&residual.contiguous()?, &params.contiguous()?, op)?;
-    let stats = lock(&saved).clone().ok_or_else(|| {
-        candle_core::Error::Msg("batch norm + add + relu (CUDA): the forward pass left no statistics".into())
-    })?;
-    Ok((y, stats.mean, stats.var))
+    apply(x, (residual, params), eps, (true, true))
 }
 
 /// What the forward pass leaves for the caller and for backward: `[C]` f32 tensors on the device.
