@@ -62,7 +62,7 @@ impl Optimizer {
         for (name, var) in &self.params {
             let Some(grad) = grads.get(var) else { continue };
             let weight = var.as_tensor();
-            if super::fused_sgd::applies(&self.config, weight) {
+            if super::fused_sgd::applies(&self.config, weight, grad) {
                 let state = self.state.entry(name.clone()).or_default();
                 super::fused_sgd::step(&self.config, weight, grad, state, lr)?;
                 continue;

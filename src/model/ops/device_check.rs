@@ -2,7 +2,8 @@
 //! and weight gradients; cuDNN on CUDA), the fused convolution epilogue (bias, residual, ReLU), the fused
 //! training BatchNorm (forward with and without ReLU, its three gradients and the batch statistics), the residual
 //! add + ReLU, the stem's max-pool and the cross-entropy loss, in each precision mode: strict fp32, fp32 with TF32
-//! allowed, and bf16 activations with f32 weights.
+//! allowed, and bf16 activations with f32 weights; and, once (the weights are f32 in every mode), the optimizer's
+//! in-place sgd / nag update against the CPU's f32 one.
 //!
 //! The reference sees the same input values the device does (bf16-rounded in bf16 mode), so the errors measure the
 //! kernels' arithmetic, not the rounding of the inputs. Each case reports the relative L2 error
@@ -17,7 +18,9 @@ use serde_json::{json, Value};
 
 use super::{add_relu, batch_norm, conv, pool};
 use crate::model::precision::{self, MathMode};
+use crate::sagemaker::hyperparameters::OptimizerKind;
 use crate::train::loss::{cross_entropy, Targets};
+use crate::train::optim::{Optimizer, OptimizerConfig};
 
 /// Relative-L2 limits per mode.
 pub const STRICT_F32_MAX: f64 = 1e-5;
@@ -53,6 +56,13 @@ const BN_CASES: &[([usize; 4], f64, f64)] = &[
 /// Inputs of the add + ReLU, max-pool and cross-entropy cases (`[N, C, H, W]`; C is the classes for the loss):
 /// odd and even sides, one pixel, and a map larger than one block of threads.
 const ELEMENTWISE_CASES: &[[usize; 4]] = &[[2, 3, 5, 7], [1, 4, 1, 1], [2, 21, 24, 26]];
+
+/// (rule, momentum) of the optimizer cases: sgd with momentum, nag, and sgd without momentum.
+const SGD_CASES: [(OptimizerKind, f64); 3] = [
+    (OptimizerKind::Sgd, 0.9),
+    (OptimizerKind::Nag, 0.9),
+    (OptimizerKind::Sgd, 0.0),
+];
 
 const EPS: f64 = 1e-5;
 
@@ -195,6 +205,13 @@ fn compare_modes(device: &Device, cpu_bf16: bool) -> anyhow::Result<Value> {
             let run =
                 cross_entropy_case(device, mode, shape, seed + 7).with_context(|| format!("cross_entropy {name}"));
             cases.push(report(mode, "cross_entropy", &name, run));
+        }
+        if mode.name == "fp32" {
+            for (i, &(kind, momentum)) in SGD_CASES.iter().enumerate() {
+                let name = format!("{kind:?} momentum {momentum}, [64, 3, 7, 7]");
+                let run = sgd_case(device, kind, momentum, 900 + 10 * i as u64).with_context(|| format!("sgd {name}"));
+                cases.push(report(mode, "sgd", &name, run));
+            }
         }
     }
     let pass = cases.iter().all(|c| c["pass"] == json!(true));
@@ -513,6 +530,48 @@ fn cross_entropy_case(
     ])
 }
 
+/// Three optimizer steps (the first creates the momentum buffer) on `device` against the same f32 steps on the
+/// CPU: the weight and the momentum buffer after them.
+fn sgd_case(
+    device: &Device,
+    kind: OptimizerKind,
+    momentum: f64,
+    seed: u64,
+) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let shape = [64, 3, 7, 7];
+    let config = OptimizerConfig {
+        kind,
+        momentum,
+        weight_decay: 1e-4,
+        gamma1: 0.0,
+        gamma2: 0.0,
+    };
+    let run = |on: &Device| -> anyhow::Result<(Tensor, Option<Tensor>)> {
+        let weight = Var::from_tensor(&on_device(&seeded(&shape, seed)?, DType::F32, on)?)?;
+        let mut optimizer = Optimizer::new(config, vec![("w".to_string(), weight.clone())]);
+        for step in 0..3u64 {
+            // The loss Σ w·r has the gradient r.
+            let r = on_device(&seeded(&shape, seed + 1 + step)?, DType::F32, on)?;
+            let grads = (weight.as_tensor() * &r)?.sum_all()?.backward()?;
+            optimizer.step(&grads, 0.01 * (step + 1) as f64)?;
+        }
+        let (state, _) = optimizer.state_tensors();
+        Ok((weight.as_tensor().clone(), state.get("w.0").cloned()))
+    };
+    let ((w, buf), (wr, buf_r)) = (run(device)?, run(&Device::Cpu)?);
+    let mut errors = vec![("w", relative_l2(&w, &wr)?)];
+    match (buf, buf_r) {
+        (Some(b), Some(br)) => errors.push(("buf", relative_l2(&b, &br)?)),
+        (None, None) => {}
+        (b, br) => anyhow::bail!(
+            "momentum buffer on the device: {}, on the CPU: {}",
+            b.is_some(),
+            br.is_some()
+        ),
+    }
+    Ok(errors)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -524,10 +583,10 @@ mod tests {
         let report = compare_modes(&Device::Cpu, false)?;
         let cases = report["cases"].as_array().expect("cases");
         // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 12 batch norm (plain, relu, residual and
-        // relu) + 3 × 3 elementwise) each.
+        // relu) + 3 × 3 elementwise) each, and the 3 optimizer cases once.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()),
+            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()) + SGD_CASES.len(),
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();
