@@ -337,9 +337,18 @@ impl<'a> TrainingJob<'a> {
             if let Some(aux) = &output.aux {
                 loss = (loss + (cross_entropy(aux, &targets)? * AUX_LOSS_WEIGHT)?)?;
             }
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
             phases.end(1, &self.device)?;
             sample_gpu_memory(&self.device);
+            learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
+            let grads = loss.backward()?;
+            phases.end(2, &self.device)?;
+            sample_gpu_memory(&self.device);
+            self.optimizer.step(&grads, learning_rate)?;
+            // Read back only now: on a GPU, reading the loss after the forward made the CPU wait for it before
+            // queueing the backward. A non-finite loss has already spoilt this update, but the job stops here
+            // and keeps nothing of it (the model and the checkpoints are written at the end of an epoch).
+            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            phases.end(3, &self.device)?;
             if !loss_value.is_finite() {
                 bail!(
                     "the training loss became {loss_value} at epoch {}; lower learning_rate (now {})",
@@ -347,12 +356,6 @@ impl<'a> TrainingJob<'a> {
                     hp.learning_rate
                 );
             }
-            learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
-            let grads = loss.backward()?;
-            phases.end(2, &self.device)?;
-            sample_gpu_memory(&self.device);
-            self.optimizer.step(&grads, learning_rate)?;
-            phases.end(3, &self.device)?;
             self.state.iterations_done += 1;
             loss_sum += loss_value;
             batches += 1;
