@@ -175,8 +175,7 @@ fn first_gpu() -> Option<Device> {
     }
     match Device::new_cuda(0) {
         Ok(device) => {
-            keep_freed_memory_pooled(&device);
-            load_kernels_in_parallel(&device);
+            prepare_gpu(&device);
             Some(device)
         }
         Err(error) => {
@@ -195,9 +194,31 @@ fn first_gpu() -> Option<Device> {
 fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
     let device = Device::new_cuda(ordinal)
         .with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))?;
-    keep_freed_memory_pooled(&device);
-    load_kernels_in_parallel(&device);
+    prepare_gpu(&device);
     Ok(device)
+}
+
+/// What a freshly opened GPU needs before its first tensor: no per-allocation events, pooled memory, the kernels
+/// loaded.
+#[cfg(feature = "cuda")]
+fn prepare_gpu(device: &Device) {
+    skip_stream_events(device);
+    keep_freed_memory_pooled(device);
+    load_kernels_in_parallel(device);
+}
+
+/// cudarc gives every allocation two CUDA events, created with it and destroyed with it (four driver calls, on the
+/// order of a microsecond each, for each of the thousand-odd tensors of a training step), so that buffers shared
+/// between streams can be synchronised. It records and waits on them only once the context has a stream made by
+/// `new_stream`: Candle's device runs on the per-thread default stream and semseg makes no other, so the events
+/// were created and destroyed unused. Turned off before the first tensor, they are not made at all; no ordering
+/// changes.
+#[cfg(feature = "cuda")]
+fn skip_stream_events(device: &Device) {
+    let Device::Cuda(cuda) = device else { return };
+    // SAFETY: cudarc's condition is that the caller orders the uses of a buffer across streams itself. Its events
+    // never took part in that here (the context never has a `new_stream` stream), so nothing relied on them.
+    unsafe { cuda.disable_event_tracking() };
 }
 
 /// Candle ships its kernels as PTX, which the driver compiles for the GPU when a module is first loaded (then
