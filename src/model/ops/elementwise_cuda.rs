@@ -17,8 +17,8 @@
 //!   max and once for the sum of exponentials; the loss per pixel is `w·(log Σ exp(x − m) + m − x_target)`, summed
 //!   by Candle; backward writes `g·w·(softmax − one-hot)` for every class of the pixel;
 //! - SGD: the momentum buffer, then the parameter, each updated in place in one pass. Composed from Candle's ops the
-//!   update is about seven kernels and six parameter-sized allocations per parameter, some 2,000 launches a step
-//!   for DeepLabV3-ResNet-50's ~330 parameter tensors; here it is two launches per parameter and no allocation.
+//!   update is about seven kernels and six parameter-sized allocations per parameter, some 1,270 launches a step
+//!   for DeepLabV3-ResNet-50's 182 parameter tensors; here it is two launches per parameter and no allocation.
 
 use std::sync::OnceLock;
 
