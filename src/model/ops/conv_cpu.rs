@@ -284,7 +284,8 @@ pub fn conv2d_image(
 /// Bytes of one pointwise task's output block: it stays in L2 between the bias fill, the product and the ReLU.
 const POINTWISE_BLOCK_BYTES: usize = 1 << 20;
 
-/// A 1×1 stride-1 convolution (`out[Cout, hw] = W[Cout, Cin] · x[Cin, hw]`, the input is the column matrix), in
+/// A 1×1 stride-1 convolution (`out[Cout, hw] = W[Cout, Cin] · x[Cin, hw]`, the input is the column matrix). On
+/// AVX-512 CPUs, mostly on [`super::pointwise_avx512`] (the epilogue in the kernel's registers); otherwise in
 /// column blocks, each one task from start to end: its part of `out` written by a single-threaded product, then
 /// the bias, residual and ReLU added in one pass while the block is still in cache (on gemm_f32, filled with the
 /// bias and residual before the product, the ReLU applied as its tiles finish). Separate passes
@@ -293,6 +294,9 @@ const POINTWISE_BLOCK_BYTES: usize = 1 << 20;
 fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
     let n = g.h * g.w;
     let threads = rayon::current_num_threads();
+    if super::pointwise_avx512::suits(g.cin, epilogue.residual.is_some()) {
+        return pointwise_avx512(g, x, weight, epilogue, out);
+    }
     let for_cache = (g.cout * n * 4).div_ceil(POINTWISE_BLOCK_BYTES);
     let tasks = (4 * threads)
         .max(for_cache)
@@ -345,6 +349,26 @@ fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, ou
                 epilogue.finish(co, n, cols.start, row(co));
             }
         }
+    });
+}
+
+/// [`pointwise`] on [`super::pointwise_avx512`]'s kernel: column blocks, each one task, the weight packed once
+/// for all of them.
+fn pointwise_avx512(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
+    let n = g.h * g.w;
+    // At least four tasks a thread, so that a thread slowed by other work does not hold up the convolution.
+    let per_task = super::pointwise_avx512::columns_per_task(g.cout)
+        .min(n.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(64))
+        .max(64);
+    let packed = super::pointwise_avx512::PackedWeight::new(weight, g.cout, g.cin);
+    let (out_at, x_at) = (out.as_mut_ptr() as usize, x.as_ptr() as usize);
+    (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
+        let cols = t * per_task..((t + 1) * per_task).min(n);
+        // SAFETY: the caller checked AVX-512F (`suits`); `x` is [cin, n] and `out` [cout, n] (asserted by
+        // `conv2d_image`); tasks write disjoint column ranges.
+        unsafe {
+            super::pointwise_avx512::columns(&packed, x_at as *const f32, out_at as *mut f32, n, cols, &epilogue)
+        };
     });
 }
 

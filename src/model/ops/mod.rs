@@ -51,6 +51,7 @@ pub mod gemm_bf16;
 mod gemm_blocks;
 mod gemm_f32;
 pub mod op_timing;
+mod pointwise_avx512;
 pub mod polyphase;
 pub mod pool;
 pub mod profile;
