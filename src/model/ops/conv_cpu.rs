@@ -294,7 +294,7 @@ const POINTWISE_BLOCK_BYTES: usize = 1 << 20;
 fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
     let n = g.h * g.w;
     let threads = rayon::current_num_threads();
-    if super::pointwise_avx512::suits(g.cin, epilogue.residual.is_some()) {
+    if super::pointwise_avx512::suits(g.cin, &epilogue) {
         return pointwise_avx512(g, x, weight, epilogue, out);
     }
     let for_cache = (g.cout * n * 4).div_ceil(POINTWISE_BLOCK_BYTES);
