@@ -25,7 +25,7 @@
 //!   feature, f32/bf16 on CUDA runs on cuDNN forward, backward-data and backward-filter (`conv_cuda`; TF32 only
 //!   when [`crate::model::precision::tf32_allowed`]); elsewhere it is Candle's own `conv2d`. CPU inference goes
 //!   through [`conv::conv2d_fused`] to [`conv_cpu`]'s kernels (1×1 products on `gemm_f32` where the CPU has AVX2
-//!   and no AVX-512, Winograd, tap-wise products for dilated convolutions, im2col otherwise: a tile of output rows
+//!   and no AVX-512, on `pointwise_avx512` with their epilogue in registers where it has AVX-512, Winograd, tap-wise products for dilated convolutions, im2col otherwise: a tile of output rows
 //!   per task for the stem and the strided convolutions, [`row_tiles`]), the bias, residual and ReLU fused in. On
 //!   small feature maps (up to 16×16, strided ones up to 32×32) the forward pass and both
 //!   gradients run for the whole batch at once ([`small_maps`]), in training and inference.
