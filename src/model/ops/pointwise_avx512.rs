@@ -301,18 +301,7 @@ mod x86 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn seeded(n: usize, seed: u64) -> Vec<f32> {
-        let mut state = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-        (0..n)
-            .map(|_| {
-                state ^= state << 13;
-                state ^= state >> 7;
-                state ^= state << 17;
-                (state % 2001) as f32 / 1000.0 - 1.0
-            })
-            .collect()
-    }
+    use crate::model::ops::conv_cpu::tests::seeded;
 
     /// `relu?(W · x + residual + bias)` in f64.
     fn reference(w: &[f32], x: &[f32], (cout, cin, n): (usize, usize, usize), e: &Epilogue) -> Vec<f64> {
