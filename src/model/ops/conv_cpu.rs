@@ -227,7 +227,7 @@ pub fn conv2d_image(
     }
 
     if g.k == 1 && g.stride == 1 && g.padding == 0 && !crate::model::precision::bf16_products() {
-        return pointwise(g, x, weight, epilogue, out);
+        return pointwise(g, x, (weight, kept), epilogue, out);
     }
 
     let blocks = plan(g);
@@ -291,11 +291,17 @@ const POINTWISE_BLOCK_BYTES: usize = 1 << 20;
 /// bias and residual before the product, the ReLU applied as its tiles finish). Separate passes
 /// over the whole output (fill, product, ReLU) cost a quarter of a ResNet bottleneck's small 1×1 convs (64 → 256
 /// channels at 128²: 4.3 ms, of which the gemm kernel 2.8).
-fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
+fn pointwise(
+    g: &ConvGeometry,
+    x: &[f32],
+    (weight, kept): (&[f32], Option<&KeptWeights>),
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
     let n = g.h * g.w;
     let threads = rayon::current_num_threads();
     if super::pointwise_avx512::suits(g.cin, &epilogue) {
-        return pointwise_avx512(g, x, weight, epilogue, out);
+        return pointwise_avx512(g, x, (weight, kept), epilogue, out);
     }
     let for_cache = (g.cout * n * 4).div_ceil(POINTWISE_BLOCK_BYTES);
     let tasks = (4 * threads)
@@ -353,22 +359,33 @@ fn pointwise(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, ou
 }
 
 /// [`pointwise`] on [`super::pointwise_avx512`]'s kernel: column blocks, each one task, the weight packed once
-/// for all of them.
-fn pointwise_avx512(g: &ConvGeometry, x: &[f32], weight: &[f32], epilogue: Epilogue, out: &mut [f32]) {
+/// for all of them (or kept packed across calls, with `kept`).
+fn pointwise_avx512(
+    g: &ConvGeometry,
+    x: &[f32],
+    (weight, kept): (&[f32], Option<&KeptWeights>),
+    epilogue: Epilogue,
+    out: &mut [f32],
+) {
     let n = g.h * g.w;
     // At least four tasks a thread, so that a thread slowed by other work does not hold up the convolution.
     let per_task = super::pointwise_avx512::columns_per_task(g.cout)
         .min(n.div_ceil(4 * rayon::current_num_threads()).next_multiple_of(64))
         .max(64);
-    let packed = super::pointwise_avx512::PackedWeight::new(weight, g.cout, g.cin);
+    let packed_now;
+    let packed = match kept.and_then(|k| k.pointwise(weight, g.cout, g.cin)) {
+        Some(kept) => kept,
+        None => {
+            packed_now = super::pointwise_avx512::PackedWeight::new(weight, g.cout, g.cin);
+            &packed_now
+        }
+    };
     let (out_at, x_at) = (out.as_mut_ptr() as usize, x.as_ptr() as usize);
     (0..n.div_ceil(per_task)).into_par_iter().for_each(|t| {
         let cols = t * per_task..((t + 1) * per_task).min(n);
         // SAFETY: the caller checked AVX-512F (`suits`); `x` is [cin, n] and `out` [cout, n] (asserted by
         // `conv2d_image`); tasks write disjoint column ranges.
-        unsafe {
-            super::pointwise_avx512::columns(&packed, x_at as *const f32, out_at as *mut f32, n, cols, &epilogue)
-        };
+        unsafe { super::pointwise_avx512::columns(packed, x_at as *const f32, out_at as *mut f32, n, cols, &epilogue) };
     });
 }
 
