@@ -97,8 +97,28 @@ impl Conv2d {
         })
     }
 
+    /// A convolution for inference whose weight and bias never change (made from a folded one): the CPU kernel
+    /// keeps what it derives from the weight across calls.
+    pub fn frozen(weight: Tensor, bias: Option<Tensor>, spec: ConvSpec) -> Self {
+        Self {
+            weight,
+            bias,
+            spec,
+            kept: Some(Arc::new(KeptWeights::default())),
+        }
+    }
+
     pub fn spec(&self) -> ConvSpec {
         self.spec
+    }
+
+    /// `[Cout, Cin, k, k]`.
+    pub fn weight(&self) -> &Tensor {
+        &self.weight
+    }
+
+    pub fn bias(&self) -> Option<&Tensor> {
+        self.bias.as_ref()
     }
 
     /// The same convolution cut from any autograd graph (its parameters may be `Var`s): for the inference network,
@@ -115,11 +135,22 @@ impl Conv2d {
 
     /// `relu?(conv(x) + bias + residual)`, fused into the convolution where the device allows ([`conv2d_fused`]).
     pub fn forward_with(&self, x: &Tensor, residual: Option<&Tensor>, relu: bool) -> Result<Tensor> {
+        self.forward_with_bias(x, self.bias.as_ref(), residual, relu)
+    }
+
+    /// [`Self::forward_with`] with another bias (`[Cout]`) in place of this convolution's own.
+    pub fn forward_with_bias(
+        &self,
+        x: &Tensor,
+        bias: Option<&Tensor>,
+        residual: Option<&Tensor>,
+        relu: bool,
+    ) -> Result<Tensor> {
         let s = &self.spec;
         conv2d_fused(
             x,
             (&self.weight, self.kept.as_deref()),
-            self.bias.as_ref(),
+            bias,
             residual,
             relu,
             (s.padding, s.stride, s.dilation),
@@ -336,6 +367,11 @@ impl ConvBn {
         self.bn.as_ref()
     }
 
+    /// The convolution (folded: the whole unit, its BatchNorm in the bias).
+    pub fn conv(&self) -> &Conv2d {
+        &self.conv
+    }
+
     /// The eval-mode equivalent as one convolution: `W' = W·scale[o]`, `b' = b·scale + shift`.
     /// Detached from any `VarMap`, so it is for inference only.
     pub fn fold(&self) -> Result<ConvBn> {
@@ -355,13 +391,8 @@ impl ConvBn {
             None => shift,
         };
         Ok(ConvBn {
-            conv: Conv2d {
-                weight,
-                bias: Some(bias.detach()),
-                spec: self.conv.spec,
-                // A new tensor, never changed: the CPU kernel may keep what it derives from it.
-                kept: Some(Arc::new(KeptWeights::default())),
-            },
+            // A new tensor, never changed: the CPU kernel may keep what it derives from it.
+            conv: Conv2d::frozen(weight, Some(bias.detach()), self.conv.spec),
             bn: None,
         })
     }

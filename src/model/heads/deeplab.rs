@@ -3,8 +3,11 @@
 //! ASPP (`classifier.0`): five 256-channel branches on the same input, concatenated and projected back to 256:
 //! `convs.0` 1×1 conv; `convs.1..3` 3×3 atrous convs at the three rates; `convs.4` image pooling (global average,
 //! 1×1 conv, BN, ReLU, back to h×w); `project` 1×1 conv 1280→256, BN, ReLU, Dropout(0.5).
+//!
+//! Folded for inference, the pooled branch is not broadcast over the map and concatenated: it is the same vector at
+//! every pixel, so its share of the projection is one more bias per image ([`SplitProjection`]).
 
-use candle_core::{Module, Result, Tensor};
+use candle_core::{DType, Module, Result, Tensor};
 use candle_nn::VarBuilder;
 
 use crate::model::layers::{conv_bn_relu, dropout, Conv2d, ConvBn, ConvInit, ConvSpec};
@@ -21,6 +24,59 @@ pub struct Aspp {
     pooling: ConvBn,
     /// `project.0` conv, `project.1` BN.
     project: ConvBn,
+    /// The folded `project`, split by branch (inference only).
+    split: Option<SplitProjection>,
+}
+
+/// A folded projection `relu(W · cat(b0, b1, b2, b3, pooled) + bias)` as `relu(W[:, ..1024] · cat(b0..b3) +
+/// (W[:, 1024..] · pooled + bias))`: the pooled branch (`[B, 256, 1, 1]`) is constant over the map, so its share is
+/// a bias per image, computed once, rather than 256 of the 1280 channels multiplied at every pixel. That is a fifth of
+/// the projection's multiplications, and neither the pooled branch's broadcast to `h × w` nor its part of the
+/// concatenation is made.
+#[derive(Clone, Debug)]
+struct SplitProjection {
+    /// The projection's weight on the four spatial branches, `[256, 1024, 1, 1]`, with the folded bias.
+    spatial: Conv2d,
+    /// Its weight on the pooled branch, transposed: `[256 in, 256 out]`.
+    pooled_t: Tensor,
+}
+
+impl SplitProjection {
+    fn new(project: &ConvBn) -> Result<Self> {
+        let conv = project.conv();
+        let (cout, cin, _, _) = conv.weight().dims4()?;
+        let spatial_in = cin - cout; // the pooled branch is the last `cout` channels
+        let spec = ConvSpec::same(spatial_in, cout, 1, 1);
+        let spatial = conv.weight().narrow(1, 0, spatial_in)?.contiguous()?;
+        let pooled_t = conv
+            .weight()
+            .narrow(1, spatial_in, cout)?
+            .reshape((cout, cout))?
+            .t()?
+            .contiguous()?;
+        Ok(Self {
+            spatial: Conv2d::frozen(spatial, conv.bias().cloned(), spec),
+            pooled_t,
+        })
+    }
+
+    /// `spatial` `[B, 1024, h, w]` (the four branches), `pooled` `[B, 256, 1, 1]` → `[B, 256, h, w]`.
+    fn forward(&self, spatial: &Tensor, pooled: &Tensor) -> Result<Tensor> {
+        let b = pooled.dim(0)?;
+        // [B, 256] · [256, 256] (+ bias) → [B, 256], in f32 (the weights' dtype) under mixed precision too.
+        let mut biases = pooled.to_dtype(DType::F32)?.reshape((b, ()))?.matmul(&self.pooled_t)?;
+        if let Some(bias) = self.spatial.bias() {
+            biases = biases.broadcast_add(bias)?;
+        }
+        let images = (0..b)
+            .map(|i| {
+                let bias = biases.get(i)?;
+                self.spatial
+                    .forward_with_bias(&spatial.narrow(0, i, 1)?, Some(&bias), None, true)
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Tensor::cat(&images, 0)
+    }
 }
 
 impl Aspp {
@@ -59,14 +115,17 @@ impl Aspp {
             branches,
             pooling,
             project,
+            split: None,
         })
     }
 
     pub fn fold(&self) -> Result<Self> {
+        let project = self.project.fold()?;
         Ok(Self {
             branches: self.branches.iter().map(ConvBn::fold).collect::<Result<_>>()?,
             pooling: self.pooling.fold()?,
-            project: self.project.fold()?,
+            split: Some(SplitProjection::new(&project)?),
+            project,
         })
     }
 
@@ -78,6 +137,10 @@ impl Aspp {
             outs.push(conv_bn_relu(b, x, train)?); // [B, 256, h, w]
         }
         let pooled = conv_bn_relu(&self.pooling, &adaptive_avg_pool2d(x, 1, 1)?, train)?; // [B, 256, 1, 1]
+        if let Some(split) = &self.split {
+            // Folded (inference only; the folded branches above refuse `train`). Dropout is the identity here.
+            return split.forward(&Tensor::cat(&outs, 1)?, &pooled); // [B, 1024, h, w] → [B, 256, h, w]
+        }
         outs.push(resize_bilinear(&pooled, h, w)?.contiguous()?);
         let cat = Tensor::cat(&outs, 1)?; // [B, 1280, h, w]
         dropout(&conv_bn_relu(&self.project, &cat, train)?, 0.5, train)
@@ -117,5 +180,42 @@ impl DeepLabHead {
         let y = self.aspp.forward_t(x, train)?;
         let y = conv_bn_relu(&self.conv, &y, train)?;
         self.cls.forward(&y)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{DType, Device};
+    use candle_nn::VarMap;
+
+    fn relative_l2(want: &Tensor, got: &Tensor) -> Result<f32> {
+        ((want - got)?.sqr()?.sum_all()?.sqrt()? / want.sqr()?.sum_all()?.sqrt()?)?.to_scalar::<f32>()
+    }
+
+    /// The folded ASPP, whose pooled branch is a bias per image, against the eval-mode ASPP that broadcasts and
+    /// concatenates it: two images whose pooled branches differ (one shifted by a constant), each checked alone so
+    /// that one image's bias used for the other would show.
+    #[test]
+    fn the_folded_projection_adds_each_images_pooled_branch() -> Result<()> {
+        let dev = Device::Cpu;
+        let vm = VarMap::new();
+        let aspp = Aspp::new(16, 8, [1, 2, 3], VarBuilder::from_varmap(&vm, DType::F32, &dev))?;
+        // Move the BatchNorms' running statistics off their defaults.
+        aspp.forward_t(&Tensor::randn(0.5f32, 2.0, (2, 16, 9, 7), &dev)?, true)?;
+        let folded = aspp.fold()?;
+        assert!(folded.split.is_some(), "folded: the projection is split");
+        let x0 = Tensor::randn(0f32, 1.0, (1, 16, 9, 7), &dev)?;
+        let x1 = (Tensor::randn(0f32, 1.0, (1, 16, 9, 7), &dev)? + 3.0)?;
+        let batch = Tensor::cat(&[&x0, &x1], 0)?;
+        let want = aspp.forward_t(&batch, false)?;
+        let got = folded.forward_t(&batch, false)?;
+        assert_eq!(got.dims(), &[2, 8, 9, 7]);
+        for i in 0..2 {
+            let rel = relative_l2(&want.get(i)?, &got.get(i)?)?;
+            assert!(rel < 1e-5, "image {i}: relative L2 {rel}");
+        }
+        assert!(folded.forward_t(&batch, true).is_err(), "a folded ASPP cannot train");
+        Ok(())
     }
 }
