@@ -2,7 +2,8 @@
 //!
 //! Two kinds. Compositions of Candle's own differentiable ops run on every device and get their backward for free:
 //! - [`resize::resize_bilinear`]: PyTorch's `interpolate(mode="bilinear", align_corners=False)` as two matmuls
-//!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward);
+//!   with interpolation matrices (Candle's `upsample_bilinear2d` has no backward); for inference on the CPU in
+//!   f32, two taps along each axis directly;
 //! - [`pool::max_pool_3x3_s2`]: the ResNet stem's max-pool (Candle's backward needs kernel == stride); one op of
 //!   its own on the CPU (f32/f64) and on CUDA (f32/bf16, `elementwise_cuda`), the composition elsewhere;
 //! - [`pool::adaptive_avg_pool2d`]: PyTorch's adaptive average pooling, bins that do not divide the input included;

@@ -1,21 +1,30 @@
 //! Bilinear resize with PyTorch's exact sampling (`align_corners=False`, output size given, no antialias).
+//!
+//! Where a gradient may be needed, or off the CPU, it is two matmuls with interpolation matrices (differentiable,
+//! every device). For inference on the CPU in f32 it is evaluated directly, two taps along each axis: the matmuls
+//! multiply by the matrices' zeros too, which for the logits' 64² → 512² is 30 times the arithmetic.
 
-use candle_core::{Result, Tensor};
+use candle_core::{CpuStorage, DType, Layout, Result, Storage, Tensor};
+use rayon::prelude::*;
 
-use super::{matrix, separable_apply};
+use super::{contiguous_slice, matrix, separable_apply};
 
-/// Interpolation weights for one axis, row-major `[out, inp]`, with PyTorch's source index:
-/// `src = max((dst + 0.5) · inp/out − 0.5, 0)`, `i0 = min(floor(src), inp − 1)`, `i1 = i0 + (i0 < inp − 1)`,
-/// weights `1 − λ` and `λ = src − i0`. The same formula serves up- and down-sampling (PyTorch does not
-/// antialias), so the matrix has at most two non-zeros a row and each row sums to one.
+/// PyTorch's two source taps for output `o` of `out` along an axis of `inp`: `src = max((o + 0.5) · inp/out − 0.5,
+/// 0)`, `i0 = min(floor(src), inp − 1)`, `i1 = i0 + (i0 < inp − 1)`, weights `1 − λ` and `λ = src − i0`.
+fn taps(o: usize, out: usize, inp: usize) -> (usize, usize, f64) {
+    let src = ((o as f64 + 0.5) * (inp as f64 / out as f64) - 0.5).max(0.0);
+    let i0 = (src.floor() as usize).min(inp - 1);
+    let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
+    (i0, i1, (src - i0 as f64).clamp(0.0, 1.0))
+}
+
+/// Interpolation weights for one axis, row-major `[out, inp]` ([`taps`]). The same formula serves up- and
+/// down-sampling (PyTorch does not antialias), so the matrix has at most two non-zeros a row and each row sums to
+/// one.
 pub fn bilinear_weights(out: usize, inp: usize) -> Vec<f64> {
     let mut m = vec![0.0; out * inp];
-    let scale = inp as f64 / out as f64;
     for o in 0..out {
-        let src = ((o as f64 + 0.5) * scale - 0.5).max(0.0);
-        let i0 = (src.floor() as usize).min(inp - 1);
-        let i1 = if i0 + 1 < inp { i0 + 1 } else { i0 };
-        let l1 = (src - i0 as f64).clamp(0.0, 1.0);
+        let (i0, i1, l1) = taps(o, out, inp);
         m[o * inp + i0] += 1.0 - l1;
         m[o * inp + i1] += l1;
     }
@@ -46,6 +55,9 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
     if (h, w) == (1, 1) {
         return x.broadcast_as((b, c, out_h, out_w));
     }
+    if x.device().is_cpu() && x.dtype() == DType::F32 && !x.track_op() {
+        return resize_cpu_f32(x, out_h, out_w);
+    }
     let (dtype, dev) = (x.dtype(), x.device());
     let rows = if h != out_h {
         Some(matrix(bilinear_weights(out_h, h), out_h, h, dtype, dev)?)
@@ -64,6 +76,52 @@ pub fn resize_bilinear(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor>
         None
     };
     separable_apply(x, rows.as_ref(), cols_t.as_ref())
+}
+
+/// One axis's taps as f32 weights, the matrices' values: `(i0, i1, 1 − λ, λ)` per output.
+fn axis_taps(out: usize, inp: usize) -> Vec<(usize, usize, f32, f32)> {
+    (0..out)
+        .map(|o| {
+            let (i0, i1, l1) = taps(o, out, inp);
+            (i0, i1, (1.0 - l1) as f32, l1 as f32)
+        })
+        .collect()
+}
+
+/// [`resize_bilinear`] for f32 on the CPU without a gradient: per plane, each input row interpolated along W once,
+/// then each output row blended from its two (the matmul path's order: columns, then rows).
+fn resize_cpu_f32(x: &Tensor, out_h: usize, out_w: usize) -> Result<Tensor> {
+    let (b, c, h, w) = x.dims4()?;
+    let x = x.contiguous()?;
+    let (storage, layout) = x.storage_and_layout();
+    let src = plane_values(&storage, layout)?;
+    let (rows, cols) = (axis_taps(out_h, h), axis_taps(out_w, w));
+    let mut out = super::output_buffer::<f32>(b * c * out_h * out_w);
+    out.par_chunks_mut(out_h * out_w)
+        .zip(src.par_chunks(h * w))
+        .for_each_init(Vec::new, |across, (o, plane)| {
+            // `across` [h, out_w]: every input row interpolated along W.
+            across.resize(h * out_w, 0f32);
+            for (row, a) in plane.chunks(w).zip(across.chunks_mut(out_w)) {
+                for (v, &(j0, j1, w0, w1)) in a.iter_mut().zip(&cols) {
+                    *v = w0 * row[j0] + w1 * row[j1];
+                }
+            }
+            for (orow, &(i0, i1, w0, w1)) in o.chunks_mut(out_w).zip(&rows) {
+                let (r0, r1) = (&across[i0 * out_w..][..out_w], &across[i1 * out_w..][..out_w]);
+                for ((v, &a0), &a1) in orow.iter_mut().zip(r0).zip(r1) {
+                    *v = w0 * a0 + w1 * a1;
+                }
+            }
+        });
+    Tensor::from_vec(out, (b, c, out_h, out_w), &candle_core::Device::Cpu)
+}
+
+fn plane_values<'a>(storage: &'a Storage, layout: &Layout) -> Result<&'a [f32]> {
+    match storage {
+        Storage::Cpu(CpuStorage::F32(v)) => contiguous_slice(v, layout, "resize_bilinear"),
+        _ => candle_core::bail!("resize_bilinear: expected f32 on the CPU"),
+    }
 }
 
 #[cfg(test)]
@@ -112,6 +170,51 @@ mod tests {
                 assert!((g - e).abs() < 1e-12, "{h}x{w}->{oh}x{ow}: {g} vs {e}");
             }
         }
+        Ok(())
+    }
+
+    /// The direct f32 path (inference on the CPU) against the matmul path (taken for a `Var`, which may need a
+    /// gradient) and the formula: up and down, one axis unchanged, single rows and columns, several planes, and a
+    /// non-contiguous input.
+    #[test]
+    fn the_direct_f32_path_matches_the_matrices_and_the_formula() -> Result<()> {
+        for &(h, w, oh, ow) in &[
+            (3, 5, 7, 11),
+            (7, 5, 3, 2),
+            (4, 4, 9, 4),
+            (5, 1, 2, 6),
+            (1, 6, 4, 3),
+            (64, 64, 512, 512),
+        ] {
+            let x = seeded(&[2, 3, h, w], 11)?.to_dtype(DType::F32)?;
+            let direct = resize_bilinear(&x, oh, ow)?;
+            let var = candle_core::Var::from_tensor(&x)?;
+            let matmul = resize_bilinear(var.as_tensor(), oh, ow)?;
+            assert_eq!(direct.dims(), &[2, 3, oh, ow]);
+            let diff = (&direct - &matmul)?.abs()?.max_all()?.to_scalar::<f32>()?;
+            assert!(diff < 1e-6, "{h}x{w}->{oh}x{ow}: direct and matmul differ by {diff}");
+            let plane = x
+                .get(1)?
+                .get(2)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            let want = reference(&plane, h, w, oh, ow);
+            let got = direct
+                .get(1)?
+                .get(2)?
+                .flatten_all()?
+                .to_dtype(DType::F64)?
+                .to_vec1::<f64>()?;
+            for (g, e) in got.iter().zip(&want) {
+                assert!((g - e).abs() < 1e-5, "{h}x{w}->{oh}x{ow}: {g} vs {e}");
+            }
+        }
+        let x = seeded(&[1, 2, 6, 5], 5)?.to_dtype(DType::F32)?;
+        let transposed = x.transpose(2, 3)?; // [1, 2, 5, 6], not contiguous
+        let want = resize_bilinear(&transposed.contiguous()?, 9, 4)?;
+        let got = resize_bilinear(&transposed, 9, 4)?;
+        assert_eq!((got - want)?.abs()?.max_all()?.to_scalar::<f32>()?, 0.0);
         Ok(())
     }
 

@@ -8,6 +8,9 @@
 //! classes keep their `U` from the first call on, within a process-wide budget (`SEMSEG_KEPT_WEIGHTS_MB`, default
 //! 512 MiB; 0 keeps none), so memory stays bounded whatever the image sizes served. The products read the kept `U`
 //! exactly as the per-call one: the same floats, so the same results.
+//!
+//! A folded 1×1 convolution keeps its weight packed for the AVX-512 kernel here too ([`KeptWeights::pointwise`]),
+//! outside the budget: that copy is the weight's own size, whatever the images.
 
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
