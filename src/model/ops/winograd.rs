@@ -236,6 +236,7 @@ macro_rules! dispatch {
 }
 
 mod by_channel;
+mod by_tile;
 mod kept;
 
 pub use kept::KeptWeights;
@@ -467,18 +468,25 @@ pub(crate) fn conv2d_add(
         .iter()
         .map(|c| kept.and_then(|k| k.get(g, c, weight)))
         .collect();
+    // ASPP's large dilations transform straight from the planes ([`by_tile`]); the rest from interleaved channels.
+    let by_tile = by_tile::suits(&plan.classes);
     for c0 in (0..g.cin).step_by(chunk) {
         let cc = (c0 + chunk).min(g.cin) - c0;
-        let groups = cc.div_ceil(LANES);
-        if interleaved.len() < groups * hw {
-            interleaved.resize(groups * hw, [0.0; LANES]);
-        }
-        interleave(&x[c0 * hw..(c0 + cc) * hw], hw, &mut interleaved[..groups * hw]);
+        let inputs = if by_tile {
+            Inputs::Planes(&x[c0 * hw..(c0 + cc) * hw])
+        } else {
+            let groups = cc.div_ceil(LANES);
+            if interleaved.len() < groups * hw {
+                interleaved.resize(groups * hw, [0.0; LANES]);
+            }
+            interleave(&x[c0 * hw..(c0 + cc) * hw], hw, &mut interleaved[..groups * hw]);
+            Inputs::Interleaved(&interleaved[..groups * hw])
+        };
         let mut at = 0;
         for ((class, size), kept) in plan.classes.iter().zip(&sizes).zip(&kept) {
             let m = &mut product[at..at + g.cout * padded_row(*size)];
             at += g.cout * padded_row(*size);
-            let chunk_of = (&interleaved[..groups * hw], c0..c0 + cc);
+            let chunk_of = (inputs, c0..c0 + cc);
             let weights = match kept {
                 Some(kept) => Weights::Kept(kept.u()),
                 None => Weights::Raw(weight, &mut *transformed_weight),
@@ -502,20 +510,40 @@ enum Weights<'a> {
     Kept(&'a [f32]),
 }
 
-/// One class (algorithm `Y` along rows, `X` along columns), one chunk of input channels (`interleaved`, the
-/// chunk's channels in lane groups, and their range): transforms its inputs (and its weights, unless kept), then
-/// `M[ξ] (+)= U[ξ]·V[ξ]` into `m` `[Cout][ξ][tile]` (overwriting it for the first chunk).
+/// One chunk of input channels as the input transform reads it.
+#[derive(Clone, Copy)]
+enum Inputs<'a> {
+    /// The chunk's channels interleaved into lane groups ([`interleave`]).
+    Interleaved(&'a [Lanes]),
+    /// The chunk's planes as they are (`[cc, H, W]`), for [`by_tile`].
+    Planes(&'a [f32]),
+}
+
+/// One class (algorithm `Y` along rows, `X` along columns), one chunk of input channels (`inputs` and their
+/// range): transforms its inputs (and its weights, unless kept), then `M[ξ] (+)= U[ξ]·V[ξ]` into `m`
+/// `[Cout][ξ][tile]` (overwriting it for the first chunk).
 fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
     g: &ConvGeometry,
     tiles: &[Tile],
-    (interleaved, channels): (&[Lanes], std::ops::Range<usize>),
+    (inputs, channels): (Inputs, std::ops::Range<usize>),
     weights: Weights,
     input: &mut Vec<f32>,
     m: &mut [f32],
 ) {
     let (r2, t, cc) = (Y::R * X::R, tiles.len(), channels.len());
-    let v = aligned(input, r2 * v_stride(t, cc));
-    transform_inputs::<Y, X>(g, tiles, interleaved, cc, v);
+    // V[ξ] channel-major (its matrices and rows apart), or tile-major.
+    let (v, channel_major): (&mut [f32], Option<(usize, usize)>) = match inputs {
+        Inputs::Planes(planes) => {
+            let v = aligned(input, r2 * by_tile::xi_stride(t, cc));
+            by_tile::transform_inputs::<Y, X>(g, tiles, planes, cc, v);
+            (v, Some((by_tile::xi_stride(t, cc), by_tile::row_stride(t))))
+        }
+        Inputs::Interleaved(interleaved) => {
+            let v = aligned(input, r2 * v_stride(t, cc));
+            transform_inputs::<Y, X>(g, tiles, interleaved, cc, v);
+            (v, None)
+        }
+    };
     // U[co][ξ][·]: this chunk's columns start at `u_first`, rows of R²·`u_channels` (padded) apart.
     let (u, u_channels, u_first): (&[f32], usize, usize) = match weights {
         Weights::Kept(u) => (u, g.cin, channels.start),
@@ -550,6 +578,9 @@ fn accumulate_chunk<Y: Algorithm, X: Algorithm>(
                 )
             }
         };
+        if let Some((xi_stride, row_stride)) = channel_major {
+            return product((v[xi * xi_stride..].as_ptr(), row_stride, 1));
+        }
         // V[ξ] is [t, cc] (tile-major): the product's rhs column-major, or copied channel-major first.
         let v_xi = &v[xi * v_stride(t, cc)..][..t * cc];
         if by_channel {
