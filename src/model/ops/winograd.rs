@@ -16,7 +16,8 @@
 //! set of products. DeepLabV3-ResNet-50 at 512² on 2 Zen 4 threads: ASPP's three convs 368 → 279 ms (the
 //! direct ones skipped padded taps already).
 //!
-//! Per chunk of input channels (interleaved once into vectors of 16 channels), per class: the input tiles are
+//! Per chunk of input channels (interleaved once into vectors of 16 channels; at ASPP's dilations 24 and 36, whose
+//! tiles are whole sub-images, read from the planes directly instead: [`by_tile`]), per class: the input tiles are
 //! transformed (`V = Bᵀ·d·B`), the weights too (`U = G·g·Gᵀ`, recomputed on each call, except for an inference
 //! model's folded convolutions, which keep theirs: [`KeptWeights`]), then one product `M[ξ] += U[ξ] · V[ξ]`
 //! (`[Cout, Cin] · [Cin, tiles]`) per pair of the algorithms' multiplications runs on the gemm crate; at the end
