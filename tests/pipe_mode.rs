@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::{Command, Output, Stdio};
@@ -288,26 +288,14 @@ fn sigterm_then_restart_resumes_from_the_checkpoint_in_pipe_mode() {
     let job = pipe_job(&small_hyperparameters(3));
     let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
     let (train, validation) = feed_both(&job, &data, 3);
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--ml-root", job.root().to_str().unwrap(), "train"])
         .env("SEMSEG_PIPE_WAIT_SECS", "60")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let mut first_log = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        first_log.push_str(&line);
-        first_log.push('\n');
-        if line.contains("#metrics epoch=1 validation:mIOU") {
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-        }
-    }
-    let status = child.wait().unwrap();
+    let (status, first_log) = common::sigterm_after_first_validation(child);
     assert!(
         status.success(),
         "a SIGTERM'd job exits cleanly: {status:?}\n{first_log}"

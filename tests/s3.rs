@@ -4,7 +4,7 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{Read, Write};
 use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output, Stdio};
@@ -231,25 +231,13 @@ fn train_stages_channels_uploads_artifacts_and_resumes_from_s3_checkpoints() {
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
 
     let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
-    let mut child = semseg_s3(&server.endpoint(), SECRET_KEY, &args)
+    let child = semseg_s3(&server.endpoint(), SECRET_KEY, &args)
         .stdout(Stdio::piped())
         .stderr(Stdio::inherit())
         .spawn()
         .expect("spawn");
-    let mut first_log = String::new();
-    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
-        let line = line.unwrap();
-        first_log.push_str(&line);
-        first_log.push('\n');
-        if line.contains("#metrics epoch=1 validation:mIOU") {
-            // The checkpoint (and its mirroring) follows before epoch 2's first step, where the job stops.
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-        }
-    }
-    assert!(child.wait().unwrap().success(), "{first_log}");
+    let (status, first_log) = common::sigterm_after_first_validation(child);
+    assert!(status.success(), "{first_log}");
     for channel in CHANNELS {
         let staged = job.channel(channel);
         assert!(staged.is_dir(), "{channel} was not staged:\n{first_log}");

@@ -4,7 +4,6 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -248,27 +247,13 @@ fn psp_trains_to_a_good_miou() {
 fn sigterm_after_epoch_one_then_restart_resumes_at_epoch_two_with_the_same_result() {
     let job = small_job("fcn", 3, "");
     let _cores = CORES.lock().unwrap_or_else(|p| p.into_inner());
-    let mut child = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["--ml-root", job.root().to_str().unwrap(), "train"])
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let mut first_log = String::new();
-    for line in BufReader::new(stdout).lines() {
-        let line = line.unwrap();
-        first_log.push_str(&line);
-        first_log.push('\n');
-        if line.contains("#metrics epoch=1 validation:mIOU") {
-            // SIGTERM once epoch 1 is validated; the checkpoint follows right after, before epoch 2's first step.
-            Command::new("kill")
-                .args(["-TERM", &child.id().to_string()])
-                .status()
-                .unwrap();
-        }
-    }
-    let status = child.wait().unwrap();
+    let (status, first_log) = common::sigterm_after_first_validation(child);
     assert!(
         status.success(),
         "a SIGTERM'd job exits cleanly: {status:?}\n{first_log}"

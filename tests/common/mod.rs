@@ -1,8 +1,9 @@
 //! Helpers shared by the end-to-end tests: a temporary ml-root with a synthetic dataset, and the real binary.
 #![allow(dead_code)]
 
+use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::process::{Child, Command, ExitStatus, Output};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_semseg");
 
@@ -117,6 +118,25 @@ pub fn semseg(args: &[&str]) -> Output {
         .env_remove("SEMSEG_ML_ROOT")
         .output()
         .expect("run semseg")
+}
+
+/// Reads a spawned `train`'s stdout (piped) to its end, sending SIGTERM once epoch 1 is validated (the job
+/// checkpoints right after, before epoch 2's first step), then waits for it: the exit status and what it printed.
+pub fn sigterm_after_first_validation(mut child: Child) -> (ExitStatus, String) {
+    let stdout = child.stdout.take().expect("train's stdout must be piped");
+    let mut log = String::new();
+    for line in BufReader::new(stdout).lines() {
+        let line = line.expect("read train's stdout");
+        log.push_str(&line);
+        log.push('\n');
+        if line.contains("#metrics epoch=1 validation:mIOU") {
+            Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status()
+                .expect("run kill");
+        }
+    }
+    (child.wait().expect("wait for train"), log)
 }
 
 pub fn text(out: &Output) -> String {
