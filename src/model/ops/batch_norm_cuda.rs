@@ -14,13 +14,15 @@
 //!   `∂x = k·g − k·s·∂γ/N·(x − μ) − k·∂β/N` with k = γ·s;
 //! - the batch mean and biased variance come back as `[C]` f32 tensors on the device: no host synchronisation.
 
-use std::sync::{Arc, Mutex, OnceLock};
+use std::sync::{Arc, Mutex};
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::op::BackpropOp;
 use candle_core::{CustomOp3, DType, Layout, Result, Shape, Storage, Tensor};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+
+use super::cuda_kernels::{kernel_prelude, sized_view, KernelModule};
 
 /// Threads per block of every kernel below (the block reduction assumes exactly this many).
 const THREADS: u32 = 256;
@@ -28,23 +30,14 @@ const THREADS: u32 = 256;
 const TARGET_BLOCKS: u32 = 2048;
 /// CUDA's limit on gridDim.y.
 const MAX_GRID_Y: u32 = 65535;
-const MODULE: &str = "semseg_batch_norm";
 
-const KERNELS: &str = r#"
+static KERNELS: KernelModule = KernelModule::new(
+    "semseg_batch_norm",
+    "batch norm",
+    concat!(
+        kernel_prelude!(),
+        r#"
 #define THREADS 256
-typedef unsigned long long u64;
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, u64 i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
-__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
-// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
-__device__ __forceinline__ void st(bf16_t* p, u64 i, float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16_t)(u >> 16);
-}
 
 __device__ __forceinline__ double warp_sum(double v) {
 #pragma unroll
@@ -207,32 +200,14 @@ BN_BACKWARD_SUMS(bn_backward_sums_f32, float)
 BN_BACKWARD_SUMS(bn_backward_sums_bf16, bf16_t)
 BN_BACKWARD_INPUT(bn_backward_input_f32, float)
 BN_BACKWARD_INPUT(bn_backward_input_bf16, bf16_t)
-"#;
-
-/// The kernels' source, for a compile check where NVRTC or nvcc is at hand.
-pub fn kernel_source() -> &'static str {
-    KERNELS
-}
-
-/// The PTX, compiled once per process.
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    super::nvrtc_ptx(&PTX, KERNELS, "batch norm")
-}
+"#
+    ),
+);
 
 /// Compiles the kernels (once per process) and loads them on `dev`: start-up calls it off the critical path, so
 /// the first training step or request finds them ready.
 pub fn preload(dev: &CudaDevice) -> Result<()> {
-    func(dev, "bn_normalize_f32").map(drop)
-}
-
-/// One kernel of the module, loaded on `dev` the first time (Candle caches the module per device).
-fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    Ok(dev.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
-}
-
-fn launch_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
-    candle_core::Error::Cuda(format!("batch norm: launching {what}: {e:?}").into())
+    KERNELS.func(dev, "bn_normalize_f32").map(drop)
 }
 
 /// `x` `[B, C, H, W]` (f32 or bf16, CUDA), `weight`/`bias` `[C]` f32 → (y with x's dtype, differentiable with
@@ -353,15 +328,9 @@ fn per_channel_grid(c: u32) -> LaunchConfig {
     }
 }
 
+/// The `expected` elements of a contiguous operand.
 fn contiguous_view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, expected: usize, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) if end - start == expected => Ok(s.slice(start..end)),
-        _ => candle_core::bail!(
-            "batch norm (CUDA): the {what} must be contiguous with {expected} elements, got {:?} strides {:?}",
-            l.shape(),
-            l.stride()
-        ),
-    }
+    sized_view(s, l, expected, "batch norm (CUDA)", what)
 }
 
 fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, c: u32, what: &str) -> Result<CudaView<'a, f32>> {
@@ -406,7 +375,7 @@ impl BatchNormTrain {
         let mut var = unsafe { dev.alloc::<f32>(c as usize) }?;
         let mut invstd = unsafe { dev.alloc::<f32>(c as usize) }?;
         let mut y = unsafe { dev.alloc::<T>(n) }?;
-        let stats = func(dev, &format!("bn_stats_{suffix}"))?;
+        let stats = KERNELS.func(dev, &format!("bn_stats_{suffix}"))?;
         let cfg = LaunchConfig {
             grid_dim: (s, c, 1),
             block_dim: (THREADS, 1, 1),
@@ -416,9 +385,9 @@ impl BatchNormTrain {
         args.arg(&x).arg(&mut part).arg(&b).arg(&c).arg(&hw);
         // SAFETY: arguments match the kernel's signature (x: T*, part: double*, three unsigned ints); part has
         // C·(2S + 1) doubles for grid (S, C).
-        unsafe { args.launch(cfg) }.map_err(|e| launch_err("bn_stats", e))?;
+        unsafe { args.launch(cfg) }.map_err(|e| KERNELS.launch_err("bn_stats", e))?;
 
-        let finalize = func(dev, "bn_stats_finalize")?;
+        let finalize = KERNELS.func(dev, "bn_stats_finalize")?;
         let count = (b as f64) * (hw as f64);
         let mut args = stream.launch_builder(&finalize);
         args.arg(&part)
@@ -430,9 +399,9 @@ impl BatchNormTrain {
             .arg(&mut var)
             .arg(&mut invstd);
         // SAFETY: matches `bn_stats_finalize`'s signature; one thread per channel.
-        unsafe { args.launch(per_channel_grid(c)) }.map_err(|e| launch_err("bn_stats_finalize", e))?;
+        unsafe { args.launch(per_channel_grid(c)) }.map_err(|e| KERNELS.launch_err("bn_stats_finalize", e))?;
 
-        let normalize = func(dev, &format!("bn_normalize_{suffix}"))?;
+        let normalize = KERNELS.func(dev, &format!("bn_normalize_{suffix}"))?;
         let planes = b * c;
         let relu = self.relu as i32;
         let mut args = stream.launch_builder(&normalize);
@@ -449,7 +418,7 @@ impl BatchNormTrain {
             .arg(&r)
             .arg(&has_r);
         // SAFETY: matches `bn_normalize_*`'s signature; y has B·C·HW elements, as has r when has_r.
-        unsafe { args.launch(elementwise_grid(planes, hw)) }.map_err(|e| launch_err("bn_normalize", e))?;
+        unsafe { args.launch(elementwise_grid(planes, hw)) }.map_err(|e| KERNELS.launch_err("bn_normalize", e))?;
         *lock(&self.saved) = Some(Saved {
             mean: vector(mean, dev),
             var: vector(var, dev),
@@ -606,7 +575,7 @@ impl BatchNormBackward {
         let mut dx = unsafe { dev.alloc::<T>(n) }?;
         let relu = self.relu as i32;
 
-        let sums = func(dev, &format!("bn_backward_sums_{suffix}"))?;
+        let sums = KERNELS.func(dev, &format!("bn_backward_sums_{suffix}"))?;
         let cfg = LaunchConfig {
             grid_dim: (s, c, 1),
             block_dim: (THREADS, 1, 1),
@@ -623,9 +592,9 @@ impl BatchNormBackward {
             .arg(&hw)
             .arg(&relu);
         // SAFETY: matches `bn_backward_sums_*`'s signature; part has C·S·2 doubles for grid (S, C).
-        unsafe { args.launch(cfg) }.map_err(|e| launch_err("bn_backward_sums", e))?;
+        unsafe { args.launch(cfg) }.map_err(|e| KERNELS.launch_err("bn_backward_sums", e))?;
 
-        let finalize = func(dev, "bn_backward_finalize")?;
+        let finalize = KERNELS.func(dev, "bn_backward_finalize")?;
         let count = (b as f64) * (hw as f64);
         let mut args = stream.launch_builder(&finalize);
         args.arg(&part)
@@ -638,9 +607,9 @@ impl BatchNormBackward {
             .arg(&mut dbeta)
             .arg(&mut coef);
         // SAFETY: matches `bn_backward_finalize`'s signature; one thread per channel.
-        unsafe { args.launch(per_channel_grid(c)) }.map_err(|e| launch_err("bn_backward_finalize", e))?;
+        unsafe { args.launch(per_channel_grid(c)) }.map_err(|e| KERNELS.launch_err("bn_backward_finalize", e))?;
 
-        let input = func(dev, &format!("bn_backward_input_{suffix}"))?;
+        let input = KERNELS.func(dev, &format!("bn_backward_input_{suffix}"))?;
         let planes = b * c;
         let mut args = stream.launch_builder(&input);
         args.arg(&dy)
@@ -654,7 +623,7 @@ impl BatchNormBackward {
             .arg(&hw)
             .arg(&relu);
         // SAFETY: matches `bn_backward_input_*`'s signature; dx has B·C·HW elements.
-        unsafe { args.launch(elementwise_grid(planes, hw)) }.map_err(|e| launch_err("bn_backward_input", e))?;
+        unsafe { args.launch(elementwise_grid(planes, hw)) }.map_err(|e| KERNELS.launch_err("bn_backward_input", e))?;
         *lock(&self.out) = Some((vector(dgamma, dev), vector(dbeta, dev)));
         Ok(dx)
     }
@@ -728,7 +697,7 @@ mod tests {
     /// NVRTC needs no GPU: this runs wherever libnvrtc (and a libcuda.so.1, even the link-time stub) loads.
     #[test]
     fn the_kernels_compile_with_nvrtc() {
-        let ptx = super::ptx().expect("NVRTC compiles the batch-norm kernels");
+        let ptx = super::KERNELS.ptx().expect("NVRTC compiles the batch-norm kernels");
         for name in [
             "bn_stats_f32",
             "bn_stats_bf16",

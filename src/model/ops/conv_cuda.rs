@@ -32,6 +32,7 @@ use candle_core::{CustomOp2, DType, Layout, Result, Shape, Tensor};
 use cudarc::cudnn::{result as dnn, sys};
 use cudarc::driver::{CudaSlice, CudaStream, DevicePtr, DevicePtrMut, DeviceRepr};
 
+use super::cuda_kernels::contiguous_view;
 use crate::model::precision;
 
 /// Largest workspace one convolution may use; algorithms that need more are passed over.
@@ -264,7 +265,7 @@ impl CustomOp2 for Backward {
     }
 }
 
-/// The op's inputs are made contiguous before it runs; a start offset is allowed (taken off in [`view`]).
+/// The op's inputs are made contiguous before it runs; a start offset is allowed (taken off in [`contiguous_view`]).
 fn check_layout(l: &Layout, len: usize, what: &str) -> Result<()> {
     match l.contiguous_offsets() {
         Some((start, end)) if end - start == len => Ok(()),
@@ -276,14 +277,6 @@ fn check_layout(l: &Layout, len: usize, what: &str) -> Result<()> {
             "conv2d (cuDNN): the {what} must be contiguous, got strides {:?}",
             l.stride()
         ),
-    }
-}
-
-/// The elements of `s` that the (contiguous) layout `l` covers.
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout) -> Result<cudarc::driver::CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.slice(start..end)),
-        None => candle_core::bail!("conv2d (cuDNN): non-contiguous operand"),
     }
 }
 
@@ -324,7 +317,10 @@ fn run_typed<T: DeviceRepr>(
     out_len: usize,
 ) -> Result<CudaSlice<T>> {
     let stream = dev.cuda_stream();
-    let (a, b) = (view(a, al)?, view(b, bl)?);
+    let (a, b) = (
+        contiguous_view(a, al, "conv2d (cuDNN)", "first operand")?,
+        contiguous_view(b, bl, "conv2d (cuDNN)", "second operand")?,
+    );
     // SAFETY: cuDNN writes every element of the output (beta = 0) before anything reads it.
     let mut out = unsafe { dev.alloc::<T>(out_len) }?;
     {

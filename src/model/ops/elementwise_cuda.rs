@@ -20,33 +20,23 @@
 //!   update is about seven kernels and six parameter-sized allocations per parameter, some 1,270 launches a step
 //!   for DeepLabV3-ResNet-50's 182 parameter tensors; here it is two launches per parameter and no allocation.
 
-use std::sync::OnceLock;
-
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use cudarc::driver::{CudaFunction, CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
 
-const MODULE: &str = "semseg_elementwise";
+use super::cuda_kernels::{contiguous_view, kernel_prelude, KernelModule};
+
 const THREADS: u32 = 256;
 /// Blocks of a grid-stride launch: enough to fill any current GPU many times over.
 const MAX_BLOCKS: u64 = 1 << 16;
 
-const KERNELS: &str = r#"
-typedef unsigned long long u64;
-typedef unsigned short bf16_t;
-
-__device__ __forceinline__ float ld(const float* p, u64 i) { return p[i]; }
-__device__ __forceinline__ float ld(const bf16_t* p, u64 i) { return __uint_as_float(((unsigned int)p[i]) << 16); }
-__device__ __forceinline__ void st(float* p, u64 i, float v) { p[i] = v; }
-// f32 -> bf16, round to nearest even; NaN stays a (quiet) NaN.
-__device__ __forceinline__ void st(bf16_t* p, u64 i, float v) {
-    unsigned int u = __float_as_uint(v);
-    if ((u & 0x7fffffffu) > 0x7f800000u) { p[i] = (bf16_t)((u >> 16) | 0x40u); return; }
-    u += 0x7fffu + ((u >> 16) & 1u);
-    p[i] = (bf16_t)(u >> 16);
-}
-
+static KERNELS: KernelModule = KernelModule::new(
+    "semseg_elementwise",
+    "elementwise",
+    concat!(
+        kernel_prelude!(),
+        r#"
 #define GRID_STRIDE(i, n) for (u64 i = (u64)blockIdx.x * blockDim.x + threadIdx.x; i < (n); i += (u64)gridDim.x * blockDim.x)
 
 #define ADD_RELU(NAME, T)                                                                                      \
@@ -180,25 +170,13 @@ extern "C" __global__ void sgd_apply(float* __restrict__ w, const float* __restr
         w[i] = __fsub_rn(w[i], __fmul_rn(d, lr));
     }
 }
-"#;
-
-/// The kernels' source, for a compile check where NVRTC is at hand.
-pub fn kernel_source() -> &'static str {
-    KERNELS
-}
-
-fn ptx() -> Result<&'static str> {
-    static PTX: OnceLock<std::result::Result<String, String>> = OnceLock::new();
-    super::nvrtc_ptx(&PTX, KERNELS, MODULE)
-}
+"#
+    ),
+);
 
 /// Compiles and loads the kernels on `dev` (start-up calls it, off the critical path).
 pub fn preload(dev: &CudaDevice) -> Result<()> {
-    func(dev, "add_relu_f32").map(drop)
-}
-
-fn func(dev: &CudaDevice, name: &str) -> Result<CudaFunction> {
-    Ok(dev.get_or_load_custom_func(name, MODULE, ptx()?)?.into_cuda_function())
+    KERNELS.func(dev, "add_relu_f32").map(drop)
 }
 
 fn grid(n: u64) -> LaunchConfig {
@@ -209,16 +187,9 @@ fn grid(n: u64) -> LaunchConfig {
     }
 }
 
-fn launch_err(what: &str, e: impl std::fmt::Debug) -> candle_core::Error {
-    candle_core::Error::Cuda(format!("launching {what}: {e:?}").into())
-}
-
-/// The elements of a contiguous operand.
-fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, what: &str) -> Result<CudaView<'a, T>> {
-    match l.contiguous_offsets() {
-        Some((start, end)) => Ok(s.slice(start..end)),
-        None => candle_core::bail!("{what}: the operand must be contiguous, got strides {:?}", l.stride()),
-    }
+/// The elements of a contiguous operand of `op`.
+fn view<'a, T>(s: &'a CudaSlice<T>, l: &Layout, op: &str) -> Result<CudaView<'a, T>> {
+    contiguous_view(s, l, op, "operand")
 }
 
 fn u32_dim(v: usize, what: &str) -> Result<u32> {
@@ -240,13 +211,13 @@ fn binary(name: &str, (a, al): (&CudaStorage, &Layout), (b, bl): (&CudaStorage, 
         let (a, b) = (view(a, al, kernel)?, view(b, bl, kernel)?);
         // SAFETY: the kernel writes all n elements.
         let mut out = unsafe { dev.alloc::<T>(n) }?;
-        let f = func(dev, kernel)?;
+        let f = KERNELS.func(dev, kernel)?;
         let stream = dev.cuda_stream();
         let n64 = n as u64;
         let mut args = stream.launch_builder(&f);
         args.arg(&a).arg(&b).arg(&mut out).arg(&n64);
         // SAFETY: (const T*, const T*, T*, u64) as every binary kernel above; all buffers hold n elements.
-        unsafe { args.launch(grid(n64)) }.map_err(|e| launch_err(kernel, e))?;
+        unsafe { args.launch(grid(n64)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
         Ok(out)
     }
     let dev = a.device();
@@ -356,12 +327,12 @@ impl CustomOp1 for MaxPool {
             let n = planes * u64::from(oh) * u64::from(ow);
             // SAFETY: the kernel writes all n outputs.
             let mut y = unsafe { dev.alloc::<T>(n as usize) }?;
-            let f = func(dev, kernel)?;
+            let f = KERNELS.func(dev, kernel)?;
             let stream = dev.cuda_stream();
             let mut args = stream.launch_builder(&f);
             args.arg(&x).arg(&mut y).arg(&n).arg(&h).arg(&w).arg(&oh).arg(&ow);
             // SAFETY: matches `max_pool_*`'s signature; x holds planes·h·w elements, y n.
-            unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+            unsafe { args.launch(grid(n)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
             Ok(y)
         }
         let dev = s.device();
@@ -415,7 +386,7 @@ impl CustomOp2 for MaxPoolBackward {
             let n = planes * u64::from(h) * u64::from(w);
             // SAFETY: the kernel writes all n input gradients.
             let mut dx = unsafe { dev.alloc::<T>(n as usize) }?;
-            let f = func(dev, kernel)?;
+            let f = KERNELS.func(dev, kernel)?;
             let stream = dev.cuda_stream();
             let mut args = stream.launch_builder(&f);
             args.arg(&x)
@@ -427,7 +398,7 @@ impl CustomOp2 for MaxPoolBackward {
                 .arg(&oh)
                 .arg(&ow);
             // SAFETY: matches `max_pool_backward_*`'s signature and buffer sizes.
-            unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+            unsafe { args.launch(grid(n)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
             Ok(dx)
         }
         let dev = xs.device();
@@ -528,13 +499,13 @@ impl CustomOp3 for CrossEntropy {
         };
         // SAFETY: the kernel writes every element (the loss per pixel, or every logit's gradient).
         let mut out = unsafe { dev.alloc::<f32>(out_len) }?;
-        let f = func(dev, kernel)?;
+        let f = KERNELS.func(dev, kernel)?;
         let stream = dev.cuda_stream();
         let mut args = stream.launch_builder(&f);
         args.arg(&x).arg(&t).arg(&w).arg(&mut out).arg(&n).arg(&c32).arg(&hw);
         // SAFETY: matches `cross_entropy` / `cross_entropy_backward`: (const float*, const unsigned*, const
         // float*, float*, u64, unsigned, unsigned); sizes checked above; targets are below C (the caller's check).
-        unsafe { args.launch(grid(n)) }.map_err(|e| launch_err(kernel, e))?;
+        unsafe { args.launch(grid(n)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
         let shape = if self.backward {
             xl.shape().clone()
         } else {
@@ -599,7 +570,7 @@ fn sgd_in_place(
         )
     };
     let mut t = t.slice_mut(start..end);
-    let f = func(&dev, kernel)?;
+    let f = KERNELS.func(&dev, kernel)?;
     let stream = dev.cuda_stream();
     let n64 = n as u64;
     let mut args = stream.launch_builder(&f);
@@ -613,7 +584,7 @@ fn sgd_in_place(
         .arg(&flag);
     // SAFETY: (float*, const float*, const float*, u64, float, float, float, int) as both SGD kernels take them; all
     // three buffers hold n elements.
-    unsafe { args.launch(grid(n64)) }.map_err(|e| launch_err(kernel, e))?;
+    unsafe { args.launch(grid(n64)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
     Ok(())
 }
 
@@ -660,7 +631,7 @@ mod tests {
     /// NVRTC needs no GPU: this runs wherever libnvrtc (and a libcuda.so.1, even the link-time stub) loads.
     #[test]
     fn the_kernels_compile_with_nvrtc() {
-        let ptx = super::ptx().expect("NVRTC compiles the elementwise kernels");
+        let ptx = super::KERNELS.ptx().expect("NVRTC compiles the elementwise kernels");
         for name in [
             "add_relu_f32",
             "add_relu_bf16",

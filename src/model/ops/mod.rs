@@ -44,6 +44,8 @@ pub mod conv_cpu;
 pub mod conv_cpu_backward;
 #[cfg(feature = "cuda")]
 pub mod conv_cuda;
+#[cfg(feature = "cuda")]
+mod cuda_kernels;
 pub mod device_check;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
@@ -109,28 +111,6 @@ pub(crate) fn separable_apply(x: &Tensor, rows: Option<&Tensor>, cols_t: Option<
         y = m.broadcast_left(b * c)?.matmul(&y3)?;
     }
     y.reshape((b, c, oh, ow))
-}
-
-/// PTX compiled by NVRTC once per process into `cell` (NVRTC needs no GPU; the driver JIT-compiles the PTX for the
-/// device when the module loads). `what` names the module in the error.
-#[cfg(feature = "cuda")]
-pub(crate) fn nvrtc_ptx(
-    cell: &'static std::sync::OnceLock<std::result::Result<String, String>>,
-    source: &str,
-    what: &str,
-) -> Result<&'static str> {
-    cell.get_or_init(|| {
-        cudarc::nvrtc::compile_ptx(source)
-            .map(|p| p.to_src())
-            .map_err(|e| format!("{e:?}"))
-    })
-    .as_ref()
-    .map(String::as_str)
-    .map_err(|e| {
-        candle_core::Error::Cuda(
-            format!("{what}: NVRTC could not compile the kernels (is libnvrtc on LD_LIBRARY_PATH?): {e}").into(),
-        )
-    })
 }
 
 /// A row-major `[rows, cols]` matrix of f64 weights as a tensor of the given dtype and device.
