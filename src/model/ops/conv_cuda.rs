@@ -374,7 +374,8 @@ impl Drop for Handle {
 thread_local! {
     /// cuDNN handles are not thread-safe: one per thread and Candle device (as Candle's own `cudnn.rs` does).
     static HANDLES: RefCell<HashMap<DeviceId, Rc<Handle>>> = RefCell::new(HashMap::new());
-    static CHOICES: RefCell<HashMap<Key, Choice>> = RefCell::new(HashMap::new());
+    /// Each shape's algorithm, with the descriptors it runs with (made once: a call then makes no cuDNN objects).
+    static CHOICES: RefCell<HashMap<Key, (Rc<Descriptors>, Choice)>> = RefCell::new(HashMap::new());
 }
 
 /// This thread's cuDNN handle for `dev`, created on Candle's stream the first time.
@@ -544,7 +545,7 @@ fn returned<P: AlgoPerf>(perf: &[P], n: std::ffi::c_int) -> Vec<Candidate> {
         .collect()
 }
 
-/// The descriptors of one call, built from the geometry and dtype.
+/// The descriptors of one shape, built from the geometry and dtype (and kept with its algorithm in `CHOICES`).
 struct Descriptors {
     x: TensorDesc,
     w: FilterDesc,
@@ -915,9 +916,9 @@ fn launch(
         .context()
         .bind_to_thread()
         .map_err(|e| cuda_err("binding the CUDA context", e))?;
-    let cached = CHOICES.with_borrow(|m| m.get(&key).copied());
+    let cached = CHOICES.with_borrow(|m| m.get(&key).cloned());
     let (d, choice) = match cached {
-        Some(c) => (Descriptors::new(g, dtype, c.math)?, c),
+        Some(hit) => hit,
         None => {
             let d = Descriptors::new(g, dtype, requested_math(dtype, tf32))?;
             let measured = if benchmark() {
@@ -938,7 +939,9 @@ fn launch(
             };
             let c = choose(&h, &d, pass, &key, candidates)?;
             tracing::debug!(?pass, geometry = ?g, ?dtype, tf32, timed, algo = c.algo, math = ?c.math, workspace = c.workspace, "cuDNN algorithm chosen");
-            CHOICES.with_borrow_mut(|m| m.insert(key, c));
+            // `choose` left the convolution descriptor with the chosen math.
+            let d = Rc::new(d);
+            CHOICES.with_borrow_mut(|m| m.insert(key, (d.clone(), c)));
             (d, c)
         }
     };
