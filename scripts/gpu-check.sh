@@ -13,6 +13,7 @@
 #   parity    DeepLabV3-ResNet-50 (torchvision weights, random init) on the GPU vs torchvision, fp32 / auto / bf16;
 #             the first predict runs with an empty CUDA JIT cache (cold start)
 #   serve     a fresh server (empty JIT cache): seconds to the first healthy /ping, then 30 JPEG invocations at c=1
+#             and one of a size not seen before
 #   train     `semseg train` DeepLabV3-ResNet-50: crop 512 batch 8 in auto (TF32), fp32 and bf16; crop 240 batch 16
 #             (the built-in's defaults) in auto; images/s of the last epoch, peak GPU memory, mean utilisation
 #   quality   the CI learning recipe (ResNet-18 FCN on 96x72 synthetic images, 30 epochs) in each precision: mIOU
@@ -265,6 +266,10 @@ if has serve && fits 40 serve; then
     curl -s -m 30 -o /dev/null -w "%{http_code} %{time_total}\n" -H 'Content-Type: image/jpeg' \
       -H 'Accept: image/png' --data-binary @"$W/in.jpg" "localhost:$PORT/invocations"
   done > "$OUT/serve_times.txt"
+  # An image of a size the server has not seen: what a new size costs (cuDNN's heuristics, no timing, in serve).
+  "$PY" -c "from PIL import Image; Image.open('$W/ref/input.png').convert('RGB').resize((480, 352)).save('$W/new_size.jpg', quality=90)"
+  curl -s -m 30 -o /dev/null -w "%{http_code} %{time_total}\n" -H 'Content-Type: image/jpeg' \
+    -H 'Accept: image/png' --data-binary @"$W/new_size.jpg" "localhost:$PORT/invocations" > "$OUT/serve_new_size.txt"
   kill -TERM $SPID 2>/dev/null; wait $SPID 2>/dev/null
 fi
 
@@ -370,6 +375,9 @@ times = sorted(float(l.split()[1]) * 1e3 for l in (read("serve_times.txt", "") o
                if l.startswith("200 "))
 if times:
     s["serve_c1_ms"] = dict(n=len(times), p50=times[len(times) // 2], min=times[0], max=times[-1])
+new_size = (read("serve_new_size.txt", "") or "").split()
+if len(new_size) == 2 and new_size[0] == "200":
+    s["serve_new_size_ms"] = float(new_size[1]) * 1e3
 model_ms = sorted(float(m) for m in re.findall(r"model_ms=([0-9.]+)", read("serve.log", "") or ""))
 if model_ms:
     s["serve_model_ms_p50"] = model_ms[len(model_ms) // 2]

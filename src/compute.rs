@@ -63,6 +63,33 @@ pub struct ComputeArgs {
     pub precision: Precision,
 }
 
+/// What the process runs the network for, which decides how a GPU picks its convolution algorithms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Training steps: the same shapes step after step, so cuDNN's algorithms are timed once per shape (as
+    /// PyTorch's `cudnn.benchmark = True`).
+    Training,
+    /// Serving and predicting: each image keeps its own size, so a new shape takes cuDNN's heuristics (PyTorch's
+    /// default) instead of timing every algorithm of every layer for that one size.
+    Inference,
+}
+
+impl Workload {
+    /// Whether cuDNN times its algorithms for each new convolution shape: as `SEMSEG_CUDNN_BENCHMARK` (`setting`)
+    /// says when it is 1/true/on/yes or 0/false/off/no, else for training only. `Err` names any other setting.
+    pub fn times_conv_algorithms(self, setting: Option<&str>) -> Result<bool, String> {
+        match setting.map(|v| v.trim().to_ascii_lowercase()).as_deref() {
+            None | Some("") => Ok(self == Self::Training),
+            Some("1" | "true" | "on" | "yes") => Ok(true),
+            Some("0" | "false" | "off" | "no") => Ok(false),
+            Some(_) => Err(format!(
+                "SEMSEG_CUDNN_BENCHMARK={:?} is neither 1 nor 0; ignored",
+                setting.unwrap_or_default()
+            )),
+        }
+    }
+}
+
 /// The device and the numeric mode in force for this process.
 #[derive(Debug, Clone)]
 pub struct Compute {
@@ -72,14 +99,22 @@ pub struct Compute {
 }
 
 impl Compute {
-    /// Opens the device, resolves the precision on it, installs it for the ops and logs the result once.
-    pub fn open(choice: DeviceChoice, precision: Precision) -> anyhow::Result<Self> {
+    /// Opens the device, resolves the precision on it, installs it and the `workload`'s algorithm choice for the
+    /// ops, and logs the result once.
+    pub fn open(choice: DeviceChoice, precision: Precision, workload: Workload) -> anyhow::Result<Self> {
         let device = open_device(choice)?;
         let (mode, fallback) = precision::resolve(precision, &device);
         if let Some(note) = fallback {
             tracing::warn!("{note}");
         }
         precision::install(mode);
+        let setting = std::env::var("SEMSEG_CUDNN_BENCHMARK").ok();
+        let timed = workload.times_conv_algorithms(setting.as_deref()).unwrap_or_else(|e| {
+            tracing::warn!("{e}");
+            workload == Workload::Training
+        });
+        #[cfg(feature = "cuda")]
+        crate::model::ops::conv_cuda::set_algorithm_timing(timed);
         tracing::info!(
             device = %describe(&device),
             requested = %choice,
@@ -89,6 +124,8 @@ impl Compute {
             bf16_products = mode.bf16_products,
             bf16_kernel = if mode.bf16_products { crate::model::ops::gemm_bf16::kernel_name() } else { "-" },
             cpu_threads = candle_core::utils::get_num_threads(),
+            ?workload,
+            cudnn_algorithms = if timed { "timed" } else { "heuristic" },
             "compute device chosen"
         );
         Ok(Self {
@@ -339,13 +376,30 @@ mod tests {
 
     #[test]
     fn cpu_and_auto_open_the_cpu_without_a_gpu() -> anyhow::Result<()> {
-        let compute = Compute::open(DeviceChoice::Cpu, Precision::Auto)?;
+        let compute = Compute::open(DeviceChoice::Cpu, Precision::Auto, Workload::Inference)?;
         assert!(compute.device.is_cpu());
         assert_eq!(compute.mode, MathMode::STRICT_F32);
         if !candle_core::utils::cuda_is_available() {
-            assert!(Compute::open(DeviceChoice::Auto, Precision::Fp32)?.device.is_cpu());
+            assert!(Compute::open(DeviceChoice::Auto, Precision::Fp32, Workload::Training)?
+                .device
+                .is_cpu());
         }
         Ok(())
+    }
+
+    #[test]
+    fn training_times_conv_algorithms_and_inference_takes_heuristics_unless_the_setting_says() {
+        assert_eq!(Workload::Training.times_conv_algorithms(None), Ok(true));
+        assert_eq!(Workload::Inference.times_conv_algorithms(None), Ok(false));
+        assert_eq!(Workload::Inference.times_conv_algorithms(Some(" ")), Ok(false));
+        for on in ["1", "true", "ON", " yes "] {
+            assert_eq!(Workload::Inference.times_conv_algorithms(Some(on)), Ok(true), "{on}");
+        }
+        for off in ["0", "False", "off", "no"] {
+            assert_eq!(Workload::Training.times_conv_algorithms(Some(off)), Ok(false), "{off}");
+        }
+        let err = Workload::Training.times_conv_algorithms(Some("fast")).unwrap_err();
+        assert!(err.contains("SEMSEG_CUDNN_BENCHMARK") && err.contains("fast"), "{err}");
     }
 
     #[test]
@@ -358,7 +412,7 @@ mod tests {
     fn asking_for_cuda_in_a_cpu_build_says_so() {
         let err = format!(
             "{:#}",
-            Compute::open(DeviceChoice::Cuda(0), Precision::Auto).unwrap_err()
+            Compute::open(DeviceChoice::Cuda(0), Precision::Auto, Workload::Inference).unwrap_err()
         );
         assert!(
             err.contains("built without CUDA") && err.contains("--device cpu"),

@@ -13,7 +13,7 @@ use std::sync::Arc;
 use anyhow::{bail, ensure, Context, Result};
 use image::{Rgb, RgbImage};
 
-use crate::compute::{Compute, ComputeArgs};
+use crate::compute::{Compute, ComputeArgs, Workload};
 use crate::data::image_io::read_rgb;
 use crate::infer::encode::{mask_png, voc_palette};
 use crate::infer::{model_adapter, Inference, Mask};
@@ -89,7 +89,7 @@ pub fn run(args: &DemoArgs, ml_root: Option<&Path>) -> Result<()> {
     let image = first_validation_image(&ml)?;
     let model_dir = ml.model_dir();
     // Loaded before listening, so the curl line works as soon as it is printed.
-    let compute = Compute::open(args.compute.device, args.compute.precision)?;
+    let compute = Compute::open(args.compute.device, args.compute.precision, Workload::Training)?;
     let segmenter = model_adapter::load(&model_dir, &compute)
         .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     let config = ServeConfig {

@@ -81,7 +81,11 @@ struct DeviceCheckArgs {
 }
 
 fn device_check(args: &DeviceCheckArgs) -> anyhow::Result<()> {
-    let compute = semseg::compute::Compute::open(args.device, semseg::model::precision::Precision::Fp32)?;
+    let compute = semseg::compute::Compute::open(
+        args.device,
+        semseg::model::precision::Precision::Fp32,
+        semseg::compute::Workload::Training,
+    )?;
     if let Some(batch) = args.timing {
         anyhow::ensure!(batch > 0, "--timing needs a batch size of at least 1");
         let report = semseg::model::ops::op_timing::time_ops(&compute.device, batch)?;

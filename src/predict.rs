@@ -9,7 +9,7 @@ use std::path::{Path, PathBuf};
 
 use anyhow::Context;
 
-use crate::compute::{Compute, ComputeArgs};
+use crate::compute::{Compute, ComputeArgs, Workload};
 use crate::data::image_io;
 use crate::infer::model_adapter;
 use crate::infer::{encode, Inference, InferenceLimits, DEFAULT_MAX_MODEL_PIXELS};
@@ -46,7 +46,7 @@ pub struct Predicted {
 /// `semseg predict`.
 pub fn run(args: &PredictArgs) -> anyhow::Result<Vec<Predicted>> {
     let stems = output_stems(&args.images)?;
-    let compute = Compute::open(args.compute.device, args.compute.precision)?;
+    let compute = Compute::open(args.compute.device, args.compute.precision, Workload::Inference)?;
     let segmenter = model_adapter::load(&args.model, &compute)
         .with_context(|| format!("cannot load the model in {}", args.model.display()))?;
     let inference = Inference::new(

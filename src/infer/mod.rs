@@ -51,7 +51,7 @@ pub trait Segmenter: Send + Sync {
     }
 
     /// Runs the network once on a small grey image, so the first request does not pay for one-time set-up (GPU
-    /// kernel loading, convolution algorithm choice, buffers).
+    /// kernels and libraries loaded, buffers pooled).
     fn warm_up(&self) -> anyhow::Result<()> {
         self.mask(&RgbImage::from_pixel(
             WARM_UP_SIDE,

@@ -353,7 +353,11 @@ pub fn run(args: &ServeArgs, ml: &MlRoot) -> anyhow::Result<()> {
     let model_dir = args.model.clone().unwrap_or_else(|| ml.model_dir());
     let compute_args = args.compute;
     let load = move || {
-        let compute = crate::compute::Compute::open(compute_args.device, compute_args.precision)?;
+        let compute = crate::compute::Compute::open(
+            compute_args.device,
+            compute_args.precision,
+            crate::compute::Workload::Inference,
+        )?;
         let segmenter = crate::infer::model_adapter::load(&model_dir, &compute)
             .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
         // Before /ping turns healthy: the first request should not pay for kernel loading and algorithm choice.

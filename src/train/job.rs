@@ -18,7 +18,7 @@ use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
 use super::{incremental, pretrained, report, validation};
-use crate::compute::{Compute, DeviceChoice};
+use crate::compute::{Compute, DeviceChoice, Workload};
 use crate::data::epoch_source::EpochSource;
 use crate::data::loader::LoaderConfig;
 use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
@@ -63,7 +63,7 @@ pub fn run_mirrored(
 ) -> Result<Outcome> {
     // s3:// references in File-mode manifests are downloaded here, before the inputs are checked.
     let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
-    let compute = Compute::open(device, inputs.hyperparameters.precision)?;
+    let compute = Compute::open(device, inputs.hyperparameters.precision, Workload::Training)?;
     let mut job = TrainingJob::start_or_resume(ml, &inputs, &compute, mirror)?;
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;

@@ -12,8 +12,10 @@
 //!   Candle's kernels without synchronising;
 //! - the algorithm of each (pass, shape, dtype, math) is chosen once per thread and cached: by timing every
 //!   algorithm on the call's own buffers (`cudnnFind*AlgorithmEx`, as PyTorch does with `cudnn.benchmark = True`),
-//!   or, with `SEMSEG_CUDNN_BENCHMARK=0`, by cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch's default);
-//!   the fastest (or best-ranked) whose workspace fits in [`WORKSPACE_LIMIT`]. Strict f32 runs with
+//!   or by cuDNN's heuristics (`cudnnGet*Algorithm_v7`, as PyTorch's default); the fastest (or best-ranked) whose
+//!   workspace fits in [`WORKSPACE_LIMIT`]. Timing pays where a shape repeats (training at a fixed crop), not where
+//!   shapes follow the images (serving: each new size would pay for timing every algorithm of every layer), so the
+//!   command chooses ([`set_algorithm_timing`]; `SEMSEG_CUDNN_BENCHMARK=1|0` overrides it). Strict f32 runs with
 //!   `CUDNN_FMA_MATH` only and without the FFT and Winograd algorithms, whose transforms round differently;
 //! - the workspace is allocated per call from Candle's stream-ordered pool and freed on the same stream.
 //!
@@ -24,6 +26,7 @@
 use std::cell::RefCell;
 use std::collections::HashMap;
 use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use candle_core::backend::BackendStorage;
@@ -847,19 +850,17 @@ fn transforms_operands(pass: Pass, algo: u32) -> bool {
     transformed.contains(&algo)
 }
 
-/// Whether algorithms are chosen by timing them (`SEMSEG_CUDNN_BENCHMARK`, on unless 0/false/off).
+/// Whether a new convolution shape has its algorithms timed; set once per process by [`set_algorithm_timing`].
+static TIME_ALGORITHMS: AtomicBool = AtomicBool::new(true);
+
+/// Whether a new convolution shape has its algorithms timed (`true`: the shapes repeat, as in training) or takes
+/// cuDNN's heuristics (`false`: the shapes follow the images, as in serving); `compute::Compute::open` decides.
+pub fn set_algorithm_timing(timed: bool) {
+    TIME_ALGORITHMS.store(timed, Ordering::Relaxed);
+}
+
 fn benchmark() -> bool {
-    static ON: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-    *ON.get_or_init(|| {
-        !matches!(
-            std::env::var("SEMSEG_CUDNN_BENCHMARK")
-                .unwrap_or_default()
-                .trim()
-                .to_ascii_lowercase()
-                .as_str(),
-            "0" | "false" | "off" | "no"
-        )
-    })
+    TIME_ALGORITHMS.load(Ordering::Relaxed)
 }
 
 fn candidate_error(pass: Pass, key: &Key, math: sys::cudnnMathType_t, tried: &[String]) -> Result<Choice> {
