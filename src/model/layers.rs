@@ -270,7 +270,7 @@ impl BatchNorm2d {
             .flatten_all()?
             .affine(1.0 / (n - 1) as f64, 0.0)?
             .to_dtype(rm_dtype)?;
-        self.update_running(&batch_mean, &batch_var)?;
+        self.update_running(&batch_mean, &batch_var, 1.0)?;
         if relu {
             y.relu()
         } else {
@@ -299,21 +299,27 @@ impl BatchNorm2d {
     /// A fused op's output, after its batch statistics (over `n` values a channel) update the running ones.
     fn fused_result(&self, (y, batch_mean, batch_var): (Tensor, Tensor, Tensor), n: usize) -> Result<Tensor> {
         let unbiased = n as f64 / (n - 1) as f64; // PyTorch stores the unbiased variance
-        let batch_var = (batch_var * unbiased)?;
-        self.update_running(&batch_mean, &batch_var)?;
+        self.update_running(&batch_mean, &batch_var, unbiased)?;
         Ok(y)
     }
 
-    /// `running = (1 − m)·running + m·batch`, outside the graph; the batch statistics are `[C]`.
-    fn update_running(&self, batch_mean: &Tensor, batch_var: &Tensor) -> Result<()> {
+    /// `running = (1 − m)·running + m·batch`, outside the graph; the batch statistics are `[C]`, the variance
+    /// multiplied by `var_scale` first (n/(n − 1) turns a biased one into PyTorch's unbiased). In place, one pass a
+    /// statistic, where [`ops::running_stats`] runs.
+    fn update_running(&self, batch_mean: &Tensor, batch_var: &Tensor, var_scale: f64) -> Result<()> {
         let m = self.momentum;
-        let dtype = self.running_mean.dtype();
-        let blend = |running: &Var, batch: &Tensor| -> Result<()> {
-            let batch = batch.to_dtype(dtype)?.affine(m, 0.0)?;
-            running.set(&(running.as_detached_tensor().affine(1.0 - m, 0.0)? + batch)?)
-        };
-        blend(&self.running_mean, batch_mean)?;
-        blend(&self.running_var, batch_var)
+        for (running, batch, scale) in [
+            (&self.running_mean, batch_mean, 1.0),
+            (&self.running_var, batch_var, var_scale),
+        ] {
+            if ops::running_stats::supports(running.as_tensor(), batch) {
+                ops::running_stats::update_in_place(running.as_tensor(), batch, m, scale)?;
+            } else {
+                let batch = (batch.to_dtype(running.dtype())? * scale)?.affine(m, 0.0)?;
+                running.set(&(running.as_detached_tensor().affine(1.0 - m, 0.0)? + batch)?)?;
+            }
+        }
+        Ok(())
     }
 
     fn forward_eval(&self, x: &Tensor) -> Result<Tensor> {

@@ -3,7 +3,7 @@
 //! training BatchNorm (forward with and without ReLU, its three gradients and the batch statistics), the residual
 //! add + ReLU, the stem's max-pool and the cross-entropy loss, in each precision mode: strict fp32, fp32 with TF32
 //! allowed, and bf16 activations with f32 weights; and, once (the weights are f32 in every mode), the optimizer's
-//! in-place sgd / nag update against the CPU's f32 one.
+//! in-place sgd / nag update and BatchNorm's in-place running-statistics update against the CPU's f32 ones.
 //!
 //! The reference sees the same input values the device does (bf16-rounded in bf16 mode), so the errors measure the
 //! kernels' arithmetic, not the rounding of the inputs. Each case reports the relative L2 error
@@ -16,7 +16,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::{add_relu, batch_norm, conv, pool};
+use super::{add_relu, batch_norm, conv, pool, running_stats};
 use crate::model::precision::{self, MathMode};
 use crate::sagemaker::hyperparameters::OptimizerKind;
 use crate::train::loss::{cross_entropy, Targets};
@@ -212,6 +212,8 @@ fn compare_modes(device: &Device, cpu_bf16: bool) -> anyhow::Result<Value> {
                 let run = sgd_case(device, kind, momentum, 900 + 10 * i as u64).with_context(|| format!("sgd {name}"));
                 cases.push(report(mode, "sgd", &name, run));
             }
+            let run = running_stats_case(device, 950).context("running statistics");
+            cases.push(report(mode, "running_stats", "[256], three updates", run));
         }
     }
     let pass = cases.iter().all(|c| c["pass"] == json!(true));
@@ -572,6 +574,31 @@ fn sgd_case(
     Ok(errors)
 }
 
+/// BatchNorm's running mean and (unbiased) variance after three in-place updates, against the CPU's.
+fn running_stats_case(device: &Device, seed: u64) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    const C: usize = 256;
+    let run = |on: &Device| -> anyhow::Result<(Tensor, Tensor)> {
+        let mean = on_device(&seeded(&[C], seed)?, DType::F32, on)?;
+        let var = on_device(&seeded(&[C], seed + 1)?.abs()?, DType::F32, on)?;
+        for step in 0..3u64 {
+            let batch_mean = on_device(&seeded(&[C], seed + 2 + step)?, DType::F32, on)?;
+            let batch_var = on_device(&seeded(&[C], seed + 5 + step)?.abs()?, DType::F32, on)?;
+            anyhow::ensure!(
+                running_stats::supports(&mean, &batch_mean),
+                "the in-place update does not run on {on:?} in this build"
+            );
+            running_stats::update_in_place(&mean, &batch_mean, 0.1, 1.0)?;
+            running_stats::update_in_place(&var, &batch_var, 0.1, 4096.0 / 4095.0)?;
+        }
+        Ok((mean, var))
+    };
+    let ((mean, var), (mean_r, var_r)) = (run(device)?, run(&Device::Cpu)?);
+    Ok(vec![
+        ("mean", relative_l2(&mean, &mean_r)?),
+        ("var", relative_l2(&var, &var_r)?),
+    ])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -583,10 +610,10 @@ mod tests {
         let report = compare_modes(&Device::Cpu, false)?;
         let cases = report["cases"].as_array().expect("cases");
         // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 12 batch norm (plain, relu, residual and
-        // relu) + 3 × 3 elementwise) each, and the 3 optimizer cases once.
+        // relu) + 3 × 3 elementwise) each, and the 3 optimizer cases and the running statistics once.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()) + SGD_CASES.len(),
+            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()) + SGD_CASES.len() + 1,
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();

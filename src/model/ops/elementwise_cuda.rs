@@ -1,7 +1,7 @@
-//! The GPU twins of four CPU ops, as NVRTC kernels (compiled once per process, loaded per device like
+//! The GPU twins of five CPU ops, as NVRTC kernels (compiled once per process, loaded per device like
 //! [`super::batch_norm_cuda`]'s): the residual add + ReLU ([`super::add_relu`]), the stem's 3×3/2 max-pool
-//! ([`super::pool`]), the per-pixel softmax cross-entropy (`train::loss`) and the in-place SGD update
-//! (`train::fused_sgd`).
+//! ([`super::pool`]), the per-pixel softmax cross-entropy (`train::loss`), the in-place SGD update
+//! (`train::fused_sgd`) and BatchNorm's running statistics ([`super::running_stats`]).
 //!
 //! Composed from Candle's ops these cost, per op of a DeepLabV3-ResNet-50 step at batch 8, crop 512, on an H200
 //! (2026-11-28, `device-check --timing`): cross-entropy 10.2 ms forward (a log-softmax over the class axis, which
@@ -18,7 +18,8 @@
 //!   by Candle; backward writes `g·w·(softmax − one-hot)` for every class of the pixel;
 //! - SGD: the momentum buffer, then the parameter, each updated in place in one pass. Composed from Candle's ops the
 //!   update is about seven kernels and six parameter-sized allocations per parameter, some 1,270 launches a step
-//!   for DeepLabV3-ResNet-50's 182 parameter tensors; here it is two launches per parameter and no allocation.
+//!   for DeepLabV3-ResNet-50's 182 parameter tensors; here it is two launches per parameter and no allocation;
+//! - running statistics: one in-place pass per statistic, rounded as the CPU's (`_rn` intrinsics, as SGD's).
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
@@ -169,6 +170,13 @@ extern "C" __global__ void sgd_apply(float* __restrict__ w, const float* __restr
         }
         w[i] = __fsub_rn(w[i], __fmul_rn(d, lr));
     }
+}
+
+// BatchNorm's running statistic in place (model::ops::running_stats), rounded as the CPU's:
+// r <- r * keep + (b * scale) * momentum.
+extern "C" __global__ void running_update(float* __restrict__ r, const float* __restrict__ b, u64 n, float keep,
+                                          float scale, float momentum) {
+    GRID_STRIDE(i, n) { r[i] = __fadd_rn(__fmul_rn(r[i], keep), __fmul_rn(__fmul_rn(b[i], scale), momentum)); }
 }
 "#
     ),
@@ -626,6 +634,38 @@ pub fn sgd_apply_in_place(
     )
 }
 
+/// `running ← running·keep + (batch·scale)·momentum` in place (`model::ops::running_stats`); f32 CUDA operands of
+/// one size.
+pub fn running_update_in_place(
+    (running, rl): (&mut CudaStorage, &Layout),
+    (batch, bl): (&CudaStorage, &Layout),
+    (keep, scale, momentum): (f32, f32, f32),
+) -> Result<()> {
+    const KERNEL: &str = "running_update";
+    let n = rl.shape().elem_count();
+    let dev = running.device().clone();
+    let b = f32_view(batch, bl, n, KERNEL)?;
+    let CudaStorageSlice::F32(r) = &mut running.slice else {
+        candle_core::bail!("{KERNEL}: f32 statistics only, got {:?}", running.dtype())
+    };
+    let Some((start, end)) = rl.contiguous_offsets() else {
+        candle_core::bail!(
+            "{KERNEL}: the running statistic must be contiguous, got strides {:?}",
+            rl.stride()
+        )
+    };
+    let mut r = r.slice_mut(start..end);
+    let f = KERNELS.func(&dev, KERNEL)?;
+    let stream = dev.cuda_stream();
+    let n64 = n as u64;
+    let mut args = stream.launch_builder(&f);
+    args.arg(&mut r).arg(&b).arg(&n64).arg(&keep).arg(&scale).arg(&momentum);
+    // SAFETY: (float*, const float*, u64, float, float, float) as `running_update` takes them; both buffers hold n
+    // elements.
+    unsafe { args.launch(grid(n64)) }.map_err(|e| KERNELS.launch_err(KERNEL, e))?;
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     /// NVRTC needs no GPU: this runs wherever libnvrtc (and a libcuda.so.1, even the link-time stub) loads.
@@ -645,6 +685,7 @@ mod tests {
             "cross_entropy_backward",
             "sgd_momentum",
             "sgd_apply",
+            "running_update",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
         }

@@ -60,6 +60,7 @@ pub mod pool;
 pub mod profile;
 pub mod resize;
 mod row_tiles;
+pub mod running_stats;
 mod small_maps;
 mod tapwise;
 mod winograd;
