@@ -5,6 +5,7 @@
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::Context;
 use candle_core::Device;
@@ -90,6 +91,45 @@ impl Workload {
     }
 }
 
+/// Whether new convolution shapes have cuDNN's algorithms timed in this process (see [`Workload`]); mirrored here so
+/// that [`ImageSizedShapes`] can put it back on every build.
+static CONV_TIMING: AtomicBool = AtomicBool::new(true);
+
+fn install_conv_timing(timed: bool) {
+    CONV_TIMING.store(timed, Ordering::Relaxed);
+    #[cfg(feature = "cuda")]
+    crate::model::ops::conv_cuda::set_algorithm_timing(timed);
+}
+
+/// While alive, new convolution shapes take cuDNN's heuristics, as under [`Workload::Inference`] (unless
+/// `SEMSEG_CUDNN_BENCHMARK=1`): for passes inside a training job whose shapes follow the images, such as
+/// whole-image validation (`validation_mini_batch_size=1`). The process's choice comes back when it drops. Changes
+/// nothing on the CPU.
+#[derive(Debug)]
+pub struct ImageSizedShapes {
+    previous: bool,
+}
+
+impl ImageSizedShapes {
+    pub fn enter() -> Self {
+        let setting = std::env::var("SEMSEG_CUDNN_BENCHMARK").ok();
+        let previous = CONV_TIMING.load(Ordering::Relaxed);
+        // An unreadable setting was already reported when the device opened.
+        install_conv_timing(
+            Workload::Inference
+                .times_conv_algorithms(setting.as_deref())
+                .unwrap_or(false),
+        );
+        Self { previous }
+    }
+}
+
+impl Drop for ImageSizedShapes {
+    fn drop(&mut self) {
+        install_conv_timing(self.previous);
+    }
+}
+
 /// The device and the numeric mode in force for this process.
 #[derive(Debug, Clone)]
 pub struct Compute {
@@ -113,8 +153,7 @@ impl Compute {
             tracing::warn!("{e}");
             workload == Workload::Training
         });
-        #[cfg(feature = "cuda")]
-        crate::model::ops::conv_cuda::set_algorithm_timing(timed);
+        install_conv_timing(timed);
         tracing::info!(
             device = %describe(&device),
             requested = %choice,
@@ -376,6 +415,7 @@ mod tests {
 
     #[test]
     fn cpu_and_auto_open_the_cpu_without_a_gpu() -> anyhow::Result<()> {
+        let _lock = conv_timing_lock();
         let compute = Compute::open(DeviceChoice::Cpu, Precision::Auto, Workload::Inference)?;
         assert!(compute.device.is_cpu());
         assert_eq!(compute.mode, MathMode::STRICT_F32);
@@ -402,6 +442,32 @@ mod tests {
         assert!(err.contains("SEMSEG_CUDNN_BENCHMARK") && err.contains("fast"), "{err}");
     }
 
+    /// Held by the tests that install a convolution-algorithm choice (opening a device does), which is
+    /// process-wide.
+    static CONV_TIMING_TESTS: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+    fn conv_timing_lock() -> std::sync::MutexGuard<'static, ()> {
+        CONV_TIMING_TESTS
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    #[test]
+    fn image_sized_shapes_take_the_heuristics_until_dropped() {
+        if std::env::var_os("SEMSEG_CUDNN_BENCHMARK").is_some() {
+            return; // the setting overrides both choices
+        }
+        let _lock = conv_timing_lock();
+        let found = CONV_TIMING.load(Ordering::Relaxed);
+        install_conv_timing(true);
+        {
+            let _shapes = ImageSizedShapes::enter();
+            assert!(!CONV_TIMING.load(Ordering::Relaxed));
+        }
+        assert!(CONV_TIMING.load(Ordering::Relaxed));
+        install_conv_timing(found);
+    }
+
     #[test]
     fn the_cpu_reports_no_gpu_memory() {
         assert_eq!(gpu_memory_used(&Device::Cpu), None);
@@ -410,6 +476,7 @@ mod tests {
     #[cfg(not(feature = "cuda"))]
     #[test]
     fn asking_for_cuda_in_a_cpu_build_says_so() {
+        let _lock = conv_timing_lock();
         let err = format!(
             "{:#}",
             Compute::open(DeviceChoice::Cuda(0), Precision::Auto, Workload::Inference).unwrap_err()

@@ -12,6 +12,7 @@ use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
 
 use super::metrics::{ConfusionMatrix, Scores};
+use crate::compute::ImageSizedShapes;
 use crate::data::epoch_source::EpochSource;
 use crate::data::loader::LoaderConfig;
 use crate::model::SegmentationModel;
@@ -28,6 +29,8 @@ pub fn validate(
     stop: &AtomicBool,
 ) -> Result<Option<Scores>> {
     let config = LoaderConfig::validation(hp.validation_mini_batch_size as usize, hp.crop_size);
+    // Whole images keep their own sizes: a GPU takes cuDNN's heuristics for them rather than timing each new size.
+    let _shapes = (hp.validation_mini_batch_size == 1).then(ImageSizedShapes::enter);
     let loader = validation.batches(u64::from(epoch), config)?;
     let mut confusion = ConfusionMatrix::new(hp.num_classes as usize);
     for batch in loader {
