@@ -9,7 +9,7 @@ use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, DType, InplaceOp3, Layout, Result, Tensor};
 
 use super::optim::OptimizerConfig;
-use crate::model::ops::contiguous_slice;
+use crate::model::ops::{contiguous_slice, contiguous_slice_mut};
 use crate::sagemaker::hyperparameters::OptimizerKind;
 
 /// Whether [`step`] handles this parameter and its gradient.
@@ -55,11 +55,8 @@ pub fn step(config: &OptimizerConfig, weight: &Tensor, grad: &Tensor, state: &mu
 }
 
 fn f32_slice_mut<'a>(s: &'a mut CpuStorage, l: &Layout, what: &str) -> Result<&'a mut [f32]> {
-    let Some((start, end)) = l.contiguous_offsets() else {
-        candle_core::bail!("{what}: the parameter must be contiguous")
-    };
     match s {
-        CpuStorage::F32(v) => Ok(&mut v[start..end]),
+        CpuStorage::F32(v) => contiguous_slice_mut(v, l, what),
         other => candle_core::bail!("{what}: f32 only, got {:?}", other.dtype()),
     }
 }

@@ -24,7 +24,7 @@
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
 use candle_core::{CustomOp1, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor};
-use cudarc::driver::{CudaSlice, CudaView, DeviceRepr, LaunchConfig, PushKernelArg};
+use cudarc::driver::{CudaSlice, CudaView, CudaViewMut, DeviceRepr, LaunchConfig, PushKernelArg};
 
 use super::cuda_kernels::{contiguous_view, kernel_prelude, KernelModule};
 
@@ -556,6 +556,21 @@ fn f32_view<'a>(s: &'a CudaStorage, l: &Layout, n: usize, what: &str) -> Result<
     }
 }
 
+/// The f32 elements of the contiguous operand an in-place kernel updates.
+fn f32_view_mut<'a>(s: &'a mut CudaStorage, l: &Layout, what: &str) -> Result<CudaViewMut<'a, f32>> {
+    let dtype = s.dtype();
+    let CudaStorageSlice::F32(v) = &mut s.slice else {
+        candle_core::bail!("{what}: f32 operands only, got {dtype:?}")
+    };
+    let Some((start, end)) = l.contiguous_offsets() else {
+        candle_core::bail!(
+            "{what}: the updated operand must be contiguous, got strides {:?}",
+            l.stride()
+        )
+    };
+    Ok(v.slice_mut(start..end))
+}
+
 /// Runs `sgd_momentum` or `sgd_apply` on `target` (updated in place) with the read-only `a` and `b`.
 fn sgd_in_place(
     kernel: &str,
@@ -568,16 +583,7 @@ fn sgd_in_place(
     let n = tl.shape().elem_count();
     let dev = target.device().clone();
     let (a, b) = (f32_view(a, al, n, kernel)?, f32_view(b, bl, n, kernel)?);
-    let CudaStorageSlice::F32(t) = &mut target.slice else {
-        candle_core::bail!("{kernel}: f32 operands only, got {:?}", target.dtype())
-    };
-    let Some((start, end)) = tl.contiguous_offsets() else {
-        candle_core::bail!(
-            "{kernel}: the updated operand must be contiguous, got strides {:?}",
-            tl.stride()
-        )
-    };
-    let mut t = t.slice_mut(start..end);
+    let mut t = f32_view_mut(target, tl, kernel)?;
     let f = KERNELS.func(&dev, kernel)?;
     let stream = dev.cuda_stream();
     let n64 = n as u64;
@@ -645,16 +651,7 @@ pub fn running_update_in_place(
     let n = rl.shape().elem_count();
     let dev = running.device().clone();
     let b = f32_view(batch, bl, n, KERNEL)?;
-    let CudaStorageSlice::F32(r) = &mut running.slice else {
-        candle_core::bail!("{KERNEL}: f32 statistics only, got {:?}", running.dtype())
-    };
-    let Some((start, end)) = rl.contiguous_offsets() else {
-        candle_core::bail!(
-            "{KERNEL}: the running statistic must be contiguous, got strides {:?}",
-            rl.stride()
-        )
-    };
-    let mut r = r.slice_mut(start..end);
+    let mut r = f32_view_mut(running, rl, KERNEL)?;
     let f = KERNELS.func(&dev, KERNEL)?;
     let stream = dev.cuda_stream();
     let n64 = n as u64;

@@ -92,6 +92,14 @@ pub(crate) fn contiguous_slice<'a, T>(v: &'a [T], l: &Layout, what: &str) -> Res
     }
 }
 
+/// [`contiguous_slice`] of the operand an in-place op updates.
+pub(crate) fn contiguous_slice_mut<'a, T>(v: &'a mut [T], l: &Layout, what: &str) -> Result<&'a mut [T]> {
+    match l.contiguous_offsets() {
+        Some((start, end)) => Ok(&mut v[start..end]),
+        None => candle_core::bail!("{what}: the updated operand must be contiguous"),
+    }
+}
+
 /// Applies `rows` (`[oh, h]`) along H and `cols_t` (`[w, ow]`) along W of `x` (`[B, C, h, w]`):
 /// `y[b, c] = rows · x[b, c] · cols_t`, giving `[B, C, oh, ow]`. Either matrix may be `None` (identity).
 /// Matmuls are differentiable in Candle, so any separable linear resampling gets its backward from here.

@@ -9,7 +9,7 @@
 
 use candle_core::{CpuStorage, DType, InplaceOp2, Layout, Result, Tensor};
 
-use super::contiguous_slice;
+use super::{contiguous_slice, contiguous_slice_mut};
 
 /// Whether [`update_in_place`] takes these tensors: f32, contiguous, one shape, on the CPU (or CUDA in a `cuda`
 /// build).
@@ -52,10 +52,7 @@ impl InplaceOp2 for RunningUpdate {
         let (CpuStorage::F32(r), CpuStorage::F32(b)) = (running, batch) else {
             candle_core::bail!("{}: f32 statistics only", self.name())
         };
-        let Some((start, end)) = rl.contiguous_offsets() else {
-            candle_core::bail!("{}: the running statistic must be contiguous", self.name())
-        };
-        let r = &mut r[start..end];
+        let r = contiguous_slice_mut(r, rl, self.name())?;
         let b = contiguous_slice(b, bl, self.name())?;
         if r.len() != b.len() {
             candle_core::bail!("{}: {} running values, {} batch values", self.name(), r.len(), b.len())
