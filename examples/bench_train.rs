@@ -16,7 +16,8 @@ use rand::{Rng, SeedableRng};
 use semseg::model::precision::{self, Precision};
 use semseg::model::{weights, Algorithm, Backbone, ModelConfig, OutputStride, SegmentationModel};
 use semseg::sagemaker::hyperparameters::OptimizerKind;
-use semseg::train::loss::{cross_entropy, Targets};
+use semseg::train::loss::{training_loss, Targets};
+use semseg::train::memory_check;
 use semseg::train::optim::{Optimizer, OptimizerConfig};
 
 fn main() -> Result<()> {
@@ -95,13 +96,9 @@ fn main() -> Result<()> {
             let profiling = print_profile && step == steps + 1;
             semseg::model::ops::profile::enable(profiling);
             let t0 = Instant::now();
-            let y = net.forward_t(&x, true)?;
-            let mut loss = cross_entropy(&y.out, &targets)?;
-            if let Some(a) = &y.aux {
-                loss = (loss + (cross_entropy(a, &targets)? * 0.4)?)?;
-            }
+            let loss = training_loss(&net.forward_t(&x, true)?, &targets)?;
             if step == 0 {
-                graph_mib = graph_bytes(&loss) as f64 / (1 << 20) as f64;
+                graph_mib = memory_check::graph_bytes(&loss) as f64 / (1 << 20) as f64;
             }
             optimizer.step(&loss.backward()?, 0.01)?;
             if profiling {
@@ -123,30 +120,6 @@ fn main() -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// Bytes of the distinct CPU storages the loss's graph holds until backward ends (Candle keeps every op's inputs):
-/// the activations a step keeps, weights excluded.
-fn graph_bytes(loss: &candle_core::Tensor) -> usize {
-    use candle_core::{CpuStorage, Storage};
-    let mut seen = std::collections::HashSet::new();
-    let mut bytes = 0;
-    for node in loss.sorted_nodes() {
-        if node.is_variable() {
-            continue;
-        }
-        let (storage, _) = node.storage_and_layout();
-        if !seen.insert(&*storage as *const Storage as usize) {
-            continue;
-        }
-        bytes += match &*storage {
-            Storage::Cpu(CpuStorage::F32(v)) => v.len() * 4,
-            Storage::Cpu(CpuStorage::F64(v)) => v.len() * 8,
-            Storage::Cpu(CpuStorage::BF16(v)) => v.len() * 2,
-            _ => 0,
-        };
-    }
-    bytes
 }
 
 /// Time and dense GFLOP/s per phase (forward, weight gradient, input gradient) over a step, then the slowest calls.

@@ -15,6 +15,7 @@ pub mod allocator;
 pub mod compute;
 pub mod data;
 pub mod demo;
+pub mod free_memory;
 pub mod infer;
 pub mod model;
 pub mod normalize;

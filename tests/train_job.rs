@@ -463,6 +463,30 @@ fn pretrained_weights_load_from_a_channel_or_the_job_says_how_to_provide_them() 
     assert!(log.contains("ImageNet backbone weights loaded"), "{log}");
 }
 
+/// A step too large for any machine (ResNet-18 FCN at crop 16384, batch 4: terabytes of activations) fails before
+/// training, with the figures and what to lower in output/failure, where the kernel's OOM killer would otherwise end
+/// the process with no word. A job that fits logs the bound beside the memory available.
+#[test]
+fn a_step_that_cannot_fit_in_memory_fails_before_training_and_says_what_to_lower() {
+    let job = small_job("fcn", 1, r#", "crop_size": "16384", "base_size": "16384""#);
+    let out = job.run(&["train"]);
+    let log = text(&out);
+    assert!(!out.status.success(), "{log}");
+    let failure = job.failure().expect("failure file");
+    assert!(failure.contains("not enough memory for training"), "{failure}");
+    assert!(
+        failure.contains("a training step at crop_size 16384 with batches of 4 needs at least"),
+        "{failure}"
+    );
+    assert!(failure.contains("lower crop_size"), "{failure}");
+    assert!(!log.contains("#metrics epoch=1 "), "no step ran: {log}");
+
+    let fits = small_job("fcn", 1, "");
+    let log = train(&fits);
+    assert!(log.contains("memory of a training step"), "{log}");
+    assert!(!log.contains("memory is tight"), "{log}");
+}
+
 #[test]
 fn import_turns_a_torchvision_state_dict_into_a_servable_artifact_and_names_bad_tensors() {
     let trained = small_job("fcn", 1, "");

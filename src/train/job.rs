@@ -13,7 +13,8 @@ use candle_nn::VarMap;
 use super::checkpoint::{self, CheckpointState, EpochRecord};
 use super::early_stopping::EarlyStopping;
 use super::inputs::TrainingInputs;
-use super::loss::{cross_entropy, Targets};
+use super::loss::{training_loss, Targets};
+use super::memory_check::{self, Verdict};
 use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
@@ -28,9 +29,6 @@ use crate::model::{weights, SegmentationModel};
 use crate::sagemaker::{ChannelName, Hyperparameters, MlRoot};
 use crate::storage::manifest_refs::S3ManifestRefs;
 use crate::storage::CheckpointMirror;
-
-/// Weight of the auxiliary head's loss (GluonCV and torchvision use 0.4).
-pub const AUX_LOSS_WEIGHT: f64 = 0.4;
 
 /// How the job ended.
 #[derive(Debug, Clone, PartialEq)]
@@ -64,6 +62,7 @@ pub fn run_mirrored(
     // s3:// references in File-mode manifests are downloaded here, before the inputs are checked.
     let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
     let compute = Compute::open(device, inputs.hyperparameters.precision, Workload::Training)?;
+    check_step_memory(&inputs, &compute)?;
     let mut job = TrainingJob::start_or_resume(ml, &inputs, &compute, mirror)?;
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;
@@ -213,13 +212,7 @@ impl<'a> TrainingJob<'a> {
     ) -> Result<Self> {
         let hp = &inputs.hyperparameters;
         let device = compute.device.clone();
-        let config = ModelConfig::new(
-            hp.algorithm,
-            hp.backbone,
-            hp.num_classes as usize,
-            hp.output_stride,
-            true,
-        )?;
+        let config = model_config(hp)?;
         let varmap = VarMap::new();
         // Weights drawn from the job's seed, so the same hyperparameters train the same network.
         // f32 master weights in every precision; the activations take the compute dtype.
@@ -273,7 +266,7 @@ impl<'a> TrainingJob<'a> {
         meta.crop_size = Some(hp.crop_size);
         meta.hyperparameters = Some(state.hyperparameters.clone());
 
-        let batch_size = (hp.mini_batch_size as usize).min(inputs.train_examples());
+        let batch_size = batch_size(inputs);
         if batch_size < hp.mini_batch_size as usize {
             tracing::warn!(
                 "mini_batch_size {} is larger than the {} training images; using batches of {batch_size}",
@@ -332,11 +325,7 @@ impl<'a> TrainingJob<'a> {
             let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), &self.device)?; // [N, 3, H, W]
             let targets = Targets::new(&batch.labels, batch.n, h, w, &self.device)?;
             crate::model::layers::seed_dropout(hp.seed, self.state.iterations_done, &self.device)?;
-            let output = self.model.forward_t(&x, true)?;
-            let mut loss = cross_entropy(&output.out, &targets)?;
-            if let Some(aux) = &output.aux {
-                loss = (loss + (cross_entropy(aux, &targets)? * AUX_LOSS_WEIGHT)?)?;
-            }
+            let loss = training_loss(&self.model.forward_t(&x, true)?, &targets)?;
             phases.end(1, &self.device)?;
             sample_gpu_memory(&self.device);
             learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
@@ -440,6 +429,69 @@ impl<'a> TrainingJob<'a> {
     fn best_miou(&self) -> f64 {
         self.state.best_miou.unwrap_or(0.0)
     }
+}
+
+/// The network a job trains: its hyperparameters' choice, with the auxiliary head (for the auxiliary loss).
+fn model_config(hp: &Hyperparameters) -> Result<ModelConfig> {
+    Ok(ModelConfig::new(
+        hp.algorithm,
+        hp.backbone,
+        hp.num_classes as usize,
+        hp.output_stride,
+        true,
+    )?)
+}
+
+/// Images per training step: `mini_batch_size`, or every training image when there are fewer.
+fn batch_size(inputs: &TrainingInputs) -> usize {
+    (inputs.hyperparameters.mini_batch_size as usize).min(inputs.train_examples())
+}
+
+/// Fails a job whose step cannot fit in the device's memory before it starts, naming the figures and the batch
+/// that would fit ([`memory_check`]); warns when it fits narrowly. `SEMSEG_MEMORY_CHECK=off` makes the failure a
+/// warning.
+fn check_step_memory(inputs: &TrainingInputs, compute: &Compute) -> Result<()> {
+    let hp = &inputs.hyperparameters;
+    let Some(available) = crate::free_memory::available(&compute.device) else {
+        tracing::info!("the device does not report its free memory; the step's memory is not checked");
+        return Ok(());
+    };
+    let batch = batch_size(inputs);
+    let need = memory_check::estimate(
+        &model_config(hp)?,
+        compute.mode.compute_dtype,
+        hp.optimizer,
+        batch,
+        hp.crop_size as usize,
+    )?;
+    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+    tracing::info!(
+        at_least_gib = gib(need.total()),
+        activations_gib = gib(need.activations),
+        available_gib = gib(available),
+        "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
+         optimizer state)"
+    );
+    let memory = match compute.device {
+        Device::Cpu => "the machine".to_string(),
+        ref gpu => crate::compute::describe(gpu),
+    };
+    match memory_check::judge(&need, available, &memory, batch, hp.crop_size) {
+        Verdict::Fits => Ok(()),
+        Verdict::Tight(warning) => {
+            tracing::warn!("{warning}");
+            Ok(())
+        }
+        Verdict::DoesNotFit(reason) if memory_check_disabled() => {
+            tracing::warn!("{reason} (SEMSEG_MEMORY_CHECK=off: trying anyway)");
+            Ok(())
+        }
+        Verdict::DoesNotFit(reason) => bail!("{reason} (SEMSEG_MEMORY_CHECK=off tries anyway)"),
+    }
+}
+
+fn memory_check_disabled() -> bool {
+    std::env::var("SEMSEG_MEMORY_CHECK").is_ok_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no"))
 }
 
 fn optimizer_config(hp: &Hyperparameters) -> OptimizerConfig {

@@ -13,6 +13,7 @@ use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, T
 use rayon::prelude::*;
 
 use crate::data::IGNORE_LABEL;
+use crate::model::SegOutput;
 
 /// Labels of one batch prepared for the loss: class indices (ignored pixels set to 0) and a 0/1 weight mask.
 pub struct Targets {
@@ -47,6 +48,18 @@ impl Targets {
 
     pub fn counted(&self) -> usize {
         self.counted
+    }
+}
+
+/// Weight of the auxiliary head's loss (GluonCV and torchvision use 0.4).
+pub const AUX_LOSS_WEIGHT: f64 = 0.4;
+
+/// A training step's loss: the main head's cross-entropy plus [`AUX_LOSS_WEIGHT`] times the auxiliary head's.
+pub fn training_loss(output: &SegOutput, targets: &Targets) -> Result<Tensor> {
+    let loss = cross_entropy(&output.out, targets)?;
+    match &output.aux {
+        Some(aux) => loss + (cross_entropy(aux, targets)? * AUX_LOSS_WEIGHT)?,
+        None => Ok(loss),
     }
 }
 

@@ -10,6 +10,7 @@ pub mod incremental;
 pub mod inputs;
 pub mod job;
 pub mod loss;
+pub mod memory_check;
 pub mod metrics;
 pub mod optim;
 pub mod pretrained;
