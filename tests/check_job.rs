@@ -43,6 +43,30 @@ fn bad_and_unknown_hyperparameters_fail_with_the_name_value_and_fix() {
     job.check_passes();
 }
 
+/// PSPNet and DeepLabV3 pool each image to 1×1 before a BatchNorm, which needs two images a batch in training: a job
+/// with batches of one fails in `check`, not at its first step.
+#[test]
+fn pooling_heads_need_batches_of_two() {
+    let job = Job::with_synth(&[]);
+    for algorithm in ["psp", "deeplab"] {
+        job.write_hyperparameters(&format!(
+            r#"{{"num_classes": "4", "num_training_samples": "6", "algorithm": "{algorithm}", "mini_batch_size": "1"}}"#
+        ));
+        let failure = job.check_fails();
+        assert!(
+            failure.contains(&format!(
+                "algorithm={algorithm} cannot train on batches of one image (mini_batch_size 1"
+            )),
+            "{failure}"
+        );
+        assert!(failure.contains("set mini_batch_size to 2 or more"), "{failure}");
+    }
+    job.write_hyperparameters(
+        r#"{"num_classes": "4", "num_training_samples": "6", "algorithm": "fcn", "mini_batch_size": "1"}"#,
+    );
+    job.check_passes();
+}
+
 #[test]
 fn a_missing_channel_fails_naming_it() {
     let job = Job::with_synth(&[]);

@@ -17,6 +17,7 @@ use crate::data::label_map::{LabelLut, LabelMaps};
 use crate::data::loader::labels_out_of_range;
 use crate::data::manifest::{find_manifest, read_manifest, NoRemoteRefs, RemoteRefs, SOURCE_REF};
 use crate::data::pipe::{self, PipeChannel};
+use crate::model::config::Algorithm;
 use crate::sagemaker::channels::{Channel, Channels};
 use crate::sagemaker::{ChannelName, Hyperparameters, InputDataConfig, InputMode, MlRoot, ResourceConfig};
 
@@ -93,6 +94,7 @@ impl TrainingInputs {
                 hyperparameters.num_training_samples
             ),
         }
+        require_batches_of_two(&hyperparameters, &train)?;
         let count = |split: &EpochSource| split.len().map_or_else(|| "streamed".to_string(), |n| n.to_string());
         tracing::info!(
             train = %count(&train),
@@ -116,6 +118,24 @@ impl TrainingInputs {
             .len()
             .unwrap_or(self.hyperparameters.num_training_samples as usize)
     }
+}
+
+/// PSPNet's and DeepLabV3's pooled branches average each image to 1×1, and BatchNorm in training needs at least two
+/// values per channel: such a job would fail at its first step. Training batches are `mini_batch_size` images, or
+/// the whole train channel when it has fewer (the incomplete last batch is dropped).
+fn require_batches_of_two(hp: &Hyperparameters, train: &EpochSource) -> Result<()> {
+    let examples = train.len().unwrap_or(hp.num_training_samples as usize);
+    let batch = (hp.mini_batch_size as usize).min(examples);
+    if batch >= 2 || hp.algorithm == Algorithm::Fcn {
+        return Ok(());
+    }
+    bail!(
+        "algorithm={} cannot train on batches of one image (mini_batch_size {}, {examples} training image(s)): its \
+         pooling branch averages each image to 1×1, and BatchNorm in training needs at least two values per channel; \
+         set mini_batch_size to 2 or more with at least 2 training images, or use algorithm=fcn",
+        hp.algorithm,
+        hp.mini_batch_size
+    )
 }
 
 /// One split's channels: the images channel and the annotation channel that goes with it in File mode.
