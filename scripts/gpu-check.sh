@@ -394,6 +394,7 @@ for log in sorted(glob.glob(os.path.join(out, "train_*.log"))):
         logged_gpu_memory_max_gib=[float(g) for g in re.findall(r"gpu_memory_max_gib=\"?([0-9.]+)", text)],
         mean_gpu_util=statistics.mean(util) if util else None,
         tensors_max_gib=[float(g) for g in re.findall(r"tensors_max_gib=\"?([0-9.]+)", text)],
+        step_memory_bound_gib=next((float(g) for g in re.findall(r"at_least_gib=\"?([0-9.]+)", text)), None),
         step_phases_ms=(re.findall(r"step phases, ms per step: ([^\n]*)", text) or [None])[-1],
         host_peak_rss_gib=int(rss.group(1)) / 2**20 if rss else None,
         error=(re.findall(r"(?:ERROR|error).*", text) or [None])[-1])
