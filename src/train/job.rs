@@ -14,7 +14,7 @@ use super::checkpoint::{self, CheckpointState, EpochRecord};
 use super::early_stopping::EarlyStopping;
 use super::inputs::TrainingInputs;
 use super::loss::{training_loss, Targets};
-use super::memory_check::{self, Verdict};
+use super::memory_check;
 use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
 use super::schedule::Schedule;
@@ -62,7 +62,8 @@ pub fn run_mirrored(
     // s3:// references in File-mode manifests are downloaded here, before the inputs are checked.
     let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
     let compute = Compute::open(device, inputs.hyperparameters.precision, Workload::Training)?;
-    check_step_memory(&inputs, &compute)?;
+    let hp = &inputs.hyperparameters;
+    memory_check::check(&model_config(hp)?, hp, batch_size(&inputs), &compute)?;
     let mut job = TrainingJob::start_or_resume(ml, &inputs, &compute, mirror)?;
     for epoch in job.state.epochs_done..job.hp.epochs {
         let epoch_number = epoch + 1;
@@ -445,53 +446,6 @@ fn model_config(hp: &Hyperparameters) -> Result<ModelConfig> {
 /// Images per training step: `mini_batch_size`, or every training image when there are fewer.
 fn batch_size(inputs: &TrainingInputs) -> usize {
     (inputs.hyperparameters.mini_batch_size as usize).min(inputs.train_examples())
-}
-
-/// Fails a job whose step cannot fit in the device's memory before it starts, naming the figures and the batch
-/// that would fit ([`memory_check`]); warns when it fits narrowly. `SEMSEG_MEMORY_CHECK=off` makes the failure a
-/// warning.
-fn check_step_memory(inputs: &TrainingInputs, compute: &Compute) -> Result<()> {
-    let hp = &inputs.hyperparameters;
-    let Some(available) = crate::free_memory::available(&compute.device) else {
-        tracing::info!("the device does not report its free memory; the step's memory is not checked");
-        return Ok(());
-    };
-    let batch = batch_size(inputs);
-    let need = memory_check::estimate(
-        &model_config(hp)?,
-        compute.mode.compute_dtype,
-        hp.optimizer,
-        batch,
-        hp.crop_size as usize,
-    )?;
-    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
-    tracing::info!(
-        at_least_gib = gib(need.total()),
-        activations_gib = gib(need.activations),
-        available_gib = gib(available),
-        "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
-         optimizer state)"
-    );
-    let memory = match compute.device {
-        Device::Cpu => "the machine".to_string(),
-        ref gpu => crate::compute::describe(gpu),
-    };
-    match memory_check::judge(&need, available, &memory, batch, hp.crop_size) {
-        Verdict::Fits => Ok(()),
-        Verdict::Tight(warning) => {
-            tracing::warn!("{warning}");
-            Ok(())
-        }
-        Verdict::DoesNotFit(reason) if memory_check_disabled() => {
-            tracing::warn!("{reason} (SEMSEG_MEMORY_CHECK=off: trying anyway)");
-            Ok(())
-        }
-        Verdict::DoesNotFit(reason) => bail!("{reason} (SEMSEG_MEMORY_CHECK=off tries anyway)"),
-    }
-}
-
-fn memory_check_disabled() -> bool {
-    std::env::var("SEMSEG_MEMORY_CHECK").is_ok_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no"))
 }
 
 fn optimizer_config(hp: &Hyperparameters) -> OptimizerConfig {

@@ -20,9 +20,11 @@ use candle_core::{DType, Device, Storage, Tensor};
 use candle_nn::{VarBuilder, VarMap};
 
 use super::loss::{training_loss, Targets};
+use crate::compute::Compute;
 use crate::model::config::ModelConfig;
 use crate::model::{weights, SegmentationModel};
 use crate::sagemaker::hyperparameters::OptimizerKind;
+use crate::sagemaker::Hyperparameters;
 
 /// The crops the probe runs at (multiples of 8, as every crop is; large enough for PSPNet's 6×6 bins at output
 /// stride 8).
@@ -180,6 +182,51 @@ pub fn judge(need: &StepMemory, available: u64, device: &str, batch: usize, crop
     } else {
         Verdict::Fits
     }
+}
+
+/// Fails a job whose step cannot fit in `compute`'s memory before it starts, naming the figures and the batch that
+/// would fit; warns when it fits narrowly; logs the bound either way. `SEMSEG_MEMORY_CHECK=off` makes the failure a
+/// warning.
+pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: &Compute) -> Result<()> {
+    let Some(available) = crate::free_memory::available(&compute.device) else {
+        tracing::info!("the device does not report its free memory; the step's memory is not checked");
+        return Ok(());
+    };
+    let need = estimate(
+        config,
+        compute.mode.compute_dtype,
+        hp.optimizer,
+        batch,
+        hp.crop_size as usize,
+    )?;
+    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+    tracing::info!(
+        at_least_gib = gib(need.total()),
+        activations_gib = gib(need.activations),
+        available_gib = gib(available),
+        "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
+         optimizer state)"
+    );
+    let device = match compute.device {
+        Device::Cpu => "the machine".to_string(),
+        ref gpu => crate::compute::describe(gpu),
+    };
+    match judge(&need, available, &device, batch, hp.crop_size) {
+        Verdict::Fits => Ok(()),
+        Verdict::Tight(warning) => {
+            tracing::warn!("{warning}");
+            Ok(())
+        }
+        Verdict::DoesNotFit(reason) if disabled() => {
+            tracing::warn!("{reason} (SEMSEG_MEMORY_CHECK=off: trying anyway)");
+            Ok(())
+        }
+        Verdict::DoesNotFit(reason) => anyhow::bail!("{reason} (SEMSEG_MEMORY_CHECK=off tries anyway)"),
+    }
+}
+
+fn disabled() -> bool {
+    std::env::var("SEMSEG_MEMORY_CHECK").is_ok_and(|v| matches!(v.trim(), "off" | "0" | "false" | "no"))
 }
 
 #[cfg(test)]
