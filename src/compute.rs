@@ -187,11 +187,18 @@ impl Compute {
 /// Bytes of memory in use on `device`'s GPU (the whole GPU, as nvidia-smi counts it: this process's tensors, the
 /// CUDA context, cuDNN workspaces and any other process); `None` on the CPU or when the driver cannot say.
 pub fn gpu_memory_used(device: &Device) -> Option<u64> {
+    let (free, total) = gpu_memory_info(device)?;
+    Some(total.saturating_sub(free))
+}
+
+/// Free and total bytes of `device`'s GPU as its driver reports them; `None` on the CPU or when the driver cannot
+/// say.
+pub fn gpu_memory_info(device: &Device) -> Option<(u64, u64)> {
     #[cfg(feature = "cuda")]
     if let Device::Cuda(cuda) = device {
         cuda.cuda_stream().context().bind_to_thread().ok()?;
         let (free, total) = cudarc::driver::result::mem_get_info().ok()?;
-        return Some(total.saturating_sub(free) as u64);
+        return Some((free as u64, total as u64));
     }
     let _ = device;
     None

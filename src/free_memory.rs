@@ -6,14 +6,8 @@ use candle_core::Device;
 
 /// Bytes `device` can still allocate, or `None` when the platform does not say.
 pub fn available(device: &Device) -> Option<u64> {
-    #[cfg(feature = "cuda")]
-    if let Device::Cuda(cuda) = device {
-        cuda.cuda_stream().context().bind_to_thread().ok()?;
-        let (free, _total) = cudarc::driver::result::mem_get_info().ok()?;
-        return Some(free as u64);
-    }
     if !device.is_cpu() {
-        return None;
+        return crate::compute::gpu_memory_info(device).map(|(free, _total)| free);
     }
     let host = host_available(&std::fs::read_to_string("/proc/meminfo").ok()?)?;
     Some(match cgroup_available() {
