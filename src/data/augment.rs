@@ -259,6 +259,24 @@ pub fn whole_transform(image: &RgbImage, label: &GrayImage) -> Result<Sample, Au
     })
 }
 
+/// The 8-bit image that [`whole_transform`] normalised into `image` (`[3, height, width]`): each sample is
+/// `(x − add) / mul`, rounded, which gives back exactly the byte it came from. Whole-image validation needs the
+/// bytes again to score each image through [`crate::infer::Inference`], as `serve` answers it. `None` when `image`
+/// does not hold 3 × `width` × `height` values.
+pub fn denormalised_rgb(image: &[f32], width: u32, height: u32) -> Option<RgbImage> {
+    let n = (width as usize) * (height as usize);
+    if image.len() != 3 * n {
+        return None;
+    }
+    let (mul, add) = norm_coeffs();
+    let byte = |c: usize, i: usize| ((image[c * n + i] - add[c]) / mul[c]).round().clamp(0.0, 255.0) as u8;
+    let mut raw = Vec::with_capacity(3 * n);
+    for i in 0..n {
+        raw.extend([byte(0, i), byte(1, i), byte(2, i)]);
+    }
+    RgbImage::from_raw(width, height, raw)
+}
+
 /// `v * mul + add == (v/255 - mean)/std`.
 fn norm_coeffs() -> ([f32; 3], [f32; 3]) {
     let mut mul = [0f32; 3];
@@ -794,6 +812,18 @@ mod tests {
         assert_eq!(half_round_even(5), 2);
         assert_eq!(half_round_even(3), 2);
         assert_eq!(half_round_even(7), 4);
+    }
+
+    #[test]
+    fn denormalising_a_whole_image_gives_back_every_byte() {
+        // Every byte value in every channel, at pixel positions that differ per channel.
+        let img = RgbImage::from_fn(64, 4, |x, y| {
+            let v = (y * 64 + x) as u8;
+            Rgb([v, v.wrapping_mul(7), 255 - v])
+        });
+        let s = whole_transform(&img, &GrayImage::new(64, 4)).expect("whole");
+        assert_eq!(denormalised_rgb(&s.image, 64, 4), Some(img));
+        assert_eq!(denormalised_rgb(&s.image, 64, 3), None);
     }
 
     #[test]

@@ -1,7 +1,8 @@
 //! One image (any size) → per-pixel class probabilities → class-index mask: the single inference path shared by
-//! `serve`, `predict` and `demo`, so every way of asking the model gives the same answer. Training's validation does
-//! not come through here: it scores batches of centre crops with the training network ([`crate::train::validation`]);
-//! the end-to-end tests check that the saved model, scored through `semseg predict`, matches the best epoch's mIOU.
+//! `serve`, `predict` and `demo`, so every way of asking the model gives the same answer. Training's whole-image
+//! validation (`validation_mini_batch_size=1`) scores through here too; its crop validation scores batches of centre
+//! crops ([`crate::train::validation`]). The end-to-end tests check that the saved model, scored through
+//! `semseg predict`, matches the best epoch's mIOU.
 //!
 //! A network plugs in through the [`Segmenter`] trait (softmax probabilities at the size of the image it is given).
 //! [`Inference`] wraps one with the policy for large images:

@@ -347,6 +347,17 @@ impl InferenceModel {
         Ok(Self { meta, net })
     }
 
+    /// Wraps a network that is already folded ([`SegmentationModel::fold_batchnorm`]): training's validation scores
+    /// whole images through the same inference path as `serve` without saving the model first.
+    pub fn from_folded(meta: ModelMeta, net: SegmentationModel) -> Result<Self, ArtifactError> {
+        if !net.is_folded() {
+            return Err(ArtifactError::Fold(candle_core::Error::Msg(
+                "inference needs the network with its BatchNorms folded".into(),
+            )));
+        }
+        Ok(Self { meta, net })
+    }
+
     pub fn meta(&self) -> &ModelMeta {
         &self.meta
     }
