@@ -40,8 +40,9 @@ enum Command {
     /// --channel, --output and --checkpoints do the platform's S3 transfers (see the README).
     Train(TrainArgs),
     /// Check a training job's inputs without training: config files, hyperparameters, channels, and every
-    /// image/annotation pair (pairing, sizes, label values after the label map). On failure it writes the reason to
-    /// <ml-root>/output/failure and exits non-zero, exactly as `train` would.
+    /// image/annotation pair (pairing, sizes, label values after the label map); then logs the least memory a
+    /// training step will need. On failure it writes the reason to <ml-root>/output/failure and exits non-zero,
+    /// exactly as `train` would.
     Check,
     /// Turn a torchvision-named state dict (a PyTorch `.pth` or safetensors, e.g. a model trained in PyTorch) into a semseg model
     /// artifact that `serve`, `predict` and incremental training load. Every tensor is checked; missing or mis-shaped
@@ -225,10 +226,7 @@ fn main() -> ExitCode {
     let ml = MlRoot::new(&cli.ml_root);
     match cli.command {
         Command::Train(args) => train_job(&ml, &args),
-        Command::Check => run_job(&ml, "check", || {
-            let remote = semseg::storage::manifest_refs::S3ManifestRefs::for_job(&ml);
-            train::inputs::TrainingInputs::prepare_with(&ml, &remote).map(|_| ())
-        }),
+        Command::Check => run_job(&ml, "check", || train::job::check(&ml)),
         Command::Import(args) => report("import", import(&args)),
         Command::Synth(options) => match synth::generate(&options) {
             Ok(summary) => {

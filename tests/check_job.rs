@@ -67,6 +67,41 @@ fn pooling_heads_need_batches_of_two() {
     job.check_passes();
 }
 
+/// `check` opens no device, so it compares nothing, but it says what a training step will need, so an instance can be
+/// chosen before the job runs: the activations grow with the crop's pixels, and bf16 keeps them in half the bytes.
+#[test]
+fn check_reports_the_memory_a_training_step_needs() {
+    let job = Job::with_synth(&[]);
+    let activations_gib = |crop: u32, precision: &str| -> f64 {
+        job.write_hyperparameters(&format!(
+            r#"{{"num_classes": "4", "num_training_samples": "6", "mini_batch_size": "4", "crop_size": "{crop}",
+                "precision": "{precision}"}}"#
+        ));
+        let out = job.run(&["check"]);
+        let log = text(&out);
+        assert!(out.status.success(), "{log}");
+        let pattern = format!(
+            "memory: a training step at crop_size {crop} with batches of 4 needs at least [0-9.]+ GiB \\(([0-9.]+) \
+             GiB of activations kept for backward, 0\\.39 GiB of weights, gradients and optimizer state\\)"
+        );
+        let captures = regex::Regex::new(&pattern)
+            .unwrap()
+            .captures(&log)
+            .unwrap_or_else(|| panic!("no memory line like {pattern} in {log}"));
+        captures[1].parse().unwrap()
+    };
+    let (at_240, at_480) = (activations_gib(240, "auto"), activations_gib(480, "auto"));
+    assert!(
+        (3.6..4.4).contains(&(at_480 / at_240)),
+        "crop 240: {at_240} GiB, crop 480: {at_480} GiB"
+    );
+    let bf16 = activations_gib(480, "bf16");
+    assert!(
+        (0.45..0.6).contains(&(bf16 / at_480)),
+        "fp32 {at_480} GiB, bf16 {bf16} GiB"
+    );
+}
+
 #[test]
 fn a_missing_channel_fails_naming_it() {
     let job = Job::with_synth(&[]);

@@ -113,6 +113,14 @@ pub fn run_mirrored(
     })
 }
 
+/// `semseg check`: the job's inputs checked as `train` checks them, then the memory a training step will need
+/// logged, so an instance can be chosen before the job runs (check opens no device: nothing is compared).
+pub fn check(ml: &MlRoot) -> Result<()> {
+    let inputs = TrainingInputs::prepare_with(ml, &S3ManifestRefs::for_job(ml))?;
+    let hp = &inputs.hyperparameters;
+    memory_check::report(&model_config(hp)?, hp, batch_size(&inputs))
+}
+
 /// Where a training step's time goes, with `SEMSEG_PROFILE_STEPS=1`: waiting for the batch, upload + forward +
 /// loss, backward, optimiser update. Each phase ends with a device synchronisation, so on a GPU the figures are
 /// the device's time and the steps run slightly slower; off by default (no synchronisation added).

@@ -22,6 +22,7 @@ use candle_nn::{VarBuilder, VarMap};
 use super::loss::{training_loss, Targets};
 use crate::compute::Compute;
 use crate::model::config::ModelConfig;
+use crate::model::precision::Precision;
 use crate::model::{weights, SegmentationModel};
 use crate::sagemaker::hyperparameters::OptimizerKind;
 use crate::sagemaker::Hyperparameters;
@@ -52,6 +53,21 @@ impl StepMemory {
     pub fn largest_batch(&self, available: u64) -> u64 {
         available.saturating_sub(self.parameters) / self.activations_per_image.max(1)
     }
+
+    /// The bound in words: "a training step at crop_size … needs at least … GiB (… of activations …)".
+    pub fn describe(&self, batch: usize, crop: u32) -> String {
+        format!(
+            "a training step at crop_size {crop} with batches of {batch} needs at least {:.1} GiB ({:.1} GiB of \
+             activations kept for backward, {:.2} GiB of weights, gradients and optimizer state)",
+            gib(self.total()),
+            gib(self.activations),
+            gib(self.parameters)
+        )
+    }
+}
+
+fn gib(bytes: u64) -> f64 {
+    bytes as f64 / (1u64 << 30) as f64
 }
 
 /// The bound for `config` at `crop`×`crop`, batches of `batch`, activations in `compute_dtype`, trained by `optimizer`.
@@ -152,15 +168,10 @@ pub enum Verdict {
 
 /// Compare the bound with the `available` bytes of `device` (named as in the message: "the machine", "cuda:0").
 pub fn judge(need: &StepMemory, available: u64, device: &str, batch: usize, crop: u32) -> Verdict {
-    let gib = |b: u64| b as f64 / (1u64 << 30) as f64;
     let total = need.total();
     let figures = format!(
-        "a training step at crop_size {crop} with batches of {batch} needs at least {:.1} GiB ({:.1} GiB of \
-         activations kept for backward, {:.2} GiB of weights, gradients and optimizer state), and {device} has \
-         {:.1} GiB available",
-        gib(total),
-        gib(need.activations),
-        gib(need.parameters),
+        "{}, and {device} has {:.1} GiB available",
+        need.describe(batch, crop),
         gib(available)
     );
     if total > available {
@@ -199,11 +210,11 @@ pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: 
         batch,
         hp.crop_size as usize,
     )?;
-    let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
+    let two_places = |bytes: u64| format!("{:.2}", gib(bytes));
     tracing::info!(
-        at_least_gib = gib(need.total()),
-        activations_gib = gib(need.activations),
-        available_gib = gib(available),
+        at_least_gib = two_places(need.total()),
+        activations_gib = two_places(need.activations),
+        available_gib = two_places(available),
         "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
          optimizer state)"
     );
@@ -223,6 +234,22 @@ pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: 
         }
         Verdict::DoesNotFit(reason) => anyhow::bail!("{reason} (SEMSEG_MEMORY_CHECK=off tries anyway)"),
     }
+}
+
+/// For `semseg check`, which opens no device: logs the bound for the job's settings, activations in bf16 when
+/// `precision=bf16` (as a GPU runs them), else f32.
+pub fn report(config: &ModelConfig, hp: &Hyperparameters, batch: usize) -> Result<()> {
+    let dtype = match hp.precision {
+        Precision::Bf16 => DType::BF16,
+        Precision::Auto | Precision::Fp32 => DType::F32,
+    };
+    let need = estimate(config, dtype, hp.optimizer, batch, hp.crop_size as usize)?;
+    tracing::info!(
+        "memory: {}; the training instance's GPU (or its memory, on a CPU instance) needs that much free, and more \
+         for backward's gradients and the allocator",
+        need.describe(batch, hp.crop_size)
+    );
+    Ok(())
 }
 
 fn disabled() -> bool {
