@@ -36,17 +36,22 @@ pub const WARN_FRACTION: f64 = 0.8;
 /// The least memory one training step needs.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct StepMemory {
-    /// What the graph of one step holds until backward ends: the activations of `batch` crops.
-    pub activations: u64,
+    /// Images per step.
+    pub batch: usize,
+    /// What the graph of one step holds until backward ends, per image of the batch.
+    pub activations_per_image: u64,
     /// Weights, their gradients and the optimizer's state (f32).
     pub parameters: u64,
-    /// Activations of one image at the crop, so the caller can say what batch would fit.
-    pub activations_per_image: u64,
 }
 
 impl StepMemory {
+    /// What the graph of one step holds until backward ends: the activations of the batch.
+    pub fn activations(&self) -> u64 {
+        self.activations_per_image * self.batch as u64
+    }
+
     pub fn total(&self) -> u64 {
-        self.activations + self.parameters
+        self.activations() + self.parameters
     }
 
     /// The largest batch whose step fits in `available` by this bound (0 when not even one image does).
@@ -55,12 +60,13 @@ impl StepMemory {
     }
 
     /// The bound in words: "a training step at crop_size … needs at least … GiB (… of activations …)".
-    pub fn describe(&self, batch: usize, crop: u32) -> String {
+    pub fn describe(&self, crop: u32) -> String {
         format!(
-            "a training step at crop_size {crop} with batches of {batch} needs at least {:.1} GiB ({:.1} GiB of \
+            "a training step at crop_size {crop} with batches of {} needs at least {:.1} GiB ({:.1} GiB of \
              activations kept for backward, {:.2} GiB of weights, gradients and optimizer state)",
+            self.batch,
             gib(self.total()),
-            gib(self.activations),
+            gib(self.activations()),
             gib(self.parameters)
         )
     }
@@ -100,9 +106,9 @@ pub fn estimate(
         .sum();
     let copies = 2 + state_tensors_per_parameter(optimizer); // weight, gradient, state
     Ok(StepMemory {
-        activations: per_image * batch as u64,
-        parameters: (parameter_count * copies * 4) as u64,
+        batch,
         activations_per_image: per_image,
+        parameters: (parameter_count * copies * 4) as u64,
     })
 }
 
@@ -167,11 +173,11 @@ pub enum Verdict {
 }
 
 /// Compare the bound with the `available` bytes of `device` (named as in the message: "the machine", "cuda:0").
-pub fn judge(need: &StepMemory, available: u64, device: &str, batch: usize, crop: u32) -> Verdict {
+pub fn judge(need: &StepMemory, available: u64, device: &str, crop: u32) -> Verdict {
     let total = need.total();
     let figures = format!(
         "{}, and {device} has {:.1} GiB available",
-        need.describe(batch, crop),
+        need.describe(crop),
         gib(available)
     );
     if total > available {
@@ -213,7 +219,7 @@ pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: 
     let two_places = |bytes: u64| format!("{:.2}", gib(bytes));
     tracing::info!(
         at_least_gib = two_places(need.total()),
-        activations_gib = two_places(need.activations),
+        activations_gib = two_places(need.activations()),
         available_gib = two_places(available),
         "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
          optimizer state)"
@@ -222,7 +228,7 @@ pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: 
         Device::Cpu => "the machine".to_string(),
         ref gpu => crate::compute::describe(gpu),
     };
-    match judge(&need, available, &device, batch, hp.crop_size) {
+    match judge(&need, available, &device, hp.crop_size) {
         Verdict::Fits => Ok(()),
         Verdict::Tight(warning) => {
             tracing::warn!("{warning}");
@@ -247,7 +253,7 @@ pub fn report(config: &ModelConfig, hp: &Hyperparameters, batch: usize) -> Resul
     tracing::info!(
         "memory: {}; the training instance's GPU (or its memory, on a CPU instance) needs that much free, and more \
          for backward's gradients and the allocator",
-        need.describe(batch, hp.crop_size)
+        need.describe(hp.crop_size)
     );
     Ok(())
 }
@@ -274,13 +280,12 @@ mod tests {
             let config = ModelConfig::new(algorithm, Backbone::Resnet18, 3, OutputStride::Eight, true).expect("cfg");
             let bound = estimate(&config, DType::F32, OptimizerKind::Sgd, 3, 160).expect("estimate");
             let actual = measured(&config, 3, 160) as f64;
-            let error = (bound.activations as f64 - actual).abs() / actual;
+            let error = (bound.activations() as f64 - actual).abs() / actual;
             assert!(
                 error < 0.02,
                 "{algorithm:?}: estimated {} bytes, measured {actual}",
-                bound.activations
+                bound.activations()
             );
-            assert_eq!(bound.activations, 3 * bound.activations_per_image);
         }
     }
 
@@ -298,18 +303,19 @@ mod tests {
         assert_eq!(sgd.parameters, (count * 3 * 4) as u64);
         assert_eq!(adam.parameters, (count * 4 * 4) as u64);
         let bf16 = estimate(&config, DType::BF16, OptimizerKind::Sgd, 1, 64).expect("bf16");
-        assert!(bf16.activations * 2 <= sgd.activations + 1 && bf16.activations * 2 + 2 >= sgd.activations);
+        let (bf16, f32) = (bf16.activations(), sgd.activations());
+        assert!(bf16 * 2 <= f32 + 1 && bf16 * 2 + 2 >= f32);
     }
 
     #[test]
     fn the_verdict_fails_what_cannot_fit_and_says_what_batch_would() {
         const GIB: u64 = 1 << 30;
         let need = StepMemory {
-            activations: 8 * 3 * GIB,
-            parameters: GIB,
+            batch: 8,
             activations_per_image: 3 * GIB,
+            parameters: GIB,
         };
-        let Verdict::DoesNotFit(message) = judge(&need, 20 * GIB, "the machine", 8, 1024) else {
+        let Verdict::DoesNotFit(message) = judge(&need, 20 * GIB, "the machine", 1024) else {
             panic!("25 GiB cannot fit in 20")
         };
         assert!(message.contains("crop_size 1024 with batches of 8"), "{message}");
@@ -317,12 +323,12 @@ mod tests {
         assert!(message.contains("has 20.0 GiB available"), "{message}");
         assert!(message.contains("lower mini_batch_size to 6 or less"), "{message}");
 
-        let Verdict::DoesNotFit(message) = judge(&need, 2 * GIB, "cuda:0", 8, 1024) else {
+        let Verdict::DoesNotFit(message) = judge(&need, 2 * GIB, "cuda:0", 1024) else {
             panic!("not even one image fits")
         };
         assert!(message.contains("lower crop_size"), "{message}");
 
-        assert!(matches!(judge(&need, 30 * GIB, "m", 8, 1024), Verdict::Tight(_)));
-        assert_eq!(judge(&need, 32 * GIB, "m", 8, 1024), Verdict::Fits);
+        assert!(matches!(judge(&need, 30 * GIB, "m", 1024), Verdict::Tight(_)));
+        assert_eq!(judge(&need, 32 * GIB, "m", 1024), Verdict::Fits);
     }
 }
