@@ -393,6 +393,7 @@ for log in sorted(glob.glob(os.path.join(out, "train_*.log"))):
         smi_peak_gib=smi_peak_gib(f"smi_train_{name}.csv"),
         logged_gpu_memory_max_gib=[float(g) for g in re.findall(r"gpu_memory_max_gib=\"?([0-9.]+)", text)],
         mean_gpu_util=statistics.mean(util) if util else None,
+        logged_gpu_utilisation_percent=[float(u) for u in re.findall(r"gpu_utilisation_percent=\"?([0-9.]+)", text)],
         tensors_max_gib=[float(g) for g in re.findall(r"tensors_max_gib=\"?([0-9.]+)", text)],
         step_memory_bound_gib=next((float(g) for g in re.findall(r"at_least_gib=\"?([0-9.]+)", text)), None),
         step_phases_ms=(re.findall(r"step phases, ms per step: ([^\n]*)", text) or [None])[-1],

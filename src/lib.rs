@@ -16,6 +16,7 @@ pub mod compute;
 pub mod data;
 pub mod demo;
 pub mod free_memory;
+pub mod gpu_utilisation;
 pub mod infer;
 pub mod model;
 pub mod normalize;

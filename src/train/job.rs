@@ -22,6 +22,7 @@ use super::{incremental, pretrained, report, validation};
 use crate::compute::{Compute, DeviceChoice, Workload};
 use crate::data::epoch_source::EpochSource;
 use crate::data::loader::LoaderConfig;
+use crate::gpu_utilisation;
 use crate::model::artifact::{self, ModelMeta, TrainingMetrics};
 use crate::model::config::ModelConfig;
 use crate::model::seeded_init::seeded_var_builder;
@@ -92,8 +93,13 @@ pub fn run_mirrored(
                 epoch = epoch_number,
                 gpu_memory_max_gib = gib(bytes),
                 tensors_max_gib = trained.gpu_tensor_memory_max.map(gib).unwrap_or_default(),
-                "GPU memory: in use on the GPU at its highest sample this epoch (after a forward or a backward; \
-                 pooled memory and the CUDA context included), and the most this epoch's training tensors held at once"
+                gpu_utilisation_percent = trained
+                    .gpu_utilisation
+                    .map(|u| format!("{:.0}", u.mean_percent))
+                    .unwrap_or_default(),
+                "GPU: memory in use at its highest sample this epoch (after a forward or a backward; pooled memory \
+                 and the CUDA context included), the most this epoch's training tensors held at once, and the mean \
+                 share of the epoch's training time in which a kernel ran (NVML, as nvidia-smi)"
             );
         }
         if job.end_epoch(record, &scores)? == Continue::StopEarly {
@@ -179,6 +185,8 @@ struct EpochTraining {
     gpu_memory_max: Option<u64>,
     /// The most bytes the epoch's tensors held at once (the allocator's high-water mark; None on the CPU).
     gpu_tensor_memory_max: Option<u64>,
+    /// How busy the GPU was while the epoch trained (None on the CPU or without NVML).
+    gpu_utilisation: Option<crate::gpu_utilisation::Utilisation>,
     /// The rate of the epoch's last step.
     learning_rate: f64,
 }
@@ -208,6 +216,8 @@ struct TrainingJob<'a> {
     batch_size: usize,
     /// Where each checkpoint is copied after it is saved, when the job mirrors them to S3.
     mirror: Option<&'a CheckpointMirror>,
+    /// The log has said why the GPU's utilisation cannot be sampled.
+    utilisation_unavailable_said: bool,
 }
 
 impl<'a> TrainingJob<'a> {
@@ -298,6 +308,7 @@ impl<'a> TrainingJob<'a> {
             validation: &inputs.validation,
             batch_size,
             mirror,
+            utilisation_unavailable_said: false,
         })
     }
 
@@ -321,6 +332,7 @@ impl<'a> TrainingJob<'a> {
             }
         };
         let mut phases = StepPhases::from_env();
+        let utilisation = self.start_utilisation_sampler();
         let mut loader = loader.into_iter();
         loop {
             phases.start();
@@ -366,7 +378,24 @@ impl<'a> TrainingJob<'a> {
             learning_rate,
             gpu_memory_max,
             gpu_tensor_memory_max: crate::compute::gpu_tensor_memory_high(&self.device),
+            gpu_utilisation: utilisation.and_then(gpu_utilisation::Sampler::finish),
         }))
+    }
+
+    /// On a GPU, starts sampling its utilisation for the epoch; where NVML cannot be read, says why (once a job).
+    fn start_utilisation_sampler(&mut self) -> Option<gpu_utilisation::Sampler> {
+        if self.device.is_cpu() {
+            return None;
+        }
+        match gpu_utilisation::Sampler::start(&self.device) {
+            Ok(sampler) => Some(sampler),
+            Err(reason) => {
+                if !std::mem::replace(&mut self.utilisation_unavailable_said, true) {
+                    tracing::info!("the GPU's utilisation is not logged: {reason}");
+                }
+                None
+            }
+        }
     }
 
     /// Score the network on the validation channel after `epoch` (from 0); `None` when SIGTERM arrived meanwhile.
