@@ -186,7 +186,7 @@ struct EpochTraining {
     /// The most bytes the epoch's tensors held at once (the allocator's high-water mark; None on the CPU).
     gpu_tensor_memory_max: Option<u64>,
     /// How busy the GPU was while the epoch trained (None on the CPU or without NVML).
-    gpu_utilisation: Option<crate::gpu_utilisation::Utilisation>,
+    gpu_utilisation: Option<gpu_utilisation::Utilisation>,
     /// The rate of the epoch's last step.
     learning_rate: f64,
 }
