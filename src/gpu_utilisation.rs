@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use candle_core::Device;
 
@@ -50,11 +50,15 @@ impl Sampler {
             .name("gpu-utilisation".into())
             .spawn(move || {
                 let (mut sum, mut samples) = (0u64, 0usize);
-                loop {
-                    std::thread::park_timeout(period);
-                    if stopped.load(Ordering::Acquire) {
-                        break;
+                let mut next = Instant::now() + period;
+                while !stopped.load(Ordering::Acquire) {
+                    // Parking may end early (an unpark, or spuriously): sample only once the period is over.
+                    let now = Instant::now();
+                    if now < next {
+                        std::thread::park_timeout(next - now);
+                        continue;
                     }
+                    next = now + period;
                     if let Some(percent) = read() {
                         sum += u64::from(percent.min(100));
                         samples += 1;
