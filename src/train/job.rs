@@ -88,11 +88,13 @@ pub fn run_mirrored(
         };
         report::log_metrics(&record, started.elapsed().as_secs_f64());
         if let Some(bytes) = trained.gpu_memory_max {
-            let gib = |b: u64| format!("{:.2}", b as f64 / (1u64 << 30) as f64);
             tracing::info!(
                 epoch = epoch_number,
-                gpu_memory_max_gib = gib(bytes),
-                tensors_max_gib = trained.gpu_tensor_memory_max.map(gib).unwrap_or_default(),
+                gpu_memory_max_gib = memory_check::gib_two_places(bytes),
+                tensors_max_gib = trained
+                    .gpu_tensor_memory_max
+                    .map(memory_check::gib_two_places)
+                    .unwrap_or_default(),
                 gpu_utilisation_percent = trained
                     .gpu_utilisation
                     .map(|u| format!("{:.0}", u.mean_percent))

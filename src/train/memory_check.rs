@@ -76,6 +76,11 @@ fn gib(bytes: u64) -> f64 {
     bytes as f64 / (1u64 << 30) as f64
 }
 
+/// `bytes` in GiB with two decimals, as the log lines' `*_gib` fields give them.
+pub fn gib_two_places(bytes: u64) -> String {
+    format!("{:.2}", gib(bytes))
+}
+
 /// The bound for `config` at `crop`×`crop`, batches of `batch`, activations in `compute_dtype`, trained by `optimizer`.
 pub fn estimate(
     config: &ModelConfig,
@@ -216,11 +221,10 @@ pub fn check(config: &ModelConfig, hp: &Hyperparameters, batch: usize, compute: 
         batch,
         hp.crop_size as usize,
     )?;
-    let two_places = |bytes: u64| format!("{:.2}", gib(bytes));
     tracing::info!(
-        at_least_gib = two_places(need.total()),
-        activations_gib = two_places(need.activations()),
-        available_gib = two_places(available),
+        at_least_gib = gib_two_places(need.total()),
+        activations_gib = gib_two_places(need.activations()),
+        available_gib = gib_two_places(available),
         "memory of a training step (a lower bound: the activations kept for backward, weights, gradients and \
          optimizer state)"
     );
