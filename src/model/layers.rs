@@ -4,13 +4,10 @@
 //! Each constructor takes a `VarBuilder` already scoped to the torchvision module path, so parameter names come
 //! from the structure (`vb.pp("layer1").pp(0).pp("conv1")` → `layer1.0.conv1.weight`).
 
-use std::cell::RefCell;
 use std::sync::Arc;
 
-use candle_core::{DType, Device, Module, ModuleT, Result, Tensor, Var};
+use candle_core::{DType, Module, ModuleT, Result, Tensor, Var};
 use candle_nn::{Init, VarBuilder};
-use rand::{Rng, SeedableRng};
-use rand_chacha::ChaCha8Rng;
 
 use super::ops;
 use super::ops::conv::{conv2d_fused, KeptWeights};
@@ -445,28 +442,16 @@ pub fn conv_bn_relu(unit: &ConvBn, x: &Tensor, train: bool) -> Result<Tensor> {
     unit.forward_with(x, None, true, train)
 }
 
-thread_local! {
-    /// The dropout masks' random stream on this thread, when a training loop set one ([`seed_dropout`]).
-    static DROPOUT_RNG: RefCell<Option<ChaCha8Rng>> = const { RefCell::new(None) };
-}
-
 /// Draw the dropout masks of training `step` from a stream fixed by the job's `seed`, so a job, and a job resumed
-/// from a checkpoint, drops the same units as an uninterrupted run with the same seed. On the CPU the masks come from
-/// this thread's seeded ChaCha stream; on a GPU from the device's own generator, reseeded for the step (no host-side
-/// mask, no copy). Without a call, masks come from Candle's unseeded generator.
-pub fn seed_dropout(seed: u64, step: u64, device: &Device) -> Result<()> {
-    let mut rng = ChaCha8Rng::seed_from_u64(seed ^ 0x6472_6f70_6f75_7421); // "dropout!": apart from other streams
-    rng.set_stream(step);
-    if device.is_cpu() {
-        DROPOUT_RNG.with(|cell| *cell.borrow_mut() = Some(rng));
-        Ok(())
-    } else {
-        DROPOUT_RNG.with(|cell| *cell.borrow_mut() = None);
-        device.set_seed(rng.random())
-    }
+/// from a checkpoint, drops the same units as an uninterrupted run with the same seed. The masks are a hash of the
+/// call's key and each element's index (`ops::dropout`), the same bits on the CPU and a GPU; without a call, keys
+/// are random.
+pub fn seed_dropout(seed: u64, step: u64) {
+    crate::model::ops::dropout::seed_step(seed, step);
 }
 
 /// `nn.Dropout(p)`: active only in training; zeroes each element with probability `p`, scales the rest by 1/(1 − p).
+/// One op that keeps no mask for backward (`ops::dropout`) where the device and dtype allow, Candle's otherwise.
 pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if !train || p <= 0.0 {
         return Ok(x.clone());
@@ -474,18 +459,10 @@ pub fn dropout(x: &Tensor, p: f32, train: bool) -> Result<Tensor> {
     if p >= 1.0 {
         return x.zeros_like();
     }
-    let scale = 1.0 / (1.0 - p);
-    let mask = DROPOUT_RNG.with(|cell| {
-        cell.borrow_mut().as_mut().map(|rng| {
-            (0..x.elem_count())
-                .map(|_| if rng.random::<f32>() >= p { scale } else { 0.0 })
-                .collect::<Vec<f32>>()
-        })
-    });
-    match mask {
-        Some(mask) => x.mul(&Tensor::from_vec(mask, x.shape(), x.device())?.to_dtype(x.dtype())?),
-        None => candle_nn::ops::dropout(x, p),
+    if crate::model::ops::dropout::supports(x) {
+        return crate::model::ops::dropout::dropout(x, p);
     }
+    candle_nn::ops::dropout(x, p)
 }
 
 #[cfg(test)]
@@ -496,7 +473,7 @@ mod tests {
     fn seeded_dropout_repeats_per_step_and_keeps_the_expectation() -> Result<()> {
         let x = Tensor::ones((4, 64, 8, 8), DType::F32, &Device::Cpu)?;
         let masks = |seed, step| -> Result<Vec<f32>> {
-            seed_dropout(seed, step, &Device::Cpu)?;
+            seed_dropout(seed, step);
             dropout(&x, 0.25, true)?.flatten_all()?.to_vec1()
         };
         let a = masks(3, 10)?;

@@ -347,7 +347,7 @@ impl<'a> TrainingJob<'a> {
             let (h, w) = (batch.height as usize, batch.width as usize);
             let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), &self.device)?; // [N, 3, H, W]
             let targets = Targets::new(&batch.labels, batch.n, h, w, &self.device)?;
-            crate::model::layers::seed_dropout(hp.seed, self.state.iterations_done, &self.device)?;
+            crate::model::layers::seed_dropout(hp.seed, self.state.iterations_done);
             let loss = training_loss(&self.model.forward_t(&x, true)?, &targets)?;
             phases.end(1, &self.device)?;
             sample_gpu_memory(&self.device);

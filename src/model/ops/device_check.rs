@@ -16,7 +16,7 @@ use anyhow::Context;
 use candle_core::{DType, Device, Tensor, Var};
 use serde_json::{json, Value};
 
-use super::{add_relu, batch_norm, conv, pool, running_stats};
+use super::{add_relu, batch_norm, conv, dropout, pool, running_stats};
 use crate::model::precision::{self, MathMode};
 use crate::sagemaker::hyperparameters::OptimizerKind;
 use crate::train::loss::{cross_entropy, Targets};
@@ -205,6 +205,8 @@ fn compare_modes(device: &Device, cpu_bf16: bool) -> anyhow::Result<Value> {
             let run =
                 cross_entropy_case(device, mode, shape, seed + 7).with_context(|| format!("cross_entropy {name}"));
             cases.push(report(mode, "cross_entropy", &name, run));
+            let run = dropout_case(device, mode, shape, seed + 9).with_context(|| format!("dropout {name}"));
+            cases.push(report(mode, "dropout", &name, run));
         }
         if mode.name == "fp32" {
             for (i, &(kind, momentum)) in SGD_CASES.iter().enumerate() {
@@ -468,6 +470,25 @@ fn add_relu_case(
     ])
 }
 
+/// Dropout and its gradient against the CPU op in f64 with the same key: the masks must be the same bits.
+fn dropout_case(device: &Device, mode: Mode, shape: [usize; 4], seed: u64) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let op = dropout::Dropout { key: seed, p: 0.3 };
+    let xd = Var::from_tensor(&on_device(&seeded(&shape, seed)?, mode.dtype, device)?)?;
+    let y = xd.as_tensor().apply_op1(op)?;
+    let r = on_device(&seeded(&shape, seed + 1)?, DType::F32, device)?;
+    let grads = (y.to_dtype(DType::F32)? * &r)?.sum_all()?.backward()?;
+    let xr = Var::from_tensor(&as_reference(xd.as_tensor())?)?;
+    let yr = xr.as_tensor().apply_op1(op)?;
+    let gr = (&yr * as_reference(&r)?)?.sum_all()?.backward()?;
+    Ok(vec![
+        ("y", relative_l2(&y, &yr)?),
+        (
+            "dx",
+            relative_l2(&grad(&grads, &xd, "x")?, &grad(&gr, &xr, "x (reference)")?)?,
+        ),
+    ])
+}
+
 /// The 3×3/2 max-pool and its gradient against the CPU op in f64 (both send the gradient to the first maximum).
 fn max_pool_case(
     device: &Device,
@@ -610,10 +631,10 @@ mod tests {
         let report = compare_modes(&Device::Cpu, false)?;
         let cases = report["cases"].as_array().expect("cases");
         // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 12 batch norm (plain, relu, residual and
-        // relu) + 3 × 3 elementwise) each, and the 3 optimizer cases and the running statistics once.
+        // relu) + 4 × 3 elementwise) each, and the 3 optimizer cases and the running statistics once.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 3 * ELEMENTWISE_CASES.len()) + SGD_CASES.len() + 1,
+            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 4 * ELEMENTWISE_CASES.len()) + SGD_CASES.len() + 1,
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();

@@ -1,7 +1,8 @@
-//! The GPU twins of five CPU ops, as NVRTC kernels (compiled once per process, loaded per device like
+//! The GPU twins of six CPU ops, as NVRTC kernels (compiled once per process, loaded per device like
 //! [`super::batch_norm_cuda`]'s): the residual add + ReLU ([`super::add_relu`]), the stem's 3×3/2 max-pool
 //! ([`super::pool`]), the per-pixel softmax cross-entropy (`train::loss`), the in-place SGD update
-//! (`train::fused_sgd`) and BatchNorm's running statistics ([`super::running_stats`]).
+//! (`train::fused_sgd`), BatchNorm's running statistics ([`super::running_stats`]) and dropout
+//! ([`super::dropout`]).
 //!
 //! Composed from Candle's ops these cost, per op of a DeepLabV3-ResNet-50 step at batch 8, crop 512, on an H200
 //! (2026-11-28, `device-check --timing`): cross-entropy 10.2 ms forward (a log-softmax over the class axis, which
@@ -19,7 +20,9 @@
 //! - SGD: the momentum buffer, then the parameter, each updated in place in one pass. Composed from Candle's ops the
 //!   update is about seven kernels and six parameter-sized allocations per parameter, some 1,270 launches a step
 //!   for DeepLabV3-ResNet-50's 182 parameter tensors; here it is two launches per parameter and no allocation;
-//! - running statistics: one in-place pass per statistic, rounded as the CPU's (`_rn` intrinsics, as SGD's).
+//! - running statistics: one in-place pass per statistic, rounded as the CPU's (`_rn` intrinsics, as SGD's);
+//! - dropout: one pass, each element's keep decided by the hash of (key, index) that the CPU op computes, so the
+//!   masks are the CPU's bit for bit; the same kernel with the same key is its backward.
 
 use candle_core::backend::BackendStorage;
 use candle_core::cuda_backend::{CudaDevice, CudaStorage, CudaStorageSlice};
@@ -103,6 +106,26 @@ MAX_POOL(max_pool_f32, float)
 MAX_POOL(max_pool_bf16, bf16_t)
 MAX_POOL_BACKWARD(max_pool_backward_f32, float)
 MAX_POOL_BACKWARD(max_pool_backward_bf16, bf16_t)
+
+// SplitMix64's output function; model::ops::dropout::mix.
+__device__ __forceinline__ u64 splitmix64(u64 z) {
+    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+    return z ^ (z >> 31);
+}
+
+// y = x * scale where the element's uniform (24 bits of the hash of key and index) is >= p, else 0.
+#define DROPOUT(NAME, T)                                                                                       \
+extern "C" __global__ void NAME(const T* __restrict__ x, T* __restrict__ y, u64 n, u64 key, float p,          \
+                                float scale) {                                                                 \
+    GRID_STRIDE(i, n) {                                                                                        \
+        const float u = (float)(splitmix64(key + (i + 1) * 0x9E3779B97F4A7C15ull) >> 40) * 5.9604644775390625e-8f; \
+        st(y, i, u >= p ? __fmul_rn(ld(x, i), scale) : 0.0f);                                                  \
+    }                                                                                                          \
+}
+
+DROPOUT(dropout_f32, float)
+DROPOUT(dropout_bf16, bf16_t)
 
 // logits [N, C, HW] f32, target [N, HW] u32 (< C), weight [N, HW] f32 -> loss [N, HW] = w * (lse - x_target).
 extern "C" __global__ void cross_entropy(const float* __restrict__ x, const unsigned int* __restrict__ target,
@@ -302,6 +325,37 @@ impl CustomOp2 for ReluMask {
     fn cuda_fwd(&self, a: &CudaStorage, al: &Layout, b: &CudaStorage, bl: &Layout) -> Result<(CudaStorage, Shape)> {
         Ok((binary("relu_mask", (a, al), (b, bl))?, al.shape().clone()))
     }
+}
+
+/// Dropout (`super::dropout`) of a contiguous f32 or bf16 CUDA operand with `op`'s key and probability: the
+/// CPU op's mask, bit for bit.
+pub fn dropout(s: &CudaStorage, l: &Layout, op: super::dropout::Dropout) -> Result<CudaStorage> {
+    fn run<T: DeviceRepr>(
+        dev: &CudaDevice,
+        kernel: &str,
+        x: &CudaSlice<T>,
+        l: &Layout,
+        op: super::dropout::Dropout,
+    ) -> Result<CudaSlice<T>> {
+        let n = l.shape().elem_count();
+        let x = view(x, l, kernel)?;
+        // SAFETY: the kernel writes all n elements.
+        let mut y = unsafe { dev.alloc::<T>(n) }?;
+        let f = KERNELS.func(dev, kernel)?;
+        let stream = dev.cuda_stream();
+        let (n64, key, p, scale) = (n as u64, op.key, op.p, op.scale());
+        let mut args = stream.launch_builder(&f);
+        args.arg(&x).arg(&mut y).arg(&n64).arg(&key).arg(&p).arg(&scale);
+        // SAFETY: matches `dropout_*`'s signature (const T*, T*, u64, u64, float, float); x and y hold n elements.
+        unsafe { args.launch(grid(n64)) }.map_err(|e| KERNELS.launch_err(kernel, e))?;
+        Ok(y)
+    }
+    let dev = s.device();
+    Ok(match &s.slice {
+        CudaStorageSlice::F32(x) => CudaStorage::wrap_cuda_slice(run(dev, "dropout_f32", x, l, op)?, dev.clone()),
+        CudaStorageSlice::BF16(x) => CudaStorage::wrap_cuda_slice(run(dev, "dropout_bf16", x, l, op)?, dev.clone()),
+        _ => candle_core::bail!("dropout (CUDA): f32 or bf16 input expected, got {:?}", s.dtype()),
+    })
 }
 
 /// `nn.MaxPool2d(3, 2, 1)` on an f32 or bf16 CUDA tensor `[B, C, H, W]`; its gradient goes to each window's first
@@ -683,6 +737,8 @@ mod tests {
             "sgd_momentum",
             "sgd_apply",
             "running_update",
+            "dropout_f32",
+            "dropout_bf16",
         ] {
             assert!(ptx.contains(&format!(".entry {name}(")), "{name} missing from the PTX");
         }

@@ -47,6 +47,7 @@ pub mod conv_cuda;
 #[cfg(feature = "cuda")]
 mod cuda_kernels;
 pub mod device_check;
+pub mod dropout;
 #[cfg(feature = "cuda")]
 pub mod elementwise_cuda;
 mod epilogue;
