@@ -10,10 +10,11 @@ use anyhow::{bail, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_nn::VarMap;
 
+use super::batch_upload::Upload;
 use super::checkpoint::{self, CheckpointState, EpochRecord};
 use super::early_stopping::EarlyStopping;
 use super::inputs::TrainingInputs;
-use super::loss::{training_loss, Targets};
+use super::loss::{training_loss, EpochLoss, TargetUploads, Targets};
 use super::memory_check;
 use super::metrics::Scores;
 use super::optim::{Optimizer, OptimizerConfig};
@@ -220,6 +221,14 @@ struct TrainingJob<'a> {
     mirror: Option<&'a CheckpointMirror>,
     /// The log has said why the GPU's utilisation cannot be sampled.
     utilisation_unavailable_said: bool,
+    /// How each step's batch reaches the device, kept from step to step (on a GPU: pinned staging buffers).
+    uploads: BatchUploads,
+}
+
+/// A step's uploads: the images and the loss's targets.
+struct BatchUploads {
+    images: Upload<f32>,
+    targets: TargetUploads,
 }
 
 impl<'a> TrainingJob<'a> {
@@ -311,6 +320,10 @@ impl<'a> TrainingJob<'a> {
             batch_size,
             mirror,
             utilisation_unavailable_said: false,
+            uploads: BatchUploads {
+                images: Upload::new("images"),
+                targets: TargetUploads::default(),
+            },
         })
     }
 
@@ -324,7 +337,8 @@ impl<'a> TrainingJob<'a> {
             ..LoaderConfig::train(self.batch_size, hp.seed)
         };
         let loader = self.train.batches(u64::from(epoch), loader_config)?;
-        let (mut loss_sum, mut batches, mut images) = (0.0f64, 0usize, 0usize);
+        let mut epoch_loss = EpochLoss::new(&self.device);
+        let (mut batches, mut images) = (0usize, 0usize);
         let mut learning_rate = self.schedule.learning_rate(epoch, self.state.iterations_done);
         // GPU memory in use, sampled after each forward (activations held) and backward (gradients held).
         let mut gpu_memory_max: Option<u64> = None;
@@ -345,8 +359,11 @@ impl<'a> TrainingJob<'a> {
             let batch = batch?;
             phases.end(0, &self.device)?;
             let (h, w) = (batch.height as usize, batch.width as usize);
-            let x = Tensor::from_vec(batch.images, (batch.n, 3, h, w), &self.device)?; // [N, 3, H, W]
-            let targets = Targets::new(&batch.labels, batch.n, h, w, &self.device)?;
+            let x = self
+                .uploads
+                .images
+                .tensor(batch.images, (batch.n, 3, h, w), &self.device)?; // [N, 3, H, W]
+            let targets = Targets::upload(&batch.labels, (batch.n, h, w), &self.device, &mut self.uploads.targets)?;
             crate::model::layers::seed_dropout(hp.seed, self.state.iterations_done);
             let loss = training_loss(&self.model.forward_t(&x, true)?, &targets)?;
             phases.end(1, &self.device)?;
@@ -356,32 +373,37 @@ impl<'a> TrainingJob<'a> {
             phases.end(2, &self.device)?;
             sample_gpu_memory(&self.device);
             self.optimizer.step(&grads, learning_rate)?;
-            // Read back only now: on a GPU, reading the loss after the forward made the CPU wait for it before
-            // queueing the backward. A non-finite loss has already spoilt this update, but the job stops here
-            // and keeps nothing of it (the model and the checkpoints are written at the end of an epoch).
-            let loss_value = f64::from(loss.to_scalar::<f32>()?);
+            // The loss is read back after the update is queued, and on a GPU only every few steps (EpochLoss):
+            // each read waits for the device. A non-finite loss has already spoilt the updates since, but the job
+            // stops at once and keeps nothing of them (the model and checkpoints are written at an epoch's end).
+            let non_finite = epoch_loss.push(&loss)?;
             phases.end(3, &self.device)?;
-            if !loss_value.is_finite() {
-                bail!(
-                    "the training loss became {loss_value} at epoch {}; lower learning_rate (now {})",
-                    epoch + 1,
-                    hp.learning_rate
-                );
-            }
+            Self::fail_on_non_finite(non_finite, epoch, hp)?;
             self.state.iterations_done += 1;
-            loss_sum += loss_value;
             batches += 1;
             images += batch.n;
         }
+        Self::fail_on_non_finite(epoch_loss.read()?, epoch, hp)?;
         phases.log(epoch + 1, batches);
         Ok(Some(EpochTraining {
-            loss: loss_sum / batches.max(1) as f64,
+            loss: epoch_loss.mean(),
             images_per_second: images as f64 / started.elapsed().as_secs_f64().max(1e-9),
             learning_rate,
             gpu_memory_max,
             gpu_tensor_memory_max: crate::compute::gpu_tensor_memory_high(&self.device),
             gpu_utilisation: utilisation.and_then(gpu_utilisation::Sampler::finish),
         }))
+    }
+
+    fn fail_on_non_finite(loss: Option<f32>, epoch: u32, hp: &Hyperparameters) -> Result<()> {
+        match loss {
+            Some(value) => bail!(
+                "the training loss became {value} at epoch {}; lower learning_rate (now {})",
+                epoch + 1,
+                hp.learning_rate
+            ),
+            None => Ok(()),
+        }
     }
 
     /// On a GPU, starts sampling its utilisation for the epoch; where NVML cannot be read, says why (once a job).

@@ -12,6 +12,7 @@ use std::sync::Arc;
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
+use super::batch_upload::Upload;
 use crate::data::IGNORE_LABEL;
 use crate::model::SegOutput;
 
@@ -26,9 +27,51 @@ pub struct Targets {
     counted: usize,
 }
 
+/// The uploads a training job reuses step after step for its batches' targets ([`Targets::upload`]).
+pub struct TargetUploads {
+    indices: Upload<u32>,
+    weights: Upload<f32>,
+}
+
+impl Default for TargetUploads {
+    fn default() -> Self {
+        Self {
+            indices: Upload::new("class indices"),
+            weights: Upload::new("label weights"),
+        }
+    }
+}
+
 impl Targets {
     /// `labels` is [N, H, W] row-major.
     pub fn new(labels: &[u8], n: usize, height: usize, width: usize, device: &Device) -> Result<Self> {
+        let shape = (n, 1, height, width);
+        Self::build(labels, |indices, weights| {
+            Ok((
+                Tensor::from_vec(indices, shape, device)?,
+                Tensor::from_vec(weights, shape, device)?,
+            ))
+        })
+    }
+
+    /// [`Self::new`] through a training job's `uploads` (on a GPU, pinned buffers the host does not wait for).
+    pub fn upload(
+        labels: &[u8],
+        (n, height, width): (usize, usize, usize),
+        device: &Device,
+        uploads: &mut TargetUploads,
+    ) -> Result<Self> {
+        let shape = (n, 1, height, width);
+        Self::build(labels, |indices, weights| {
+            Ok((
+                uploads.indices.tensor(indices, shape, device)?,
+                uploads.weights.tensor(weights, shape, device)?,
+            ))
+        })
+    }
+
+    /// The indices and weights of `labels`, made tensors by `to_device`.
+    fn build(labels: &[u8], to_device: impl FnOnce(Vec<u32>, Vec<f32>) -> Result<(Tensor, Tensor)>) -> Result<Self> {
         let indices: Vec<u32> = labels
             .iter()
             .map(|&l| if l == IGNORE_LABEL { 0 } else { u32::from(l) })
@@ -38,9 +81,10 @@ impl Targets {
             .map(|&l| if l == IGNORE_LABEL { 0.0 } else { 1.0 })
             .collect();
         let counted = weights.iter().filter(|&&w| w > 0.0).count();
+        let (indices, weights) = to_device(indices, weights)?;
         Ok(Self {
-            indices: Tensor::from_vec(indices, (n, 1, height, width), device)?,
-            weights: Tensor::from_vec(weights, (n, 1, height, width), device)?,
+            indices,
+            weights,
             labels: labels.into(),
             counted,
         })
@@ -231,6 +275,64 @@ impl CustomOp1 for SoftmaxCrossEntropyBackward {
     }
 }
 
+/// Steps whose losses a GPU job reads back at once.
+const GPU_LOSS_READ_EVERY: usize = 16;
+
+/// An epoch's training losses, left on the device and read back in groups. Reading a value back waits for the
+/// device to finish everything queued before it: read every step, the CPU could not queue step k + 1 while the GPU
+/// ran step k, and the GPU idled at every step's end. On the CPU each loss is read at once (it costs nothing).
+pub struct EpochLoss {
+    /// Detached scalars (no graph kept), not yet read.
+    pending: Vec<Tensor>,
+    read_every: usize,
+    sum: f64,
+    count: usize,
+}
+
+impl EpochLoss {
+    pub fn new(device: &Device) -> Self {
+        Self {
+            pending: Vec::new(),
+            read_every: if device.is_cpu() { 1 } else { GPU_LOSS_READ_EVERY },
+            sum: 0.0,
+            count: 0,
+        }
+    }
+
+    /// Adds a step's loss; when a group is complete, reads it. Returns the first non-finite loss read, if any.
+    pub fn push(&mut self, loss: &Tensor) -> Result<Option<f32>> {
+        self.pending.push(loss.detach());
+        if self.pending.len() >= self.read_every {
+            return self.read();
+        }
+        Ok(None)
+    }
+
+    /// Reads what is pending (at the epoch's end). Returns the first non-finite loss, if any.
+    pub fn read(&mut self) -> Result<Option<f32>> {
+        if self.pending.is_empty() {
+            return Ok(None);
+        }
+        let values = Tensor::stack(&self.pending, 0)?
+            .to_dtype(DType::F32)?
+            .to_vec1::<f32>()?;
+        self.pending.clear();
+        for value in values {
+            if !value.is_finite() {
+                return Ok(Some(value));
+            }
+            self.sum += f64::from(value);
+            self.count += 1;
+        }
+        Ok(None)
+    }
+
+    /// The mean of the losses read so far (0 before any).
+    pub fn mean(&self) -> f64 {
+        self.sum / self.count.max(1) as f64
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -339,5 +441,55 @@ mod tests {
             .unwrap();
         // Layout [c0p0, c0p1, c1p0, c1p1]: pixel 0 has softmax (0.5, 0.5) and target 0; pixel 1 is ignored.
         assert_eq!(grad, vec![-0.5, 0.0, 0.5, 0.0]);
+    }
+
+    #[test]
+    fn the_epoch_loss_averages_what_it_reads_and_stops_at_the_first_non_finite_value() -> Result<()> {
+        let device = Device::Cpu;
+        let mut epoch = EpochLoss::new(&device);
+        for v in [1.0f32, 2.0, 4.5] {
+            assert_eq!(epoch.push(&Tensor::new(v, &device)?)?, None);
+        }
+        assert_eq!(epoch.read()?, None);
+        assert!((epoch.mean() - 2.5).abs() < 1e-12);
+
+        // In groups (as on a GPU): nothing is read until the group is complete, then the first NaN is named.
+        let mut grouped = EpochLoss {
+            read_every: 3,
+            ..EpochLoss::new(&device)
+        };
+        assert_eq!(grouped.push(&Tensor::new(1f32, &device)?)?, None);
+        assert_eq!(grouped.push(&Tensor::new(f32::NAN, &device)?)?, None);
+        assert_eq!(grouped.mean(), 0.0, "nothing read yet");
+        let found = grouped.push(&Tensor::new(f32::INFINITY, &device)?)?;
+        assert!(found.is_some_and(f32::is_nan), "{found:?}");
+
+        // The end of an epoch reads a partial group.
+        let mut partial = EpochLoss {
+            read_every: 16,
+            ..EpochLoss::new(&device)
+        };
+        partial.push(&Tensor::new(3f32, &device)?)?;
+        assert_eq!(partial.read()?, None);
+        assert_eq!(partial.mean(), 3.0);
+        Ok(())
+    }
+
+    #[test]
+    fn the_epoch_loss_keeps_no_graph() -> Result<()> {
+        let device = Device::Cpu;
+        let x = candle_core::Var::new(&[1f32, 2.0, 3.0], &device)?;
+        let loss = (x.as_tensor() * 2.0)?.sum_all()?;
+        let mut epoch = EpochLoss {
+            read_every: 16,
+            ..EpochLoss::new(&device)
+        };
+        epoch.push(&loss)?;
+        assert!(!loss.sorted_nodes().is_empty());
+        assert!(
+            epoch.pending[0].sorted_nodes().is_empty(),
+            "the pending loss must not hold the step's graph"
+        );
+        Ok(())
     }
 }
