@@ -3,7 +3,7 @@
 //! [`validation`], [`metrics`], [`early_stopping`], [`checkpoint`] and [`report`]; the start weights come from
 //! [`incremental`] (an earlier model) or [`pretrained`] (ImageNet backbone weights).
 
-mod batch_upload;
+pub(crate) mod batch_upload;
 pub mod checkpoint;
 pub mod early_stopping;
 mod fused_sgd;

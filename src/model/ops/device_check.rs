@@ -216,6 +216,13 @@ fn compare_modes(device: &Device, cpu_bf16: bool) -> anyhow::Result<Value> {
             }
             let run = running_stats_case(device, 950).context("running statistics");
             cases.push(report(mode, "running_stats", "[256], three updates", run));
+            let run = batch_upload_case(device).context("batch uploads");
+            cases.push(report(
+                mode,
+                "batch_upload",
+                "5 batches of [2, 3, 64, 64] behind queued work",
+                run,
+            ));
         }
     }
     let pass = cases.iter().all(|c| c["pass"] == json!(true));
@@ -620,6 +627,38 @@ fn running_stats_case(device: &Device, seed: u64) -> anyhow::Result<Vec<(&'stati
     ])
 }
 
+/// A training job's batch uploads (on a GPU through two pinned buffers in turn): five batches queued behind
+/// enough work that their copies wait, each read back afterwards. A buffer written again before its copy ran
+/// would hand a batch another's values.
+fn batch_upload_case(device: &Device) -> anyhow::Result<Vec<(&'static str, f64)>> {
+    let shape = (2usize, 3, 64, 64);
+    let n = 2 * 3 * 64 * 64;
+    // Tens of milliseconds of products on a GPU (8 of 4096³); on the CPU, where nothing is queued, a token.
+    let side = if device.is_cpu() { 128 } else { 4096 };
+    let busy = Tensor::ones((side, side), DType::F32, device)?;
+    let mut queued = busy.clone();
+    for _ in 0..8 {
+        queued = (queued.matmul(&busy)? * (1.0 / side as f64))?;
+    }
+    let mut upload = crate::train::batch_upload::Upload::<f32>::new("device-check batches");
+    let batches: Vec<Vec<f32>> = (0..5u64)
+        .map(|k| seeded(&[n], 990 + k).and_then(|t| t.to_dtype(DType::F32)?.to_vec1::<f32>()))
+        .collect::<candle_core::Result<_>>()?;
+    let uploaded = batches
+        .iter()
+        .map(|b| upload.tensor(b.clone(), shape, device))
+        .collect::<candle_core::Result<Vec<_>>>()?;
+    let expected: Vec<Tensor> = batches
+        .into_iter()
+        .map(|b| Tensor::from_vec(b, shape, &Device::Cpu))
+        .collect::<candle_core::Result<_>>()?;
+    drop(queued);
+    Ok(vec![(
+        "batches",
+        relative_l2(&Tensor::stack(&uploaded, 0)?, &Tensor::stack(&expected, 0)?)?,
+    )])
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -631,10 +670,11 @@ mod tests {
         let report = compare_modes(&Device::Cpu, false)?;
         let cases = report["cases"].as_array().expect("cases");
         // fp32 and tf32 (bf16 is skipped on the CPU): (8 conv + 8 fused + 12 batch norm (plain, relu, residual and
-        // relu) + 4 × 3 elementwise) each, and the 3 optimizer cases and the running statistics once.
+        // relu) + 4 × 3 elementwise) each, and the 3 optimizer cases, the running statistics and the batch uploads
+        // once.
         assert_eq!(
             cases.len(),
-            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 4 * ELEMENTWISE_CASES.len()) + SGD_CASES.len() + 1,
+            2 * (2 * CONV_CASES.len() + 3 * BN_CASES.len() + 4 * ELEMENTWISE_CASES.len()) + SGD_CASES.len() + 2,
             "{report:#}"
         );
         let failed: Vec<&Value> = cases.iter().filter(|c| c["pass"] != json!(true)).collect();
