@@ -395,6 +395,7 @@ impl<'a> TrainingJob<'a> {
         }))
     }
 
+    /// Stops the job on a non-finite training loss that [`EpochLoss`] read back.
     fn fail_on_non_finite(loss: Option<f32>, epoch: u32, hp: &Hyperparameters) -> Result<()> {
         match loss {
             Some(value) => bail!(
