@@ -1,9 +1,10 @@
 //! A training batch's arrays onto the training device without making the host wait for the device.
 //!
 //! On the CPU the loader's vectors become tensors as they are. On a GPU, a copy from ordinary (pageable) host
-//! memory goes through the driver's staging buffers, and for a batch of tens of MB the driver waits for the work
-//! already queued on the stream before it stages the copy: the host could not queue step k + 1 while the GPU ran
-//! step k, and the GPU idled while each batch crossed. Here each kind of array (an [`Upload`] each) goes through
+//! memory goes through the driver's own staging buffers, and CUDA documents such an "asynchronous" copy as possibly
+//! synchronous: for a batch of tens of MB the driver may wait for the work already queued on the stream before its
+//! staging buffers free up, so the host could not queue step k + 1 while the GPU ran step k, and the GPU would idle
+//! while each batch crossed (not measured here: no GPU). Here each kind of array (an [`Upload`] each) goes through
 //! two page-locked (pinned) staging buffers in turn: the copy is queued on the device's stream and the host
 //! returns at once. A buffer is written again only once the copy that last read it has completed (an event
 //! recorded after it), two uploads later, so the host stays at most about a step ahead. If pinned memory cannot be
