@@ -8,8 +8,8 @@
 //! - the CPU op and the CUDA kernel (`elementwise_cuda`) compute the same bits, so a step drops the same units on
 //!   either device (`device-check` compares them);
 //! - no random-number generator is kept or reseeded on the device. The GPU path used to recreate cuRAND's
-//!   generator every training step to seed it (its state set up again and its memory freed, which waits for the
-//!   device).
+//!   generator every training step to seed it: its state set up again, and the old one's device memory freed
+//!   (`cudaFree` synchronises the device). What that cost was never measured.
 //!
 //! Keys. [`seed_step`] fixes the current step's key on this thread from the job's seed and the step's number, and
 //! each dropout call of the step takes the next key in turn: a step's masks depend only on (seed, step), so a
