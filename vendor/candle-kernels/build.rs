@@ -16,18 +16,19 @@ fn main() -> Result<()> {
     // Build for PTX
     let out_dir = PathBuf::from(env::var("OUT_DIR").unwrap());
     let ptx_path = out_dir.join("ptx.rs");
+    // semseg patch: the arguments named once, for sass.rs to compile a module's source again.
+    const PTX_ARGS: [&str; 3] = ["--expt-relaxed-constexpr", "-std=c++17", "-O3"];
     let bindings = KernelBuilder::new()
         .source_dir("src") // Scan src/ for .cu files
         .exclude(&["moe_*.cu", "mmvq_gguf.cu", "mmq_*.cu"]) // Exclude statically compiled kernels from ptx build
-        .arg("--expt-relaxed-constexpr")
-        .arg("-std=c++17")
-        .arg("-O3")
+        .args(PTX_ARGS)
         .build_ptx()?;
 
     bindings.write(&ptx_path)?;
     // semseg patch (PATCHED.md): machine code for the GPUs named in CUDA_SASS_ARCHS, so that loading a module does
-    // not JIT-compile its PTX (about 20 s of CPU on a fresh machine).
-    sass::write_fatbins(&out_dir)?;
+    // not JIT-compile its PTX (about 20 s of CPU on a fresh machine), and the bf16 kernels for GPUs of 8.0 or later
+    // when CUDA_COMPUTE_CAP is older.
+    sass::write_fatbins(&out_dir, &PTX_ARGS)?;
 
     let mut moe_sources = vec![
         "src/moe/moe_gguf.cu",
