@@ -14,9 +14,13 @@ fn main() {
     if ci || asked {
         println!("cargo::rustc-cfg=semseg_external_tests");
     }
-    // The compute capability Candle's CUDA kernels are compiled for (bf16 kernels need 80 or more): recorded so the
-    // binary can refuse precision=bf16 by name instead of failing on a missing kernel.
+    // The compute capability Candle's CUDA kernels are compiled for (bf16 kernels need 80 or more): recorded so that
+    // the binary's message, when precision=bf16 cannot run on a GPU, says what it was built for.
     println!("cargo::rerun-if-env-changed=CUDA_COMPUTE_CAP");
     let cap = std::env::var("CUDA_COMPUTE_CAP").unwrap_or_default();
     println!("cargo::rustc-env=SEMSEG_CUDA_COMPUTE_CAP={cap}");
+    // And the capabilities given machine code (vendor/candle-kernels/sass.rs), named when bf16 cannot run.
+    println!("cargo::rerun-if-env-changed=CUDA_SASS_ARCHS");
+    let sass = std::env::var("CUDA_SASS_ARCHS").unwrap_or_default();
+    println!("cargo::rustc-env=SEMSEG_CUDA_SASS_ARCHS={sass}");
 }

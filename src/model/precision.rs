@@ -92,25 +92,32 @@ impl MathMode {
 
 /// Resolves `precision` on `device`; the second value is a line for the log when the choice falls back.
 pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<String>) {
-    match (precision, device.is_cuda()) {
+    resolve_with(precision, device.is_cuda(), || gpu_bf16_kernels(device))
+}
+
+/// [`resolve`], with the check of the GPU's bf16 kernels passed in (asked only for `precision=bf16` on a GPU).
+fn resolve_with(
+    precision: Precision,
+    is_cuda: bool,
+    gpu_bf16_kernels: impl FnOnce() -> Result<(), String>,
+) -> (MathMode, Option<String>) {
+    match (precision, is_cuda) {
         (Precision::Auto, true) => (MathMode::TF32, None),
         (Precision::Auto | Precision::Fp32, _) => (MathMode::STRICT_F32, None),
-        (Precision::Bf16, true) if !bf16_kernels_built() => (
-            MathMode::TF32,
-            Some(format!(
-                "precision=bf16 needs CUDA kernels built for compute capability 80 or more; this binary was built for \
-                 {} (CUDA_COMPUTE_CAP): running TF32 instead",
-                BUILT_COMPUTE_CAP.unwrap_or("?")
-            )),
-        ),
-        (Precision::Bf16, true) => (
-            MathMode {
-                compute_dtype: DType::BF16,
-                tf32: false,
-                bf16_products: false,
-            },
-            None,
-        ),
+        (Precision::Bf16, true) => match gpu_bf16_kernels() {
+            Ok(()) => (
+                MathMode {
+                    compute_dtype: DType::BF16,
+                    tf32: false,
+                    bf16_products: false,
+                },
+                None,
+            ),
+            Err(why) => (
+                MathMode::TF32,
+                Some(format!("precision=bf16 cannot run here: {why}; running TF32 instead")),
+            ),
+        },
         // On the CPU only the convolutions' products change precision: they are nearly all of the time, and the
         // f32 activations keep every other op exact.
         (Precision::Bf16, false) if crate::model::ops::gemm_bf16::available() => (MathMode::CPU_BF16, None),
@@ -121,15 +128,75 @@ pub fn resolve(precision: Precision, device: &Device) -> (MathMode, Option<Strin
     }
 }
 
-/// The `CUDA_COMPUTE_CAP` this binary was built with, as `build.rs` recorded it (absent from a build without it).
-const BUILT_COMPUTE_CAP: Option<&str> = option_env!("SEMSEG_CUDA_COMPUTE_CAP");
+/// What this binary's Candle kernels were compiled for, as `build.rs` recorded it: `CUDA_COMPUTE_CAP` (their PTX)
+/// and `CUDA_SASS_ARCHS` (their machine code; unset means the compute capability alone).
+#[cfg(feature = "cuda")]
+fn kernels_built_for() -> String {
+    let cap = option_env!("SEMSEG_CUDA_COMPUTE_CAP")
+        .filter(|c| !c.is_empty())
+        .unwrap_or("?");
+    let sass = option_env!("SEMSEG_CUDA_SASS_ARCHS")
+        .filter(|s| !s.is_empty())
+        .unwrap_or(cap);
+    format!("CUDA_COMPUTE_CAP={cap}, machine code for {sass}")
+}
 
-/// Whether Candle's bf16 CUDA kernels exist in this binary (they are compiled only for compute capability ≥ 80). An
-/// unknown capability (a build that did not record it) is taken as new enough.
-fn bf16_kernels_built() -> bool {
-    BUILT_COMPUTE_CAP
-        .and_then(|cap| cap.parse::<u32>().ok())
-        .is_none_or(|cap| cap >= 80)
+/// Kernels of each Candle module a bf16 step uses, which exist only in code compiled for compute capability 8.0
+/// or later (`#if __CUDA_ARCH__ >= 800` in candle-kernels).
+#[cfg(feature = "cuda")]
+const BF16_PROBES: [(&str, &candle_core::cuda_backend::kernels::Module, &str); 6] = {
+    use candle_core::cuda_backend::kernels;
+    [
+        ("cast", &kernels::CAST, "cast_bf16_bf16"),
+        ("binary", &kernels::BINARY, "bmul_bf16"),
+        ("affine", &kernels::AFFINE, "affine_bf16"),
+        ("fill", &kernels::FILL, "fill_bf16"),
+        ("reduce", &kernels::REDUCE, "fast_sum_small_bf16"),
+        ("unary", &kernels::UNARY, "ucopy_bf16"),
+    ]
+};
+
+/// Whether the GPU behind `device` can run a bf16 step: compute capability 8.0 or later (bf16 tensor cores, which
+/// cuDNN's bf16 convolutions need), and Candle's bf16 kernels in the modules the driver loaded for it. Those come
+/// from machine code or PTX built for 8.0 or later: a binary whose `CUDA_COMPUTE_CAP` is older (70 in
+/// Dockerfile.train, for the V100) has them for the capabilities of 8.0 or later in its `CUDA_SASS_ARCHS`, and for
+/// other GPUs of 8.0 or later through a PTX for 8.0 (vendor/candle-kernels/PATCHED.md). Asking the loaded modules,
+/// rather than trusting the build's settings, also catches a driver that fell back to the older PTX.
+#[cfg(feature = "cuda")]
+fn gpu_bf16_kernels(device: &Device) -> Result<(), String> {
+    let Device::Cuda(cuda) = device else {
+        return Err("the device is not a GPU".into());
+    };
+    let (major, minor) = cuda
+        .cuda_stream()
+        .context()
+        .compute_capability()
+        .map_err(|e| format!("the GPU's compute capability cannot be read ({e})"))?;
+    if major < 8 {
+        return Err(format!(
+            "the GPU's compute capability is {major}.{minor}, and bf16 needs 8.0 or later (A100, A10G, L4, H100)"
+        ));
+    }
+    for (module_name, module, function) in BF16_PROBES {
+        let found = cuda
+            .load_kernel_module(module)
+            .map_err(|e| e.to_string())
+            .and_then(|loaded| loaded.load_function(function).map(drop).map_err(|e| e.to_string()));
+        if let Err(e) = found {
+            return Err(format!(
+                "Candle's bf16 kernels are missing for this GPU (compute capability {major}.{minor}; {function} in its \
+                 {module_name} module: {e}); this binary's kernels were built with {}: rebuild with \
+                 CUDA_COMPUTE_CAP={major}{minor} or list {major}{minor} in CUDA_SASS_ARCHS",
+                kernels_built_for()
+            ));
+        }
+    }
+    Ok(())
+}
+
+#[cfg(not(feature = "cuda"))]
+fn gpu_bf16_kernels(_device: &Device) -> Result<(), String> {
+    Err("this binary was built without CUDA".into())
 }
 
 static ALLOW_TF32: AtomicBool = AtomicBool::new(false);
@@ -165,6 +232,127 @@ mod tests {
         assert_eq!("bfloat16".parse::<Precision>(), Ok(Precision::Bf16));
         let err = "fp16".parse::<Precision>().unwrap_err();
         assert!(err.contains("fp16") && err.contains("auto, fp32, bf16"), "{err}");
+    }
+
+    #[test]
+    fn bf16_on_a_gpu_runs_bf16_only_when_its_kernels_are_there_and_otherwise_tf32_saying_why() {
+        let bf16 = MathMode {
+            compute_dtype: DType::BF16,
+            tf32: false,
+            bf16_products: false,
+        };
+        assert_eq!(resolve_with(Precision::Bf16, true, || Ok(())), (bf16, None));
+        let (mode, note) = resolve_with(Precision::Bf16, true, || {
+            Err("the GPU's compute capability is 7.0, and bf16 needs 8.0 or later".into())
+        });
+        assert_eq!(mode, MathMode::TF32);
+        let note = note.expect("the fallback is logged");
+        assert!(
+            note.contains("precision=bf16") && note.contains("compute capability is 7.0") && note.contains("TF32"),
+            "{note}"
+        );
+    }
+
+    #[test]
+    fn only_bf16_on_a_gpu_asks_for_the_gpus_bf16_kernels() {
+        for (precision, is_cuda) in [
+            (Precision::Auto, true),
+            (Precision::Fp32, true),
+            (Precision::Auto, false),
+            (Precision::Fp32, false),
+            (Precision::Bf16, false),
+        ] {
+            let mut asked = false;
+            let (mode, _) = resolve_with(precision, is_cuda, || {
+                asked = true;
+                Err("not asked".into())
+            });
+            assert!(!asked, "{precision:?} on cuda={is_cuda} asked for bf16 kernels");
+            assert_ne!(mode.compute_dtype, DType::BF16);
+        }
+        assert_eq!(resolve_with(Precision::Auto, true, || Ok(())).0, MathMode::TF32);
+    }
+
+    /// The images of a CUDA fat binary as (kind: 1 PTX / 2 machine code, compute capability, bytes). Layout: a
+    /// 16-byte header (magic 0xBA55ED50, u16 version, u16 header size, u64 size of what follows), then per image a
+    /// header (u16 kind, u16, u32 header size, u64 size, ..., u32 capability at 28) and its bytes. PTX is
+    /// compressed; machine code is the ELF file itself.
+    #[cfg(feature = "cuda")]
+    fn fat_binary_images(fatbin: &[u8]) -> Vec<(u16, u32, &[u8])> {
+        let u16_at = |at: usize| u16::from_le_bytes([fatbin[at], fatbin[at + 1]]);
+        let u32_at = |at: usize| u32::from_le_bytes(fatbin[at..at + 4].try_into().unwrap());
+        let u64_at = |at: usize| u64::from_le_bytes(fatbin[at..at + 8].try_into().unwrap()) as usize;
+        assert_eq!(u32_at(0), 0xBA55_ED50, "not a fat binary");
+        let start = u16_at(6) as usize;
+        let end = start + u64_at(8);
+        let mut images = Vec::new();
+        let mut at = start;
+        while at < end {
+            let (header, size) = (u32_at(at + 4) as usize, u64_at(at + 8));
+            images.push((u16_at(at), u32_at(at + 28), &fatbin[at + header..at + header + size]));
+            at += header + size;
+        }
+        images
+    }
+
+    /// What [`gpu_bf16_kernels`] relies on, read off the binary's own fat binaries, on a machine without a GPU:
+    /// machine code for each capability of `CUDA_SASS_ARCHS` the build could assemble, with the bf16 kernels from
+    /// 8.0 on and without them below, and, where `CUDA_COMPUTE_CAP` is below 8.0, a PTX for 8.0 beside the older PTX.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn candle_kernels_have_bf16_machine_code_for_each_capability_from_80_the_build_names() {
+        let number = |arch: &str| -> u32 {
+            let digits: String = arch
+                .trim_start_matches("sm_")
+                .chars()
+                .take_while(char::is_ascii_digit)
+                .collect();
+            digits
+                .parse()
+                .unwrap_or_else(|_| panic!("{arch:?} is not a compute capability"))
+        };
+        // build.rs records both, empty where unset (CUDA_COMPUTE_CAP is then nvidia-smi's, unknown here).
+        let cap = number(env!("SEMSEG_CUDA_COMPUTE_CAP"));
+        let sass = Some(env!("SEMSEG_CUDA_SASS_ARCHS")).filter(|s| !s.trim().is_empty());
+        let wanted: Vec<u32> = match sass {
+            Some(list) if list.trim() == "none" => Vec::new(),
+            Some(list) => list.split([' ', ',']).filter(|a| !a.is_empty()).map(number).collect(),
+            None => vec![cap],
+        };
+        // Capabilities below CUDA_COMPUTE_CAP are left out (its PTX cannot be assembled for them).
+        let assembled: Vec<u32> = wanted.iter().copied().filter(|&n| n >= cap).collect();
+        for (module_name, module, function) in BF16_PROBES {
+            let Some(fatbin) = module.fatbin() else {
+                assert!(
+                    assembled.is_empty(),
+                    "{module_name}: no fat binary, though {assembled:?} were asked for"
+                );
+                continue;
+            };
+            let images = fat_binary_images(fatbin);
+            let listed: Vec<(u16, u32)> = images.iter().map(|&(kind, arch, _)| (kind, arch)).collect();
+            for &arch in &assembled {
+                let (_, _, elf) = images
+                    .iter()
+                    .find(|&&(kind, a, _)| kind == 2 && a == arch)
+                    .unwrap_or_else(|| panic!("{module_name}: no machine code for {arch} in {listed:?}"));
+                assert!(elf.starts_with(b"\x7fELF"), "{module_name} {arch}: not an ELF image");
+                let has_bf16 = elf.windows(function.len()).any(|w| w == function.as_bytes());
+                assert_eq!(
+                    has_bf16,
+                    arch >= 80,
+                    "{module_name} machine code for {arch}: {function} present = {has_bf16}"
+                );
+            }
+            let ptx: Vec<u32> = listed.iter().filter(|&&(kind, _)| kind == 1).map(|&(_, a)| a).collect();
+            assert!(ptx.contains(&cap), "{module_name}: no PTX for {cap} in {listed:?}");
+            if cap < 80 && assembled.iter().any(|&n| n >= 80) {
+                assert!(
+                    ptx.contains(&80),
+                    "{module_name}: no PTX for 80 beside the one for {cap} in {listed:?}"
+                );
+            }
+        }
     }
 
     #[test]
