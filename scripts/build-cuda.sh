@@ -3,8 +3,12 @@
 # into a git-ignored folder that travels to a GPU machine beside the checkout (scripts/gpu-check.sh runs from there).
 #
 #   scripts/build-cuda.sh                 # toolchain in /tmp/cuda13 (installed on first use), binary in .gpucarry/
-#   CUDA_COMPUTE_CAP=80 scripts/build-cuda.sh   # A100; default 90 (H100/H200)
-#   CUDA_SASS_ARCHS="80 90" scripts/build-cuda.sh   # machine code for these GPUs (default: CUDA_COMPUTE_CAP alone)
+#   CUDA_COMPUTE_CAP=90 CUDA_SASS_ARCHS=90 scripts/build-cuda.sh   # H100/H200 only, PTX for 9.0
+#
+# By default the kernels are built as Dockerfile.train's CUDA 13 build builds them (CUDA_COMPUTE_CAP=75), with machine
+# code for 7.5 and 9.0 (CUDA_SASS_ARCHS="75 90"): on the lent H100/H200 that is the image's path, machine code
+# assembled from the PTX for 8.0 that carries the bf16 kernels (vendor/candle-kernels/PATCHED.md), so the GPU check
+# measures what users run, bf16 included.
 #
 # The toolchain is CUDA 13.0 from NVIDIA's PyPI wheels (nvcc 13.0.88: PTX from a newer nvcc does not load on driver
 # 580), cuDNN 9 headers and library, and a link-time stub for libcuda.so.1 (the driver's library, absent here).
@@ -52,6 +56,9 @@ ENV
 }
 
 [ -f "$toolchain/env.sh" ] || install_toolchain "$toolchain"
+# env.sh sets CUDA_COMPUTE_CAP=90 where it is unset (../shared/gpu's recipe): choose before it does.
+export CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP:-75}
+export CUDA_SASS_ARCHS=${CUDA_SASS_ARCHS:-75 90}
 # shellcheck disable=SC1091
 source "$toolchain/env.sh"
 # cuDNN's library must be on the link path too (the setup script of ../shared/gpu leaves it out).
@@ -61,6 +68,8 @@ echo "building for compute capability $CUDA_COMPUTE_CAP (machine code for ${CUDA
 cargo build --release --locked --features cuda --bin semseg
 
 mkdir -p "$carry"
+echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDA_SASS_ARCHS=\"$CUDA_SASS_ARCHS\" $(nvcc --version | tail -n 1)" \
+  > "$carry/build-info.txt"
 strip -o "$carry/semseg-cuda" "$CARGO_TARGET_DIR/release/semseg"
 xz -6 -T2 -f "$carry/semseg-cuda"
 if [ -d "$peer" ]; then

@@ -3,7 +3,8 @@
 # machine code for 70 75 80 86 89 90) on a machine with no GPU and no image registry: the nvidia/cuda base images
 # cannot be pulled here, so the same CUDA release comes from Debian trixie's nvidia-cuda-toolkit (12.4.131) in a
 # debootstrapped chroot, and cuDNN 9.1.0 (what nvidia/cuda:12.4.1-cudnn-devel ships) from NVIDIA's PyPI wheel.
-# Then clippy (-D warnings) and the NVRTC tests of semseg's own kernels, compiled by CUDA 12.4's NVRTC.
+# Then clippy (-D warnings), the NVRTC tests of semseg's own kernels, compiled by CUDA 12.4's NVRTC, and the test that
+# reads Candle's fat binaries for the bf16 kernels in the machine code for 80 and later (PTX built for 70 has none).
 #
 #   sudo scripts/check-cuda12-build.sh            # chroot in /tmp/semseg-cuda12 (kept: later runs take minutes)
 #
@@ -70,9 +71,9 @@ export CARGO_TARGET_DIR=/build/target CARGO_PROFILE_RELEASE_STRIP=symbols
 cd /work/main
 cargo build --release --locked --features cuda --bin semseg || exit 1
 cargo clippy --release --locked --features cuda --lib --tests -- -D warnings || exit 2
-cargo test --release --locked --features cuda --lib -- nvrtc || exit 3
+cargo test --release --locked --features cuda --lib -- nvrtc candle_kernels_have_bf16 || exit 3
 ls -l /build/target/release/semseg
 EOF
 chmod +x "$root/build.sh"
 chroot "$root" /build.sh
-echo "ok: the CUDA $toolkit build with Dockerfile.train's defaults compiles, is clippy-clean, and NVRTC compiles the kernels"
+echo "ok: the CUDA $toolkit build with Dockerfile.train's defaults compiles, is clippy-clean, NVRTC compiles the kernels, and the machine code for 80+ has the bf16 kernels"

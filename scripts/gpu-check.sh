@@ -97,6 +97,8 @@ if has env; then
   ldd "$BIN" > "$OUT/ldd.txt" 2>&1
   grep -i "not found" "$OUT/ldd.txt" && log "MISSING LIBRARIES (see ldd.txt)"
   "$BIN" --version | tee -a "$OUT/env.txt"
+  # What scripts/build-cuda.sh built the binary for (CUDA_COMPUTE_CAP, CUDA_SASS_ARCHS).
+  [ -f "$CARRY/build-info.txt" ] && cp "$CARRY/build-info.txt" "$OUT/build-info.txt"
 fi
 
 # The torchvision reference runs on the CPU while the GPU steps go on.
@@ -355,6 +357,10 @@ s["steps"] = (read("steps.log", "") or "").splitlines()
 # binary the driver refused says so on stderr and JIT-compiles its PTX instead.
 s["fatbin_fallbacks"] = sum((open(f).read().count("fat binary did not load"))
                             for f in glob.glob(os.path.join(out, "*.log")))
+# A run asked for bf16 whose GPU lacked the bf16 kernels logs why and runs TF32: its figures are not bf16's.
+s["precision_fallbacks"] = sorted({m for f in glob.glob(os.path.join(out, "*.log"))
+                                   for m in re.findall(r"precision=bf16 cannot run here[^\n]*", open(f).read())})
+s["build"] = (read("build-info.txt", "") or "").strip() or None
 s["kernel_load_s"] = {os.path.basename(f): re.findall(r"GPU kernels loaded.*?seconds=([0-9.]+)", open(f).read())
                       for f in sorted(glob.glob(os.path.join(out, "*.log")))
                       if "GPU kernels loaded" in open(f).read()}
@@ -395,6 +401,7 @@ for log in sorted(glob.glob(os.path.join(out, "train_*.log"))):
         mean_gpu_util=statistics.mean(util) if util else None,
         logged_gpu_utilisation_percent=[float(u) for u in re.findall(r"gpu_utilisation_percent=\"?([0-9.]+)", text)],
         tensors_max_gib=[float(g) for g in re.findall(r"tensors_max_gib=\"?([0-9.]+)", text)],
+        compute_dtype=(re.findall(r"compute_dtype=(\w+)", text) or [None])[0],
         step_memory_bound_gib=next((float(g) for g in re.findall(r"at_least_gib=\"?([0-9.]+)", text)), None),
         step_phases_ms=(re.findall(r"step phases, ms per step: ([^\n]*)", text) or [None])[-1],
         host_peak_rss_gib=int(rss.group(1)) / 2**20 if rss else None,
