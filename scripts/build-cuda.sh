@@ -11,7 +11,8 @@
 # measures what users run, bf16 included.
 #
 # The toolchain is CUDA 13.0 from NVIDIA's PyPI wheels (nvcc 13.0.88: PTX from a newer nvcc does not load on driver
-# 580), cuDNN 9 headers and library, and a link-time stub for libcuda.so.1 (the driver's library, absent here).
+# 580) and cuDNN 9. Nothing links against the driver's libcuda.so.1 or the CUDA libraries (they are opened at run
+# time; the CUDA runtime is linked statically), so the binary also runs here, on the CPU, which is checked below.
 # A cold build takes about 20 minutes on 2 cores (candle-kernels' nvcc work); later ones a few minutes.
 # Environment: CUDA_TOOLCHAIN (default /tmp/cuda13), CARGO_TARGET_DIR (default target-cuda), CARRY (default .gpucarry),
 # PEER (the peer scripts to copy, default ../shared/bench/peer; skipped when absent).
@@ -30,25 +31,13 @@ install_toolchain() {
     "nvidia-cuda-runtime==13.0.96" "nvidia-cuda-cccl==13.0.85" "nvidia-cuda-nvrtc==13.0.88" \
     "nvidia-cublas==13.0.2.14" "nvidia-curand==10.4.0.35"
   local root=$dir/wheels/nvidia/cu13
-  # The wheels ship only versioned sonames; the linker wants the plain names.
-  (cd "$root/lib" && for l in cublas cublasLt cudart nvrtc; do ln -sf "lib$l.so.13" "lib$l.so"; done \
-    && ln -sf libcurand.so.10 libcurand.so)
-  # libcuda comes with the driver: link against a stub with the same soname, exporting every cu* function that
-  # cudarc's driver bindings declare.
-  cargo fetch --locked
-  local cudarc_src
-  cudarc_src=$(ls -d "${CARGO_HOME:-$HOME/.cargo}"/registry/src/*/cudarc-0.19.* | tail -n 1)
-  mkdir -p "$root/lib/stubs"
-  grep -ohP 'pub unsafe fn \Kcu\w+(?=\()' "$cudarc_src/src/driver/sys/mod.rs" | sort -u \
-    | awk '{print "void " $1 "(void){}"}' > "$dir/libcuda_stub.c"
-  gcc -shared -fPIC -Wl,-soname,libcuda.so.1 -o "$root/lib/stubs/libcuda.so" "$dir/libcuda_stub.c"
   python3 -m pip download -q --no-deps "nvidia-cudnn-cu13==9.21.1.3" -d "$dir/cudnn-wheel"
   (cd "$dir" && unzip -q -o cudnn-wheel/nvidia_cudnn_cu13-*.whl 'nvidia/cudnn/include/*' 'nvidia/cudnn/lib/libcudnn.so.9' \
     && ln -sf libcudnn.so.9 nvidia/cudnn/lib/libcudnn.so)
   cat > "$dir/env.sh" <<ENV
 export CUDA_HOME=$root CUDA_PATH=$root CUDA_ROOT=$root
 export PATH=$root/bin:\$PATH
-export LIBRARY_PATH=$root/lib:$root/lib/stubs:$dir/nvidia/cudnn/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}
+export LIBRARY_PATH=$root/lib:$dir/nvidia/cudnn/lib\${LIBRARY_PATH:+:\$LIBRARY_PATH}
 export CPATH=$dir/nvidia/cudnn/include\${CPATH:+:\$CPATH}
 export CUDNN_LIB=$dir/nvidia/cudnn
 export CUDA_COMPUTE_CAP=\${CUDA_COMPUTE_CAP:-90}
@@ -66,6 +55,21 @@ export LIBRARY_PATH=$toolchain/nvidia/cudnn/lib:${LIBRARY_PATH:-}
 nvcc --version | tail -n 2
 echo "building for compute capability $CUDA_COMPUTE_CAP (machine code for ${CUDA_SASS_ARCHS:-$CUDA_COMPUTE_CAP}) into $CARGO_TARGET_DIR"
 cargo build --release --locked --features cuda --bin semseg
+
+# NVIDIA's libraries are opened when the GPU is first used (src/cuda_libraries.rs), so where no driver is installed,
+# as on this build machine, the CUDA binary must still start and train on the CPU, saying why.
+if ! ldconfig -p 2>/dev/null | grep -q 'libcuda\.so\.1'; then
+  smoke=$(mktemp -d)
+  if env -u LD_LIBRARY_PATH "$CARGO_TARGET_DIR/release/semseg" demo --no-serve --epochs 1 --dir "$smoke/demo" \
+      > "$smoke/log" 2>&1 && grep -q "no NVIDIA driver here" "$smoke/log" && grep -q 'compute device chosen device=cpu' "$smoke/log"; then
+    echo "checked: without an NVIDIA driver the CUDA binary trains on the CPU"
+    rm -rf "$smoke"
+  else
+    tail -n 20 "$smoke/log"
+    echo "the CUDA binary did not train on the CPU without an NVIDIA driver (log: $smoke/log)" >&2
+    exit 1
+  fi
+fi
 
 mkdir -p "$carry"
 echo "CUDA_COMPUTE_CAP=$CUDA_COMPUTE_CAP CUDA_SASS_ARCHS=\"$CUDA_SASS_ARCHS\" $(nvcc --version | tail -n 1)" \

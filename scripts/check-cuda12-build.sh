@@ -71,7 +71,8 @@ export CARGO_TARGET_DIR=/build/target CARGO_PROFILE_RELEASE_STRIP=symbols
 cd /work/main
 cargo build --release --locked --features cuda --bin semseg || exit 1
 cargo clippy --release --locked --features cuda --lib --tests -- -D warnings || exit 2
-cargo test --release --locked --features cuda --lib -- nvrtc candle_kernels_have_bf16 || exit 3
+cargo test --release --locked --features cuda --lib -- nvrtc candle_kernels_have_bf16 cuda_libraries \
+  a_cuda_build_without_the_driver || exit 3
 ls -l /build/target/release/semseg
 EOF
 chmod +x "$root/build.sh"

@@ -8,7 +8,8 @@
 # are skipped, so summary.json is always written; logs and summary land in $OUT. They run in the order of what
 # matters most: selfcheck, train, peer training, parity, serve, quality, peer inference.
 # Steps (set STEPS to a subset to rerun some): env, selfcheck, parity, serve, train, quality, peer, summary.
-#   env       nvidia-smi, library paths, ldd of the binary (a missing library is named, not guessed)
+#   env       nvidia-smi, library paths, ldd of the binary (a missing library is named, not guessed); NVIDIA's
+#             libraries are opened at run time, so a missing one is named by selfcheck's error instead
 #   selfcheck `semseg device-check`: conv and BatchNorm forward/backward on the GPU against the CPU, each precision
 #   parity    DeepLabV3-ResNet-50 (torchvision weights, random init) on the GPU vs torchvision, fp32 / auto / bf16;
 #             the first predict runs with an empty CUDA JIT cache (cold start)
@@ -347,7 +348,10 @@ def jsonl(name):
     rows = [json.loads(l) for l in text.splitlines() if l.strip().startswith("{")]
     return rows[-1] if rows else None
 s = {"gpu": (read("gpu.txt", "") or "").strip().splitlines()[-1:] or None,
-     "missing_libraries": [l.strip() for l in (read("ldd.txt", "") or "").splitlines() if "not found" in l]}
+     "missing_libraries": [l.strip() for l in (read("ldd.txt", "") or "").splitlines() if "not found" in l]
+                          # NVIDIA's libraries, opened at run time: `--device cuda` names those it cannot load.
+                          + [l.strip() for l in (read("device_check.log", "") or "").splitlines()
+                             if "cannot open CUDA device" in l]}
 try:
     s["device_check"] = json.loads(read("device_check.json", "null"))
 except Exception as e:

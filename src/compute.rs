@@ -10,6 +10,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use anyhow::Context;
 use candle_core::Device;
 
+#[cfg(feature = "cuda")]
+use crate::cuda_libraries;
 use crate::model::precision::{self, MathMode, Precision};
 
 /// `auto`, `cpu`, `cuda` (device 0) or `cuda:N`.
@@ -253,7 +255,9 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
 
 #[cfg(feature = "cuda")]
 fn first_gpu() -> Option<Device> {
-    if !candle_core::utils::cuda_is_available() {
+    let missing = cuda_libraries::missing();
+    if !missing.is_empty() {
+        tracing::warn!("{}", cuda_libraries::cpu_fallback_reason(&missing));
         return None;
     }
     match Device::new_cuda(0) {
@@ -275,6 +279,10 @@ fn first_gpu() -> Option<Device> {
 
 #[cfg(feature = "cuda")]
 fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
+    let missing = cuda_libraries::missing();
+    if !missing.is_empty() {
+        anyhow::bail!(cuda_libraries::cannot_open(ordinal, &missing));
+    }
     let device = Device::new_cuda(ordinal)
         .with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))?;
     prepare_gpu(&device);
@@ -478,6 +486,30 @@ mod tests {
     #[test]
     fn the_cpu_reports_no_gpu_memory() {
         assert_eq!(gpu_memory_used(&Device::Cpu), None);
+    }
+
+    /// A CUDA build where NVIDIA's driver is not installed (the build machines, CI, a CPU instance, a container
+    /// run without `--gpus`): auto runs on the CPU, an explicit GPU fails naming the driver's library, neither panics.
+    #[cfg(feature = "cuda")]
+    #[test]
+    fn a_cuda_build_without_the_driver_runs_on_the_cpu_or_names_the_library() -> anyhow::Result<()> {
+        if !crate::cuda_libraries::missing().contains(&crate::cuda_libraries::DRIVER) {
+            eprintln!("skipped: an NVIDIA driver is installed here");
+            return Ok(());
+        }
+        let _lock = conv_timing_lock();
+        assert!(Compute::open(DeviceChoice::Auto, Precision::Auto, Workload::Training)?
+            .device
+            .is_cpu());
+        let err = format!(
+            "{:#}",
+            Compute::open(DeviceChoice::Cuda(0), Precision::Auto, Workload::Inference).unwrap_err()
+        );
+        assert!(
+            err.contains("cannot open CUDA device 0") && err.contains("libcuda.so.1") && err.contains("--device cpu"),
+            "{err}"
+        );
+        Ok(())
     }
 
     #[cfg(not(feature = "cuda"))]

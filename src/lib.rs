@@ -13,6 +13,7 @@
 
 pub mod allocator;
 pub mod compute;
+pub mod cuda_libraries;
 pub mod data;
 pub mod demo;
 pub mod free_memory;

@@ -81,8 +81,26 @@ fn main() -> Result<()> {
     moe_builder.build_lib(out_dir.join("libmoe.a"))?;
     println!("cargo:rustc-link-search={}", out_dir.display());
     println!("cargo:rustc-link-lib=moe");
-    println!("cargo:rustc-link-lib=dylib=cudart");
-    if !is_target_msvc {
+    // The CUDA runtime, linked statically (nvcc's own default), so that a binary with these kernels starts where
+    // libcudart.so is absent: with no NVIDIA driver (cudart opens libcuda.so.1 itself, on its first call), the
+    // program can run on the CPU instead of being stopped by the dynamic linker.
+    // Where the toolkit keeps it: lib64/ beside nvcc's bin/ (NVIDIA's images), lib/ (NVIDIA's pip wheels), or a
+    // folder the linker searches anyway (Debian's packages).
+    if let Ok(toolkit) = cudaforge::CudaToolkit::detect() {
+        let root = toolkit.lib_dir.parent().map(|root| root.join("lib"));
+        for dir in std::iter::once(toolkit.lib_dir.clone()).chain(root) {
+            if dir.join("libcudart_static.a").is_file() {
+                println!("cargo:rustc-link-search=native={}", dir.display());
+            }
+        }
+    }
+    if is_target_msvc {
+        println!("cargo:rustc-link-lib=dylib=cudart");
+    } else {
+        println!("cargo:rustc-link-lib=static=cudart_static");
+        for system in ["dl", "rt", "pthread"] {
+            println!("cargo:rustc-link-lib=dylib={system}");
+        }
         println!("cargo:rustc-link-lib=stdc++");
     }
     Ok(())
