@@ -88,8 +88,9 @@ pub fn run(args: &DemoArgs, ml_root: Option<&Path>) -> Result<()> {
 
     let image = first_validation_image(&ml)?;
     let model_dir = ml.model_dir();
-    // Loaded before listening, so the curl line works as soon as it is printed.
-    let compute = Compute::open(args.compute.device, args.compute.precision, Workload::Training)?;
+    // Loaded before listening, so the curl line works as soon as it is printed. Served as `serve` serves: a curl
+    // call's image may have any size, so new shapes take cuDNN's heuristics rather than timing every layer.
+    let compute = Compute::open(args.compute.device, args.compute.precision, Workload::Inference)?;
     let segmenter = model_adapter::load(&model_dir, &compute)
         .with_context(|| format!("cannot load the model in {}", model_dir.display()))?;
     let config = ServeConfig {

@@ -84,24 +84,50 @@ fn main() -> Result<()> {
     // The CUDA runtime, linked statically (nvcc's own default), so that a binary with these kernels starts where
     // libcudart.so is absent: with no NVIDIA driver (cudart opens libcuda.so.1 itself, on its first call), the
     // program can run on the CPU instead of being stopped by the dynamic linker.
-    // Where the toolkit keeps it: lib64/ beside nvcc's bin/ (NVIDIA's images), lib/ (NVIDIA's pip wheels), or a
-    // folder the linker searches anyway (Debian's packages).
-    if let Ok(toolkit) = cudaforge::CudaToolkit::detect() {
-        let root = toolkit.lib_dir.parent().map(|root| root.join("lib"));
-        for dir in std::iter::once(toolkit.lib_dir.clone()).chain(root) {
-            if dir.join("libcudart_static.a").is_file() {
-                println!("cargo:rustc-link-search=native={}", dir.display());
+    match static_cudart_dir() {
+        Some(dir) if !is_target_msvc => {
+            println!("cargo:rustc-link-search=native={}", dir.display());
+            println!("cargo:rustc-link-lib=static=cudart_static");
+            for system in ["dl", "rt", "pthread"] {
+                println!("cargo:rustc-link-lib=dylib={system}");
             }
         }
-    }
-    if is_target_msvc {
-        println!("cargo:rustc-link-lib=dylib=cudart");
-    } else {
-        println!("cargo:rustc-link-lib=static=cudart_static");
-        for system in ["dl", "rt", "pthread"] {
-            println!("cargo:rustc-link-lib=dylib={system}");
+        _ => {
+            if !is_target_msvc {
+                println!(
+                    "cargo:warning=libcudart_static.a not found: linking libcudart.so, which the binary then needs \
+                     to start"
+                );
+            }
+            println!("cargo:rustc-link-lib=dylib=cudart");
         }
+    }
+    if !is_target_msvc {
         println!("cargo:rustc-link-lib=stdc++");
     }
     Ok(())
+}
+
+/// The folder holding `libcudart_static.a`: lib64/ beside nvcc's bin/ (NVIDIA's images), lib/ (NVIDIA's pip
+/// wheels), or wherever the C compiler finds it (Debian's packages, in the multiarch folder). rustc looks for a
+/// static library only in the folders it is given, so the folder is named even where the linker would find it.
+fn static_cudart_dir() -> Option<PathBuf> {
+    const FILE: &str = "libcudart_static.a";
+    let toolkit = cudaforge::CudaToolkit::detect().ok();
+    let beside_nvcc = toolkit.iter().flat_map(|toolkit| {
+        let lib = toolkit.lib_dir.parent().map(|root| root.join("lib"));
+        std::iter::once(toolkit.lib_dir.clone()).chain(lib)
+    });
+    let compiler = env::var("CC").unwrap_or_else(|_| "cc".to_string());
+    let from_compiler = std::process::Command::new(compiler)
+        .arg(format!("-print-file-name={FILE}"))
+        .output()
+        .ok()
+        .and_then(|output| String::from_utf8(output.stdout).ok())
+        .map(|path| PathBuf::from(path.trim()))
+        .filter(|path| path.is_absolute())
+        .and_then(|path| path.parent().map(PathBuf::from));
+    beside_nvcc
+        .chain(from_compiler)
+        .find(|dir| dir.join(FILE).is_file())
 }
