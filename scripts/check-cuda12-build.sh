@@ -4,7 +4,8 @@
 # cannot be pulled here, so the same CUDA release comes from Debian trixie's nvidia-cuda-toolkit (12.4.131) in a
 # debootstrapped chroot, and cuDNN 9.1.0 (what nvidia/cuda:12.4.1-cudnn-devel ships) from NVIDIA's PyPI wheel.
 # Then clippy (-D warnings), the NVRTC tests of semseg's own kernels, compiled by CUDA 12.4's NVRTC, and the test that
-# reads Candle's fat binaries for the bf16 kernels in the machine code for 80 and later (PTX built for 70 has none).
+# reads Candle's fat binaries for the bf16 kernels in the machine code for 80 and later (PTX built for 70 has none);
+# then that the binary needs no NVIDIA library to start and, with no GPU, trains on the CPU.
 #
 #   sudo scripts/check-cuda12-build.sh            # chroot in /tmp/semseg-cuda12 (kept: later runs take minutes)
 #
@@ -74,7 +75,16 @@ cargo clippy --release --locked --features cuda --lib --tests -- -D warnings || 
 cargo test --release --locked --features cuda --lib -- nvrtc candle_kernels_have_bf16 cuda_libraries \
   a_cuda_build_without_the_driver || exit 3
 ls -l /build/target/release/semseg
+# NVIDIA's libraries are opened at run time and the CUDA runtime is linked statically: the binary must not need any
+# of them to start, and with no GPU here (the chroot has Debian's driver library, not a GPU) it trains on the CPU.
+if readelf -d /build/target/release/semseg | grep NEEDED | grep -E 'lib(cuda|cudart|cublas|cublasLt|curand|nvrtc|cudnn)[.]'; then
+  echo "the binary links NVIDIA libraries at start-up"; exit 4
+fi
+rm -rf /tmp/smoke && mkdir -p /tmp/smoke
+/build/target/release/semseg demo --no-serve --epochs 1 --dir /tmp/smoke/demo > /tmp/smoke/log 2>&1 \
+  && grep -q 'compute device chosen device=cpu' /tmp/smoke/log || { tail -n 20 /tmp/smoke/log; exit 5; }
+grep -E 'WARN.*(no usable GPU|NVIDIA driver)' /tmp/smoke/log | head -n 1
 EOF
 chmod +x "$root/build.sh"
 chroot "$root" /build.sh
-echo "ok: the CUDA $toolkit build with Dockerfile.train's defaults compiles, is clippy-clean, NVRTC compiles the kernels, and the machine code for 80+ has the bf16 kernels"
+echo "ok: the CUDA $toolkit build with Dockerfile.train's defaults compiles, is clippy-clean, NVRTC compiles the kernels, the machine code for 80+ has the bf16 kernels, and without a GPU the binary starts and trains on the CPU"
