@@ -6,6 +6,7 @@
 use std::fmt;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Mutex;
 
 use anyhow::Context;
 use candle_core::Device;
@@ -245,6 +246,36 @@ pub fn describe(device: &Device) -> String {
     }
 }
 
+/// Logs why `auto` runs on the CPU once per reason: a process that opens its device more than once (the demo trains,
+/// then serves) would otherwise repeat the same warning each time.
+#[derive(Debug)]
+struct FallbackNotice {
+    last: Mutex<Option<String>>,
+}
+
+#[cfg_attr(not(feature = "cuda"), allow(dead_code))]
+impl FallbackNotice {
+    const fn new() -> Self {
+        Self { last: Mutex::new(None) }
+    }
+
+    /// Whether `reason` is news: it differs from the last one this notice saw, which it then becomes.
+    fn is_new(&self, reason: &str) -> bool {
+        let mut last = self.last.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        if last.as_deref() == Some(reason) {
+            return false;
+        }
+        *last = Some(reason.to_string());
+        true
+    }
+
+    fn warn(&self, reason: String) {
+        if self.is_new(&reason) {
+            tracing::warn!("{reason}");
+        }
+    }
+}
+
 fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
     match choice {
         DeviceChoice::Cpu => Ok(Device::Cpu),
@@ -257,7 +288,7 @@ fn open_device(choice: DeviceChoice) -> anyhow::Result<Device> {
 fn first_gpu() -> Option<Device> {
     let missing = cuda_libraries::missing();
     if !missing.is_empty() {
-        tracing::warn!("{}", cuda_libraries::cpu_fallback_reason(&missing));
+        CPU_FALLBACK.warn(cuda_libraries::cpu_fallback_reason(&missing));
         return None;
     }
     match Device::new_cuda(0) {
@@ -266,9 +297,24 @@ fn first_gpu() -> Option<Device> {
             Some(device)
         }
         Err(error) => {
-            tracing::warn!("no usable GPU ({error}); running on the CPU");
+            let error = without_backtrace(error);
+            CPU_FALLBACK.warn(format!("no usable GPU ({error}); running on the CPU"));
             None
         }
+    }
+}
+
+/// Why `auto` last fell back to the CPU in this process.
+#[cfg(feature = "cuda")]
+static CPU_FALLBACK: FallbackNotice = FallbackNotice::new();
+
+/// Candle attaches a backtrace to its errors when `RUST_BACKTRACE` is set, which would spread one log line or
+/// failure reason over dozens; only the message is wanted there.
+#[cfg(feature = "cuda")]
+fn without_backtrace(error: candle_core::Error) -> candle_core::Error {
+    match error {
+        candle_core::Error::WithBacktrace { inner, .. } => without_backtrace(*inner),
+        other => other,
     }
 }
 
@@ -284,6 +330,7 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
         anyhow::bail!(cuda_libraries::cannot_open(ordinal, &missing));
     }
     let device = Device::new_cuda(ordinal)
+        .map_err(without_backtrace)
         .with_context(|| format!("cannot open CUDA device {ordinal} (--device / SEMSEG_DEVICE)"))?;
     prepare_gpu(&device);
     Ok(device)
@@ -413,6 +460,15 @@ fn open_cuda(ordinal: usize) -> anyhow::Result<Device> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_cpu_fallback_reason_is_logged_once_until_it_changes() {
+        let notice = FallbackNotice::new();
+        assert!(notice.is_new("no NVIDIA driver here"));
+        assert!(!notice.is_new("no NVIDIA driver here"));
+        assert!(notice.is_new("no usable GPU"));
+        assert!(notice.is_new("no NVIDIA driver here"));
+    }
 
     #[test]
     fn parses_device_names() {
