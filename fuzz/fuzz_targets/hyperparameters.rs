@@ -24,14 +24,7 @@ fuzz_target!(|data: &[u8]| {
     ModelConfig::new(hp.algorithm, hp.backbone, hp.num_classes as usize, hp.output_stride, true)
         .expect("accepted hyperparameters describe a network");
     assert!(hp.crop_size % 8 == 0 && hp.crop_size > 16, "crop_size {}", hp.crop_size);
-    let schedule = Schedule {
-        kind: hp.lr_scheduler,
-        base_lr: hp.learning_rate,
-        iterations_per_epoch: hp.num_training_samples.div_ceil(u64::from(hp.mini_batch_size)),
-        epochs: hp.epochs,
-        steps: hp.lr_scheduler_step.clone(),
-        factor: hp.lr_scheduler_factor,
-    };
+    let schedule = Schedule::for_job(&hp);
     let total = schedule.total_iterations();
     for epoch in [0, hp.epochs / 2, hp.epochs.saturating_sub(1)] {
         for iteration in [0, total / 2, total.saturating_sub(1)] {

@@ -284,14 +284,7 @@ impl<'a> TrainingJob<'a> {
             hp.early_stopping_tolerance,
         );
         early_stopping.restore(state.best_miou, state.epochs_without_improvement);
-        let schedule = Schedule {
-            kind: hp.lr_scheduler,
-            base_lr: hp.learning_rate,
-            iterations_per_epoch: hp.num_training_samples.div_ceil(u64::from(hp.mini_batch_size)),
-            epochs: hp.epochs,
-            steps: hp.lr_scheduler_step.clone(),
-            factor: hp.lr_scheduler_factor,
-        };
+        let schedule = Schedule::for_job(hp);
         let mut meta = ModelMeta::new(&config);
         meta.crop_size = Some(hp.crop_size);
         meta.hyperparameters = Some(state.hyperparameters.clone());

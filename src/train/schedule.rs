@@ -1,6 +1,6 @@
 //! Learning-rate schedules: poly (power 0.9), cosine, and step, as the built-in algorithm offers.
 
-use crate::sagemaker::hyperparameters::LrScheduler;
+use crate::sagemaker::hyperparameters::{Hyperparameters, LrScheduler};
 
 /// poly's exponent (GluonCV and the built-in algorithm use 0.9).
 pub const POLY_POWER: f64 = 0.9;
@@ -20,6 +20,18 @@ pub struct Schedule {
 }
 
 impl Schedule {
+    /// The schedule a training job with `hp` follows.
+    pub fn for_job(hp: &Hyperparameters) -> Self {
+        Self {
+            kind: hp.lr_scheduler,
+            base_lr: hp.learning_rate,
+            iterations_per_epoch: hp.num_training_samples.div_ceil(u64::from(hp.mini_batch_size)),
+            epochs: hp.epochs,
+            steps: hp.lr_scheduler_step.clone(),
+            factor: hp.lr_scheduler_factor,
+        }
+    }
+
     pub fn total_iterations(&self) -> u64 {
         self.iterations_per_epoch.max(1) * u64::from(self.epochs)
     }
@@ -51,6 +63,31 @@ mod tests {
             steps: vec![1, 3],
             factor: 0.5,
         }
+    }
+
+    #[test]
+    fn a_job_steps_through_its_training_samples_in_mini_batches() {
+        let raw = [
+            ("num_classes", "3"),
+            ("num_training_samples", "10"),
+            ("mini_batch_size", "4"),
+            ("epochs", "5"),
+            ("learning_rate", "0.02"),
+            ("lr_scheduler", "step"),
+            ("lr_scheduler_step", "2,4"),
+            ("lr_scheduler_factor", "0.5"),
+        ]
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .into();
+        let (hp, _) = Hyperparameters::from_strings(&raw).unwrap();
+        let s = Schedule::for_job(&hp);
+        assert_eq!(s.iterations_per_epoch, 3, "ceil(10 / 4)");
+        assert_eq!(s.total_iterations(), 15);
+        assert_eq!(
+            (s.kind, s.base_lr, s.steps.as_slice(), s.factor),
+            (LrScheduler::Step, 0.02, &[2, 4][..], 0.5)
+        );
+        assert_eq!(s.learning_rate(4, 12), 0.02 * 0.25);
     }
 
     #[test]
