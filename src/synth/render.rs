@@ -127,48 +127,45 @@ fn paint_background(canvas: &mut Canvas, rng: &mut ChaCha8Rng) {
     let extent = extent.sqrt();
     let (cx, cy) = (w as f32 / 2.0, h as f32 / 2.0);
 
-    enum Texture {
-        Gradient,
-        Stripes { period: f32, phase: f32 },
-        Blotches { cell: f32, cols: usize, grid: Vec<f32> },
-    }
-    let texture = match rng.random_range(0..3) {
-        0 => Texture::Gradient,
-        1 => Texture::Stripes {
-            period: rng.random_range(6.0..24.0),
-            phase: rng.random_range(0.0..std::f32::consts::TAU),
-        },
+    // Texture value t in 0..1 at pixel (x, y), given the pixel's coordinate `along` the texture direction. The match
+    // stays outside the pixel loop: one loop per texture, so the optimiser cannot hoist one texture's arithmetic on
+    // another's (unset) parameters above the match, which valgrind's memcheck reports as a branch on uninitialised
+    // memory (harmless, but noise that would hide a real report).
+    let fill = |canvas: &mut Canvas, texture: &dyn Fn(usize, usize, f32) -> f32| {
+        for y in 0..h {
+            for x in 0..w {
+                let (fx, fy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
+                let along = fx * dx + fy * dy;
+                let t = texture(x, y, along);
+                let light = 1.0 + light_amp * 2.0 * (fx * lx + fy * ly) / extent;
+                let c = lerp3(c1, c2, t);
+                canvas.rgb[y * w + x] = [c[0] * light, c[1] * light, c[2] * light];
+            }
+        }
+    };
+    match rng.random_range(0..3) {
+        0 => fill(canvas, &|_, _, along| (along / extent + 0.5).clamp(0.0, 1.0)),
+        1 => {
+            let period: f32 = rng.random_range(6.0..24.0);
+            let phase: f32 = rng.random_range(0.0..std::f32::consts::TAU);
+            fill(canvas, &|_, _, along| 0.5 + 0.5 * (along * std::f32::consts::TAU / period + phase).sin());
+        }
         _ => {
+            // Blotches: value noise on a grid of `cell`-pixel squares, smoothly interpolated.
             let cell: f32 = rng.random_range(8.0..24.0);
             let cols = (w as f32 / cell) as usize + 2;
             let rows = (h as f32 / cell) as usize + 2;
-            let grid = (0..cols * rows).map(|_| rng.random_range(0.0..1.0)).collect();
-            Texture::Blotches { cell, cols, grid }
-        }
-    };
-    for y in 0..h {
-        for x in 0..w {
-            let (fx, fy) = (x as f32 + 0.5 - cx, y as f32 + 0.5 - cy);
-            let along = fx * dx + fy * dy;
-            let t = match &texture {
-                Texture::Gradient => (along / extent + 0.5).clamp(0.0, 1.0),
-                Texture::Stripes { period, phase } => {
-                    0.5 + 0.5 * (along * std::f32::consts::TAU / period + phase).sin()
-                }
-                Texture::Blotches { cell, cols, grid } => {
-                    let (gx, gy) = (x as f32 / cell, y as f32 / cell);
-                    let (ix, iy) = (gx as usize, gy as usize);
-                    let smooth = |t: f32| t * t * (3.0 - 2.0 * t);
-                    let (tx, ty) = (smooth(gx - ix as f32), smooth(gy - iy as f32));
-                    let at = |i: usize, j: usize| grid[j * cols + i];
-                    let top = at(ix, iy) + (at(ix + 1, iy) - at(ix, iy)) * tx;
-                    let bottom = at(ix, iy + 1) + (at(ix + 1, iy + 1) - at(ix, iy + 1)) * tx;
-                    top + (bottom - top) * ty
-                }
-            };
-            let light = 1.0 + light_amp * 2.0 * (fx * lx + fy * ly) / extent;
-            let c = lerp3(c1, c2, t);
-            canvas.rgb[y * w + x] = [c[0] * light, c[1] * light, c[2] * light];
+            let grid: Vec<f32> = (0..cols * rows).map(|_| rng.random_range(0.0..1.0)).collect();
+            fill(canvas, &|x, y, _| {
+                let (gx, gy) = (x as f32 / cell, y as f32 / cell);
+                let (ix, iy) = (gx as usize, gy as usize);
+                let smooth = |t: f32| t * t * (3.0 - 2.0 * t);
+                let (tx, ty) = (smooth(gx - ix as f32), smooth(gy - iy as f32));
+                let at = |i: usize, j: usize| grid[j * cols + i];
+                let top = at(ix, iy) + (at(ix + 1, iy) - at(ix, iy)) * tx;
+                let bottom = at(ix, iy + 1) + (at(ix + 1, iy + 1) - at(ix, iy + 1)) * tx;
+                top + (bottom - top) * ty
+            });
         }
     }
 }
