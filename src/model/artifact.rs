@@ -432,6 +432,19 @@ mod tests {
         assert!(error.contains("resnet-50.pth"), "{error}");
     }
 
+    #[test]
+    fn a_hostile_pytorch_file_is_an_error_not_a_runaway_allocation() {
+        // tests/fixtures/pytorch/make_hostile.py: without the bounds in vendor/candle-core's pickle reader, the first
+        // aborts the process allocating 2^62 bytes and the second copies objects until memory runs out.
+        for (file, expected) in [
+            ("huge_shape.pth", "backbone.conv1.weight needs [1073741824, 1073741824, 1, 1] elements"),
+            ("memo_bomb.pth", "copies more than"),
+        ] {
+            let error = read_state_dict(&pytorch_fixture(file)).expect_err(file).to_string();
+            assert!(error.contains(file) && error.contains(expected), "{error}");
+        }
+    }
+
     fn trained_varmap(cfg: &ModelConfig) -> candle_core::Result<(VarMap, SegmentationModel)> {
         let vm = VarMap::new();
         let net = SegmentationModel::new(cfg, VarBuilder::from_varmap(&vm, DType::F32, &Device::Cpu))?;

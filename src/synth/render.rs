@@ -148,7 +148,9 @@ fn paint_background(canvas: &mut Canvas, rng: &mut ChaCha8Rng) {
         1 => {
             let period: f32 = rng.random_range(6.0..24.0);
             let phase: f32 = rng.random_range(0.0..std::f32::consts::TAU);
-            fill(canvas, &|_, _, along| 0.5 + 0.5 * (along * std::f32::consts::TAU / period + phase).sin());
+            fill(canvas, &|_, _, along| {
+                0.5 + 0.5 * (along * std::f32::consts::TAU / period + phase).sin()
+            });
         }
         _ => {
             // Blotches: value noise on a grid of `cell`-pixel squares, smoothly interpolated.

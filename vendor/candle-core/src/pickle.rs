@@ -296,6 +296,41 @@ impl<T: TryFrom<Object, Error = Object>> TryFrom<Object> for Vec<T> {
 pub struct Stack {
     stack: Vec<Object>,
     memo: HashMap<u32, Object>,
+    /// Objects (and string bytes) copied through the memo so far, see [`MAX_MEMO_COPIES`].
+    copied: usize,
+}
+
+/// How many objects (counting string bytes as objects) reads and writes of the memo may copy in one pickle. Each copy
+/// is a deep clone, so a pickle that puts an object in the memo, gets it twice into a tuple, memoises that tuple, and
+/// so on, doubles its memory with a few bytes per step. A state dict copies a few objects per tensor.
+const MAX_MEMO_COPIES: usize = 1 << 24;
+
+/// `copied` plus the size of `obj`, or an error once that passes [`MAX_MEMO_COPIES`].
+fn charge_copy(copied: usize, obj: &Object) -> Result<usize> {
+    let mut total = copied;
+    let mut pending = vec![obj];
+    while let Some(obj) = pending.pop() {
+        total += 1;
+        if total > MAX_MEMO_COPIES {
+            crate::bail!("this pickle copies more than {MAX_MEMO_COPIES} objects through its memo")
+        }
+        match obj {
+            Object::Class {
+                module_name,
+                class_name,
+            } => total += module_name.len() + class_name.len(),
+            Object::Unicode(s) => total += s.len(),
+            Object::Tuple(items) | Object::List(items) => pending.extend(items),
+            Object::Dict(items) => pending.extend(items.iter().flat_map(|(k, v)| [k, v])),
+            Object::Reduce { callable, args } | Object::Build { callable, args } => {
+                pending.push(callable);
+                pending.push(args)
+            }
+            Object::PersistentLoad(obj) => pending.push(obj),
+            _ => {}
+        }
+    }
+    Ok(total)
 }
 
 impl Stack {
@@ -303,6 +338,7 @@ impl Stack {
         Self {
             stack: Vec::with_capacity(512),
             memo: HashMap::new(),
+            copied: 0,
         }
     }
 
@@ -387,17 +423,19 @@ impl Stack {
         }
     }
 
-    fn memo_get(&self, id: u32) -> Result<Object> {
+    fn memo_get(&mut self, id: u32) -> Result<Object> {
         match self.memo.get(&id) {
             None => crate::bail!("missing object in memo {id}"),
             Some(obj) => {
                 // Maybe we should use refcounting rather than doing potential large clones here.
+                self.copied = charge_copy(self.copied, obj)?;
                 Ok(obj.clone())
             }
         }
     }
 
     fn memo_put(&mut self, id: u32) -> Result<()> {
+        self.copied = charge_copy(self.copied, self.last()?)?;
         let obj = self.last()?.clone();
         self.memo.insert(id, obj);
         Ok(())
@@ -481,8 +519,12 @@ impl Stack {
             }
             OpCode::BinUnicode => {
                 let len = r.read_u32::<LittleEndian>()?;
-                let mut data = vec![0u8; len as usize];
-                r.read_exact(&mut data)?;
+                // The length is the file's word: read what is there instead of allocating it up front.
+                let mut data = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::Read::take(&mut *r, len as u64), &mut data)?;
+                if data.len() != len as usize {
+                    crate::bail!("a string of {len} bytes is cut short at {} bytes", data.len())
+                }
                 let data = String::from_utf8(data).map_err(E::wrap)?;
                 self.push(Object::Unicode(data))
             }
@@ -784,6 +826,33 @@ impl PthTensors {
             )
         }
         let start_offset = tensor_info.layout.start_offset();
+        // The shape and offset are the pickle's word, the entry's sizes the zip's: check them against each other (and
+        // the entry against the file) before allocating the tensor.
+        let needed = tensor_info
+            .layout
+            .dims()
+            .iter()
+            .try_fold(1usize, |n, &d| n.checked_mul(d))
+            .and_then(|elements| elements.checked_mul(tensor_info.dtype.size_in_bytes()))
+            // What is read below: `start_offset` bytes skipped, then the tensor.
+            .and_then(|bytes| bytes.checked_add(start_offset));
+        let file_len = std::fs::metadata(&self.path)?.len();
+        let stored = reader.compression() == zip::CompressionMethod::Stored;
+        // DEFLATE expands by 1032:1 at most.
+        let plausible = reader.compressed_size() <= file_len
+            && (stored || reader.size() <= reader.compressed_size().saturating_mul(1032));
+        match needed {
+            Some(needed) if plausible && needed as u64 <= reader.size() => {}
+            _ => crate::bail!(
+                "tensor {} needs {:?} elements of {:?} from {}, which holds {} bytes ({} stored)",
+                tensor_info.name,
+                tensor_info.layout.dims(),
+                tensor_info.dtype,
+                tensor_info.path,
+                reader.size(),
+                reader.compressed_size()
+            ),
+        }
         if start_offset > 0 {
             std::io::copy(
                 &mut reader.by_ref().take(start_offset as u64),
