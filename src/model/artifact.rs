@@ -435,10 +435,15 @@ mod tests {
     #[test]
     fn a_hostile_pytorch_file_is_an_error_not_a_runaway_allocation() {
         // tests/fixtures/pytorch/make_hostile.py: without the bounds in vendor/candle-core's pickle reader, the first
-        // aborts the process allocating 2^62 bytes and the second copies objects until memory runs out.
+        // aborts the process allocating 2^62 bytes, the second copies objects until memory runs out and the third panics.
         for (file, expected) in [
-            ("huge_shape.pth", "backbone.conv1.weight needs [1073741824, 1073741824, 1, 1] elements"),
+            (
+                "huge_shape.pth",
+                "backbone.conv1.weight needs [1073741824, 1073741824, 1, 1] elements",
+            ),
             ("memo_bomb.pth", "copies more than"),
+            // Skipped with a message, not a panic on the missing arguments; then no tensor is left.
+            ("short_args.pth", "no tensors found"),
         ] {
             let error = read_state_dict(&pytorch_fixture(file)).expect_err(file).to_string();
             assert!(error.contains(file) && error.contains(expected), "{error}");

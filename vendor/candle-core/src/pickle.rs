@@ -224,6 +224,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._tensor" && class_name == "_rebuild_from_type_v2" => {
                 let mut args = args.tuple()?;
+                if args.len() < 3 {
+                    crate::bail!("_rebuild_from_type_v2 has {} arguments, expected 4", args.len())
+                }
                 let callable = args.remove(0);
                 let args = args.remove(1);
                 (callable, args)
@@ -233,6 +236,9 @@ impl Object {
                 class_name,
             } if module_name == "torch._utils" && class_name == "_rebuild_parameter" => {
                 let mut args = args.tuple()?;
+                if args.is_empty() {
+                    crate::bail!("_rebuild_parameter has no arguments")
+                }
                 args.remove(0).reduce()?
             }
             _ => (callable, args),
@@ -667,11 +673,19 @@ impl From<Object> for E {
 // Arguments: storage, storage_offset, size, stride, requires_grad, backward_hooks
 fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
     let mut args = args.tuple()?;
+    // The tuples' lengths and the offset are the file's word: check them rather than panic on them.
+    if args.len() < 4 {
+        crate::bail!("a tensor's rebuild arguments hold {} values, expected at least 4", args.len())
+    }
     let stride = Vec::<usize>::try_from(args.remove(3))?;
     let size = Vec::<usize>::try_from(args.remove(2))?;
-    let offset = args.remove(1).int_or_long()? as usize;
+    let offset = usize::try_from(args.remove(1).int_or_long()?)
+        .map_err(|_| crate::Error::Msg("a tensor's storage offset is negative".into()))?;
     let storage = args.remove(0).persistent_load()?;
     let mut storage = storage.tuple()?;
+    if storage.len() < 5 {
+        crate::bail!("a tensor's storage holds {} values, expected 5", storage.len())
+    }
     let storage_size = storage.remove(4).int_or_long()? as usize;
     let path = storage.remove(2).unicode()?;
     let (_module_name, class_name) = storage.remove(1).class()?;
@@ -686,11 +700,19 @@ fn rebuild_args(args: Object) -> Result<(Layout, DType, String, usize)> {
             crate::bail!("unsupported storage type {other}")
         }
     };
-    let layout = Layout::new(
-        crate::Shape::from(size),
-        stride,
-        offset * dtype.size_in_bytes(),
-    );
+    // Shape arithmetic (element counts, contiguity) multiplies the dimensions: refuse a shape whose product overflows.
+    if size
+        .iter()
+        .filter(|&&d| d != 0)
+        .try_fold(1usize, |n, &d| n.checked_mul(d))
+        .is_none()
+    {
+        crate::bail!("a tensor's shape {size:?} has more elements than fit in memory")
+    }
+    let offset = offset
+        .checked_mul(dtype.size_in_bytes())
+        .ok_or_else(|| crate::Error::Msg(format!("a tensor's storage offset {offset} is out of range")))?;
+    let layout = Layout::new(crate::Shape::from(size), stride, offset);
     Ok((layout, dtype, path, storage_size))
 }
 
