@@ -6,7 +6,8 @@
 #      the auxiliary head, and `semseg demo --no-serve`, all built with AddressSanitizer;
 #   3. the kernels' unit tests (model::ops) under valgrind's memcheck, which also flags reads of uninitialised
 #      memory. valgrind's CPU has no AVX-512, so this pass runs the AVX2 kernels, which a CPU with AVX-512 never
-#      takes otherwise; passes 1 and 2 run whatever the machine has.
+#      takes otherwise; passes 1 and 2 run whatever the machine has. MEMCHECK_TESTS picks other unit tests (a test
+#      name filter; "" runs all of them, which takes well over an hour: the training tests crawl under valgrind).
 # Needs the nightly toolchain (`-Zsanitizer`) and valgrind; not part of CI (a cold sanitizer build takes about 30
 # minutes on 2 cores). Exits non-zero at the first finding. Run it after changing unsafe code in src/model/ops.
 #
@@ -59,10 +60,12 @@ for pass in $passes; do
       rm -rf "$demo"
       ;;
     3)
-      echo "== pass 3: the kernels' unit tests under valgrind memcheck (AVX2 paths)"
+      filter=${MEMCHECK_TESTS-model::ops}
+      echo "== pass 3: unit tests '${filter:-all}' under valgrind memcheck (AVX2 paths)"
       cargo test --release --locked --lib --no-run
       binary=$(test_binary cargo test --release --locked --lib)
-      valgrind --error-exitcode=99 --quiet "$binary" model::ops --test-threads=1 -q
+      # shellcheck disable=SC2086 # an empty filter runs every test
+      valgrind --error-exitcode=99 --quiet "$binary" $filter --test-threads=1 -q
       ;;
     *)
       echo "unknown pass '$pass' (1, 2 or 3)" >&2
