@@ -77,10 +77,10 @@ pub fn unpack_to_scratch(channel_dir: &Path, scratch: &Path) -> Result<PathBuf> 
     Ok(scratch.to_path_buf())
 }
 
-/// Extract a gzip-compressed tar into `into`. Entries that would land outside `into` (absolute paths, `..`, paths
-/// through a symlink) and entries that are not plain files or directories (symlinks, hard links, FIFOs, devices) are
-/// refused, naming the entry: a model is two plain files, and a link or a FIFO named `model.safetensors` would make
-/// loading read some other file or block for ever.
+/// Extract a gzip-compressed tar into `into`. Entries that would land outside `into` (`..`, paths through a symlink)
+/// and entries that are not plain files or directories (symlinks, hard links, FIFOs, devices) are refused, naming
+/// the entry; an absolute name is taken relative to `into`, as GNU tar does. A model is two plain files, and a link
+/// or a FIFO named `model.safetensors` would make loading read some other file or block for ever.
 fn extract(tarball: &Path, into: &Path) -> Result<()> {
     let file = File::open(tarball).with_context(|| format!("cannot open {}", tarball.display()))?;
     let mut archive = tar::Archive::new(flate2::read::GzDecoder::new(file));
@@ -91,21 +91,17 @@ fn extract(tarball: &Path, into: &Path) -> Result<()> {
         let mut entry = entry.with_context(unreadable)?;
         let name = String::from_utf8_lossy(&entry.path_bytes()).into_owned();
         let kind = entry.header().entry_type();
-        if kind.is_symlink()
-            || kind.is_hard_link()
-            || kind.is_fifo()
-            || kind.is_character_special()
-            || kind.is_block_special()
-        {
+        let refused = match () {
+            _ if kind.is_symlink() => Some("symbolic link"),
+            _ if kind.is_hard_link() => Some("hard link"),
+            _ if kind.is_fifo() => Some("FIFO"),
+            _ if kind.is_character_special() || kind.is_block_special() => Some("device file"),
+            _ => None,
+        };
+        if let Some(what) = refused {
             bail!(
-                "{}: the entry {name:?} is a {}; a model tarball holds only plain files and directories",
-                tarball.display(),
-                match kind {
-                    _ if kind.is_symlink() => "symbolic link",
-                    _ if kind.is_hard_link() => "hard link",
-                    _ if kind.is_fifo() => "FIFO",
-                    _ => "device file",
-                }
+                "{}: the entry {name:?} is a {what}; a model tarball holds only plain files and directories",
+                tarball.display()
             );
         }
         let inside = entry
