@@ -12,7 +12,7 @@ use super::heads::PspHead;
 use super::layers::BatchNorm2d;
 use super::ops::pool::{adaptive_avg_pool2d, max_pool_3x3_s2};
 use super::ops::resize::resize_bilinear;
-use super::resnet::Block;
+use super::resnet::{Block, BlockPlan};
 use super::weights::load_into_varmap;
 
 const TOL: f64 = 1e-5;
@@ -165,17 +165,31 @@ fn batchnorm_train_and_eval() {
     check_train_and_eval(&Fixture::load("batchnorm.safetensors"), |vb| BatchNorm2d::new(6, vb));
 }
 
+/// torchvision's `Bottleneck(in_ch, planes, stride, downsample, dilation=dilation)` with its downsample.
+fn bottleneck_with_downsample(in_ch: usize, planes: usize, stride: usize, dilation: usize) -> BlockPlan {
+    BlockPlan {
+        layer: 1,
+        index: 0,
+        bottleneck: true,
+        in_ch,
+        planes,
+        stride,
+        dilation,
+        has_downsample: true,
+    }
+}
+
 #[test]
 fn bottleneck_with_dilation() {
     check_train_and_eval(&Fixture::load("bottleneck_dilated.safetensors"), |vb| {
-        Block::new(true, 16, 4, 1, 2, true, vb)
+        Block::new(&bottleneck_with_downsample(16, 4, 1, 2), vb)
     });
 }
 
 #[test]
 fn bottleneck_stride2_odd_even_input() {
     check_train_and_eval(&Fixture::load("bottleneck_stride2.safetensors"), |vb| {
-        Block::new(true, 16, 8, 2, 1, true, vb)
+        Block::new(&bottleneck_with_downsample(16, 8, 2, 1), vb)
     });
 }
 
