@@ -1,6 +1,7 @@
 //! Decides, at build time, whether the tests that need tools from outside Rust are mandatory (cfg
-//! `semseg_external_tests`): the container tests (Docker, root, debootstrap, python3 with the SageMaker SDK) and the
-//! Python recordio-protobuf decoder test (python3 with protobuf). They are when `CI=true` (CI runs exactly
+//! `semseg_external_tests`): the container tests (Docker, root, debootstrap, python3 with the SageMaker SDK), the
+//! Python recordio-protobuf decoder test (python3 with protobuf) and the ONNX export test (python3 with numpy and
+//! onnxruntime). They are when `CI=true` (CI runs exactly
 //! `cargo test --release --locked`) or `SEMSEG_EXTERNAL_TESTS=1`; otherwise they are built `#[ignore]`d, so that
 //! cargo lists them as ignored, with the reason, instead of passing them without running them. `#[ignore]` is fixed
 //! when a test is compiled, hence a build script rather than a check at run time.

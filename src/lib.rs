@@ -9,6 +9,7 @@
 //!   (training's validation scores batches with the training network instead: [`train::validation`]);
 //! - [`serve`]: SageMaker's inference-container contract (HTTP server); [`predict`]: the same inference on files;
 //! - [`train`]: the training job; [`storage`]: S3 outside SageMaker (staging, artifacts, checkpoints, models);
+//! - [`export`]: a trained model as an ONNX file, for runtimes other than semseg;
 //! - [`demo`]: synthetic data → training → serving in one command, the README's first.
 
 pub mod allocator;
@@ -16,6 +17,7 @@ pub mod compute;
 pub mod cuda_libraries;
 pub mod data;
 pub mod demo;
+pub mod export;
 pub mod free_memory;
 pub mod gpu_utilisation;
 pub mod infer;

@@ -48,6 +48,11 @@ enum Command {
     /// artifact that `serve`, `predict` and incremental training load. Every tensor is checked; missing or mis-shaped
     /// ones are named.
     Import(ImportArgs),
+    /// Write a trained model as an ONNX file (opset 17) for ONNX Runtime, TensorRT, OpenVINO and the like. Input
+    /// `image`: float32 [N, 3, H, W], RGB values 0..255, any H and W (the model's normalisation is in the graph).
+    /// Outputs at the input's size: `logits` and `probabilities` float32 [N, C, H, W], `mask` uint8 [N, H, W].
+    /// BatchNorm is folded into the convolutions; the auxiliary head is left out.
+    Export(ExportArgs),
     /// Generate a seeded synthetic dataset in the SageMaker channel layout (train, validation, train_annotation,
     /// validation_annotation, label_map). `--out <ml-root>/input/data` makes a ready training job.
     Synth(SynthOptions),
@@ -198,6 +203,32 @@ struct ImportArgs {
     out: PathBuf,
 }
 
+#[derive(Debug, clap::Args)]
+struct ExportArgs {
+    /// The model: a trained artifact's directory (a model.tar.gz in it is extracted first) or an s3:// URI of a
+    /// model.tar.gz or its prefix.
+    #[arg(long, value_name = "DIR")]
+    model: PathBuf,
+    /// The ONNX file to write.
+    #[arg(long, value_name = "FILE")]
+    out: PathBuf,
+}
+
+fn export(args: &ExportArgs) -> anyhow::Result<()> {
+    let fetched = fetch_s3_model(Some(&args.model))?;
+    let model = fetched.as_ref().map_or(args.model.as_path(), |f| f.dir());
+    let summary = semseg::export::export_model_dir(model, &args.out)?;
+    tracing::info!(
+        nodes = summary.nodes,
+        parameters = summary.parameters,
+        mib = format!("{:.1}", summary.bytes as f64 / (1 << 20) as f64),
+        "exported {} to {}",
+        args.model.display(),
+        summary.path.display()
+    );
+    Ok(())
+}
+
 fn import(args: &ImportArgs) -> anyhow::Result<()> {
     use semseg::model::config::{ModelConfig, OutputStride};
     let config = ModelConfig::new(
@@ -228,6 +259,7 @@ fn main() -> ExitCode {
         Command::Train(args) => train_job(&ml, &args),
         Command::Check => run_job(&ml, "check", || train::job::check(&ml)),
         Command::Import(args) => report("import", import(&args)),
+        Command::Export(args) => report("export", export(&args)),
         Command::Synth(options) => match synth::generate(&options) {
             Ok(summary) => {
                 tracing::info!(?summary, out = %options.out.display(), "synthetic dataset written");
