@@ -4,7 +4,7 @@
 Each CASE is RGB:HEIGHT:WIDTH:NPY: raw RGB bytes (HEIGHT x WIDTH x 3, as in a decoded image) and the float32
 [C, H, W] probabilities `semseg predict --probabilities` wrote for the same image. For each case it prints one JSON
 line: the largest probability difference, the relative L2 differences of the probabilities and of the logits
-(centred per pixel, semseg's from the log of its probabilities), how many pixels of ONNX Runtime's `mask` agree
+(each minus the pixel's top class, semseg's from the log of its probabilities), how many pixels of ONNX Runtime's `mask` agree
 with the argmax of semseg's probabilities, and whether a batch of two copies gives each copy's single answer.
 Exits non-zero if the model cannot be loaded or run. Needs numpy and onnxruntime (pip install onnxruntime).
 
@@ -45,18 +45,23 @@ def main() -> int:
             return 1
         pair = session.run(None, {"image": np.concatenate([image, image])})
         batch_gap = max(float(np.abs(pair[1][i] - got).max()) for i in range(2))
-        # semseg's logits up to a per-pixel constant, from its probabilities: compared with ONNX Runtime's logits
-        # centred the same way, differences show even where the probabilities are close to uniform.
-        semseg_logits = np.log(want.astype(np.float64))
-        semseg_logits -= semseg_logits.mean(axis=0, keepdims=True)
-        onnx_logits = logits[0].astype(np.float64) - logits[0].mean(axis=0, keepdims=True)
+        # semseg's logits up to a per-pixel constant, from its probabilities: each class's logit minus the top
+        # class's, log(p / p_top), where p is large enough not to have lost digits. Compared with ONNX Runtime's
+        # logits taken the same way, differences show even where the probabilities are close to uniform.
+        top = want.argmax(axis=0)[None]
+        kept = want > 1e-20
+        semseg_gaps = np.log(np.maximum(want, 1e-38).astype(np.float64))
+        semseg_gaps -= np.take_along_axis(semseg_gaps, top, axis=0)
+        onnx_gaps = logits[0].astype(np.float64) - np.take_along_axis(logits[0].astype(np.float64), top, axis=0)
+        scale = max(float(np.linalg.norm(semseg_gaps[kept])), 1e-30)
+        logits_gap = float(np.linalg.norm((onnx_gaps - semseg_gaps)[kept])) / scale
         print(json.dumps({
             "case": rgb,
             "height": height,
             "width": width,
             "max_abs_diff": float(np.abs(got - want).max()),
             "relative_l2": float(np.linalg.norm(got - want) / np.linalg.norm(want)),
-            "logits_relative_l2": float(np.linalg.norm(onnx_logits - semseg_logits) / np.linalg.norm(semseg_logits)),
+            "logits_relative_l2": logits_gap,
             "mask_agreement": float((mask[0] == want.argmax(axis=0)).mean()),
             "mask_is_logits_argmax": bool((mask[0] == logits[0].argmax(axis=0)).all()),
             # How decisive the answer is: a near-uniform one would hide differences.

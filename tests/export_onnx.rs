@@ -7,10 +7,11 @@ use std::path::Path;
 use std::process::Command;
 
 use candle_core::{DType, Device, Tensor};
-use candle_nn::{VarBuilder, VarMap};
+use candle_nn::VarMap;
 use common::{semseg, text};
 use semseg::model::artifact::{save_varmap, ModelMeta};
 use semseg::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
+use semseg::model::seeded_init::seeded_var_builder;
 use semseg::model::SegmentationModel;
 
 /// A fixed sequence of values in [-1, 1) (a 64-bit LCG), so the test's data is the same on every run.
@@ -33,7 +34,8 @@ fn seeded(count: usize, seed: u64) -> Vec<f32> {
 fn write_model(dir: &Path, algorithm: Algorithm, output_stride: OutputStride) {
     let config = ModelConfig::new(algorithm, Backbone::Resnet18, 4, output_stride, true).unwrap();
     let varmap = VarMap::new();
-    let net = SegmentationModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+    let vb = seeded_var_builder(&varmap, 7, DType::F32, &Device::Cpu);
+    let net = SegmentationModel::new(&config, vb).unwrap();
     for pass in 0..3u64 {
         let (b, h, w) = (2, 40, 48);
         let values: Vec<f32> = seeded(b * 3 * h * w, pass)

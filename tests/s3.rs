@@ -360,7 +360,7 @@ fn ping(port: u16) -> Option<u16> {
 }
 
 #[test]
-fn serve_and_predict_fetch_their_model_from_s3() {
+fn serve_predict_and_export_fetch_their_model_from_s3() {
     let server = S3Server::start(&["models"]);
     model_on_s3(&server, "run1/model.tar.gz");
 
@@ -423,6 +423,27 @@ fn serve_and_predict_fetch_their_model_from_s3() {
     assert!(out.status.success(), "{}", text(&out));
     let mask = image::open(out_dir.join("scene.png")).unwrap();
     assert_eq!((mask.width(), mask.height()), (40, 30));
+
+    // export reads the same address (a tarball, extracted in the fetched copy) and writes a whole ONNX file.
+    let onnx = work.path().join("model.onnx");
+    let out = run(&mut semseg_s3(
+        &server.endpoint(),
+        SECRET_KEY,
+        &[
+            "export",
+            "--model",
+            "s3://models/run1/model.tar.gz",
+            "--out",
+            onnx.to_str().unwrap(),
+        ],
+    ));
+    assert!(out.status.success(), "{}", text(&out));
+    let bytes = std::fs::read(&onnx).unwrap();
+    assert!(
+        bytes.len() > 1_000_000,
+        "an ONNX file holding the ResNet's weights: {} bytes",
+        bytes.len()
+    );
 }
 
 /// `predict --model s3://...` fails before loading anything: the quickest way to see each error's message.

@@ -6,6 +6,9 @@ use super::onnx_proto::{
     TensorShapeProto, TensorTypeProto, TypeProto, ValueInfoProto,
 };
 
+/// Names of the anonymous constants start with this.
+pub const CONSTANT_PREFIX: &str = "const_";
+
 /// Nodes in the order they were added (each uses only earlier outputs, so the order is topological) and the
 /// initializers they read.
 #[derive(Default)]
@@ -68,7 +71,7 @@ impl Graph {
 
     fn constant_name(&mut self) -> String {
         self.constants += 1;
-        format!("const_{}", self.constants)
+        format!("{CONSTANT_PREFIX}{}", self.constants)
     }
 
     pub fn node_count(&self) -> usize {

@@ -37,6 +37,7 @@ pub struct ExportSummary {
     pub path: PathBuf,
     pub bytes: usize,
     pub nodes: usize,
+    /// Values in the graph's weights and biases.
     pub parameters: usize,
 }
 
@@ -122,10 +123,12 @@ pub fn export_model_dir(model_dir: &Path, out: &Path) -> anyhow::Result<ExportSu
     let model = to_onnx(&meta, &tensors).with_context(|| format!("cannot export the model in {}", dir.display()))?;
     let graph = model.graph.as_ref().context("the exported model has no graph")?;
     let nodes = graph.node.len();
-    let parameters = tensors
+    // The graph's weights and biases (BatchNorm folded in), not its small constants.
+    let parameters = graph
+        .initializer
         .iter()
-        .filter(|(name, _)| !name.starts_with("aux_classifier.") && !name.ends_with(weights::IGNORED_SUFFIX))
-        .map(|(_, t)| t.elem_count())
+        .filter(|t| !t.name.starts_with(graph::CONSTANT_PREFIX))
+        .map(|t| t.dims.iter().product::<i64>() as usize)
         .sum();
     let bytes = model.encode_to_vec();
     if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -157,15 +160,16 @@ pub fn export_model_dir(model_dir: &Path, out: &Path) -> anyhow::Result<ExportSu
 mod tests {
     use super::*;
     use crate::model::config::{Algorithm, Backbone, ModelConfig, OutputStride};
+    use crate::model::seeded_init::seeded_var_builder;
     use crate::model::SegmentationModel;
     use candle_core::{DType, Device};
-    use candle_nn::{VarBuilder, VarMap};
+    use candle_nn::VarMap;
     use onnx_proto::DimensionValue;
 
     fn model(algorithm: Algorithm, output_stride: OutputStride, aux: bool) -> (ModelMeta, HashMap<String, Tensor>) {
         let config = ModelConfig::new(algorithm, Backbone::Resnet18, 5, output_stride, aux).unwrap();
         let varmap = VarMap::new();
-        SegmentationModel::new(&config, VarBuilder::from_varmap(&varmap, DType::F32, &Device::Cpu)).unwrap();
+        SegmentationModel::new(&config, seeded_var_builder(&varmap, 3, DType::F32, &Device::Cpu)).unwrap();
         let tensors = varmap
             .data()
             .lock()
@@ -371,10 +375,11 @@ mod tests {
         let written = std::fs::read(&out)?;
         assert_eq!(summary.bytes, written.len());
         assert!(ModelProto::decode(written.as_slice())?.graph.is_some());
+        // Each convolution's weight, and a bias per output channel (BatchNorm folded in, or its own).
         let stored: usize = tensors
             .iter()
-            .filter(|(n, _)| !n.starts_with("aux_classifier."))
-            .map(|(_, t)| t.elem_count())
+            .filter(|(n, t)| n.ends_with(".weight") && t.rank() == 4 && !n.starts_with("aux_classifier."))
+            .map(|(_, t)| t.elem_count() + t.dim(0).unwrap())
             .sum();
         assert_eq!(summary.parameters, stored);
         let left: Vec<_> = std::fs::read_dir(out.parent().unwrap())?
