@@ -50,7 +50,8 @@ enum Command {
     Import(ImportArgs),
     /// Write a trained model as an ONNX file (opset 17) for ONNX Runtime, TensorRT, OpenVINO and the like. Input
     /// `image`: float32 [N, 3, H, W], RGB values 0..255, any H and W (the model's normalisation is in the graph).
-    /// Outputs at the input's size: `logits` and `probabilities` float32 [N, C, H, W], `mask` uint8 [N, H, W].
+    /// Outputs at the input's size: `logits` float32 [N, C, H, W] and `mask` uint8 [N, H, W] (each pixel's class);
+    /// with --probabilities also `probabilities` float32 [N, C, H, W].
     /// BatchNorm is folded into the convolutions; the auxiliary head is left out.
     Export(ExportArgs),
     /// Generate a seeded synthetic dataset in the SageMaker channel layout (train, validation, train_annotation,
@@ -212,12 +213,19 @@ struct ExportArgs {
     /// The ONNX file to write.
     #[arg(long, value_name = "FILE")]
     out: PathBuf,
+    /// Also output `probabilities`, the softmax over the classes (ONNX Runtime then computes it on every run,
+    /// whichever outputs are asked for).
+    #[arg(long)]
+    probabilities: bool,
 }
 
 fn export(args: &ExportArgs) -> anyhow::Result<()> {
     let fetched = fetch_s3_model(Some(&args.model))?;
     let model = fetched.as_ref().map_or(args.model.as_path(), |f| f.dir());
-    let summary = semseg::export::export_model_dir(model, &args.out)?;
+    let options = semseg::export::ExportOptions {
+        probabilities: args.probabilities,
+    };
+    let summary = semseg::export::export_model_dir(model, &args.out, options)?;
     tracing::info!(
         nodes = summary.nodes,
         parameters = summary.parameters,

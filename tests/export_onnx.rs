@@ -117,13 +117,19 @@ fn onnx_runtime_answers_as_semseg_predict_does() {
         assert!(out.status.success(), "{what}: predict failed: {}", text(&out));
 
         let onnx = case.join("model.onnx");
-        let out = semseg(&[
+        // Half of the files with the probabilities output, half without.
+        let probabilities = algorithm != Algorithm::Psp && output_stride == OutputStride::Eight;
+        let mut args = vec![
             "export",
             "--model",
             model.to_str().unwrap(),
             "--out",
             onnx.to_str().unwrap(),
-        ]);
+        ];
+        if probabilities {
+            args.push("--probabilities");
+        }
+        let out = semseg(&args);
         assert!(out.status.success(), "{what}: export failed: {}", text(&out));
         assert!(text(&out).contains("exported"), "{}", text(&out));
 
@@ -156,7 +162,9 @@ fn onnx_runtime_answers_as_semseg_predict_does() {
             assert!(figure("logits_relative_l2") < 1e-4, "{what}: {line}");
             assert!(figure("mask_agreement") >= 0.999, "{what}: {line}");
             assert_eq!(line["mask_is_logits_argmax"], true, "{what}: {line}");
-            assert!(figure("batch_max_abs_diff") < 1e-5, "{what}: {line}");
+            assert!(figure("batch_max_abs_diff") < 1e-4, "{what}: {line}");
+            assert_eq!(line["has_probabilities"], probabilities, "{what}: {line}");
+            assert!(figure("probabilities_vs_softmax") < 1e-6, "{what}: {line}");
         }
         let decisive = lines
             .iter()
