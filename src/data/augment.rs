@@ -279,13 +279,8 @@ pub fn denormalised_rgb(image: &[f32], width: u32, height: u32) -> Option<RgbIma
 
 /// `v * mul + add == (v/255 - mean)/std`.
 fn norm_coeffs() -> ([f32; 3], [f32; 3]) {
-    let mut mul = [0f32; 3];
-    let mut add = [0f32; 3];
-    for c in 0..3 {
-        mul[c] = 1.0 / (255.0 * IMAGENET_STD[c]);
-        add[c] = -IMAGENET_MEAN[c] / IMAGENET_STD[c];
-    }
-    (mul, add)
+    let (mul, shift) = crate::normalize::scale_shift(IMAGENET_MEAN, IMAGENET_STD);
+    (mul, shift.map(|s| -s))
 }
 
 /// Pillow-style resampling coefficients for a window of output coordinates.

@@ -56,18 +56,11 @@ pub fn to_onnx(
     options: ExportOptions,
 ) -> anyhow::Result<ModelProto> {
     let config = meta.config()?;
-    let expected = weights::expected_tensors(&config).context("cannot list the network's tensors")?;
-    let shapes = tensors.iter().map(|(k, t)| (k.clone(), t.dims().to_vec())).collect();
-    let mismatch = weights::check(&expected, &shapes);
-    if mismatch.is_fatal(true) {
-        anyhow::bail!("the weights do not fit {config}:{mismatch}");
-    }
+    let expected = weights::check_state_dict(&config, tensors, true)?;
 
     let mut g = Graph::default();
-    // (x / 255 − mean) / std as the server computes it: x · 1/(255·std) − mean/std.
-    let norm = &meta.normalization;
-    let scale: Vec<f32> = (0..3).map(|c| 1.0 / (255.0 * norm.std[c])).collect();
-    let shift: Vec<f32> = (0..3).map(|c| norm.mean[c] / norm.std[c]).collect();
+    // (x / 255 − mean) / std as the server computes it.
+    let (scale, shift) = crate::normalize::scale_shift(meta.normalization.mean, meta.normalization.std);
     let scale = g.floats(&[1, 3, 1, 1], &scale);
     let shift = g.floats(&[1, 3, 1, 1], &shift);
     let scaled = g.op("Mul", &["image", &scale], vec![]);

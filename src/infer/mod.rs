@@ -500,8 +500,7 @@ impl Inference {
 pub fn normalised_chw(image: &RgbImage, mean: [f32; 3], std: [f32; 3]) -> Vec<f32> {
     let plane = image.width() as usize * image.height() as usize;
     let mut out = vec![0f32; 3 * plane];
-    let scale: [f32; 3] = std::array::from_fn(|c| 1.0 / (255.0 * std[c]));
-    let shift: [f32; 3] = std::array::from_fn(|c| mean[c] / std[c]);
+    let (scale, shift) = crate::normalize::scale_shift(mean, std);
     for (i, pixel) in image.pixels().enumerate() {
         for c in 0..3 {
             out[c * plane + i] = f32::from(pixel.0[c]) * scale[c] - shift[c];

@@ -192,18 +192,31 @@ pub fn segmenter_from_tensors(
     dtype: DType,
     device: &Device,
 ) -> Result<SegmentationModel, WeightsError> {
+    check_state_dict(config, &tensors, strict)?;
+    let vb = VarBuilder::from_tensors(tensors, dtype, device);
+    SegmentationModel::new(config, vb).map_err(|source| WeightsError::Build {
+        model: config.to_string(),
+        source,
+    })
+}
+
+/// Checks every tensor of a state dict against the network `config` describes (extra tensors are an error when
+/// `strict`), reporting all problems at once; returns the network's tensors.
+pub fn check_state_dict(
+    config: &ModelConfig,
+    tensors: &HashMap<String, Tensor>,
+    strict: bool,
+) -> Result<Vec<TensorSpec>, WeightsError> {
     let model = config.to_string();
-    let build_err = |source| WeightsError::Build {
+    let expected = expected_tensors(config).map_err(|source| WeightsError::Build {
         model: model.clone(),
         source,
-    };
-    let expected = expected_tensors(config).map_err(build_err)?;
-    let mismatch = check(&expected, &shapes(&tensors));
+    })?;
+    let mismatch = check(&expected, &shapes(tensors));
     if mismatch.is_fatal(strict) {
         return Err(WeightsError::Mismatch { model, mismatch });
     }
-    let vb = VarBuilder::from_tensors(tensors, dtype, device);
-    SegmentationModel::new(config, vb).map_err(build_err)
+    Ok(expected)
 }
 
 /// Copies checkpoint tensors into a training `VarMap`'s variables. `rename` maps a variable's name to the
