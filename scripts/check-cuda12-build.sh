@@ -20,8 +20,8 @@ mirror=${MIRROR:-http://deb.debian.org/debian}
 cargo_home=${CARGO_HOME:-$HOME/.cargo}
 rustup_home=${RUSTUP_HOME:-$HOME/.rustup}
 # Dockerfile.train's defaults.
-compute_cap=$(sed -n 's/^ARG CUDA_COMPUTE_CAP=//p' Dockerfile.train)
-sass_archs=$(sed -n 's/^ARG CUDA_SASS_ARCHS="\(.*\)"/\1/p' Dockerfile.train)
+compute_cap=$(sed -n 's/^ARG .*\bCUDA_COMPUTE_CAP=\([0-9]\+\).*/\1/p' Dockerfile.train)
+sass_archs=$(sed -n 's/^ARG .*\bCUDA_SASS_ARCHS="\([^"]*\)".*/\1/p' Dockerfile.train)
 cuda_version=$(sed -n 's/^ARG CUDA_VERSION=//p' Dockerfile.train)
 echo "Dockerfile.train defaults: CUDA $cuda_version, CUDA_COMPUTE_CAP=$compute_cap, CUDA_SASS_ARCHS=\"$sass_archs\""
 

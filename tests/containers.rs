@@ -5,7 +5,8 @@
 //! This machine's Docker engine cannot pull, so the public base images are replaced by local stand-ins that
 //! `scripts/make-offline-bases.sh` makes (a debootstrapped Debian with this machine's Rust toolchain and crates; a
 //! distroless/cc-like root) and passed as build arguments; everything else is the Dockerfiles as users build them.
-//! Building compiles semseg inside Docker, which takes minutes.
+//! `scripts/build-test-images.sh` builds them, which compiles semseg inside Docker and takes minutes (`.ci/run`
+//! starts it beside cargo's compile).
 //!
 //! Mandatory when built with `CI=true` or `SEMSEG_EXTERNAL_TESTS=1` (see `build.rs`); otherwise cargo lists them as
 //! ignored, with what they need, and `--ignored` runs them. When they run, a missing prerequisite fails them saying
@@ -23,6 +24,7 @@ use common::{text, Job, BIN};
 const TRAIN_IMAGE: &str = "semseg-train:ci-cpu";
 const SERVE_IMAGE: &str = "semseg-serve:ci";
 /// Dockerfile.serve's build stage (compiled crates included), the train image's build base in the tests.
+/// The three tags are the ones `scripts/build-test-images.sh` builds.
 const BUILD_STAGE_IMAGE: &str = "semseg-build:ci";
 const SERVE_IMAGE_MAX_BYTES: u64 = 100_000_000;
 
@@ -71,70 +73,23 @@ fn tail(s: &str, chars: usize) -> &str {
     &s[start..]
 }
 
+/// `scripts/build-test-images.sh` makes the three images (it says how); under `.ci/run` it has been building them in
+/// the background since the start, and this run waits for it and finds them in Docker's build cache.
 fn build_images() -> Result<(), String> {
     let started = Instant::now();
-    let bases = run(Command::new("bash")
-        .arg(repo().join("scripts/make-offline-bases.sh"))
+    let out = run(Command::new("bash")
+        .arg(repo().join("scripts/build-test-images.sh"))
         .current_dir(repo()));
-    if !bases.status.success() {
-        return Err(format!("make-offline-bases.sh failed:\n{}", tail(&text(&bases), 4000)));
+    if !out.status.success() {
+        return Err(format!(
+            "scripts/build-test-images.sh failed:\n{}",
+            tail(&text(&out), 6000)
+        ));
     }
-    // The serve image first, from the stand-in build base. Its build stage, tagged, then serves as the train image's
-    // build base: the crates are compiled once (a cold compile is most of the time), and Dockerfile.train's own
-    // steps all still run.
-    let builds: [(&str, &str, Option<&str>, &[&str]); 3] = [
-        (
-            "Dockerfile.serve",
-            SERVE_IMAGE,
-            None,
-            &[
-                "BUILDER_IMAGE=semseg-offline/build:bookworm",
-                "RUNTIME_IMAGE=semseg-offline/cc:bookworm",
-            ],
-        ),
-        (
-            "Dockerfile.serve",
-            BUILD_STAGE_IMAGE,
-            Some("build"),
-            &[
-                "BUILDER_IMAGE=semseg-offline/build:bookworm",
-                "RUNTIME_IMAGE=semseg-offline/cc:bookworm",
-            ],
-        ),
-        (
-            "Dockerfile.train",
-            TRAIN_IMAGE,
-            None,
-            &[
-                "BUILDER_IMAGE=semseg-build:ci",
-                "RUNTIME_IMAGE=semseg-offline/runtime:bookworm",
-                "FEATURES=",
-                "PRETRAINED=",
-            ],
-        ),
-    ];
-    for (dockerfile, tag, target, build_args) in builds {
-        let mut cmd = Command::new("docker");
-        cmd.current_dir(repo()).args(["build", "-f", dockerfile, "-t", tag]);
-        if let Some(stage) = target {
-            cmd.args(["--target", stage]);
-        }
-        for arg in build_args {
-            cmd.args(["--build-arg", arg]);
-        }
-        let out = run(cmd.arg("."));
-        if !out.status.success() {
-            return Err(format!(
-                "docker build -f {dockerfile} failed:\n{}",
-                tail(&text(&out), 6000)
-            ));
-        }
-        eprintln!(
-            "built {tag} from {dockerfile}: {} MB ({:.0} s since the start)",
-            image_size(tag) / 1_000_000,
-            started.elapsed().as_secs_f64()
-        );
+    for tag in [SERVE_IMAGE, BUILD_STAGE_IMAGE, TRAIN_IMAGE] {
+        eprintln!("{tag}: {} MB", image_size(tag) / 1_000_000);
     }
+    eprintln!("images ready in {:.0} s", started.elapsed().as_secs_f64());
     Ok(())
 }
 
